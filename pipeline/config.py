@@ -1,0 +1,94 @@
+"""Preprocessing presets: every preprocessing choice lives in a YAML file under conf/."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+INTERPOLATIONS = ("area", "bilinear", "bicubic", "nearest")
+
+
+class ConfigError(ValueError):
+    """A preset or config file that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How a model expects its input: decoded image -> float32 NCHW tensor."""
+
+    name: str
+    channel_order: Literal["RGB", "BGR"]
+    mean: tuple[float, float, float]  # in channel_order, on 0..255 pixels
+    std: tuple[float, float, float]
+    interpolation: Literal["area", "bilinear", "bicubic", "nearest"]
+    scale: int  # shorter side is resized to this
+    crop: int  # centre crop, square
+    crop_offset: Literal["floor", "round"]  # (size - crop) // 2, or round((size - crop) / 2)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str) -> "Preset":
+        fields = set(cls.__dataclass_fields__)
+        missing = fields - set(values)
+        unknown = set(values) - fields
+        if missing or unknown:
+            raise ConfigError(
+                f"{source}: " + "; ".join(
+                    part for part in (
+                        f"missing keys {sorted(missing)}" if missing else "",
+                        f"unknown keys {sorted(unknown)}" if unknown else "",
+                    ) if part
+                )
+            )
+        preset = cls(
+            name=str(values["name"]),
+            channel_order=str(values["channel_order"]).upper(),
+            mean=tuple(float(v) for v in values["mean"]),
+            std=tuple(float(v) for v in values["std"]),
+            interpolation=str(values["interpolation"]),
+            scale=int(values["scale"]),
+            crop=int(values["crop"]),
+            crop_offset=str(values["crop_offset"]),
+        )
+        preset._validate(source)
+        return preset
+
+    def _validate(self, source: str) -> None:
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ConfigError(f"{source}: channel_order must be RGB or BGR, not {self.channel_order!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError(f"{source}: mean and std need three values each, std > 0")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"{source}: interpolation must be one of {INTERPOLATIONS}")
+        if not 0 < self.crop <= self.scale:
+            raise ConfigError(f"{source}: need 0 < crop <= scale, got crop {self.crop}, scale {self.scale}")
+        if self.crop_offset not in ("floor", "round"):
+            raise ConfigError(f"{source}: crop_offset must be floor or round")
+
+
+def conf_dirs() -> list[Path]:
+    """Where presets are looked up: the repo's conf/ (editable install), then the packaged copy."""
+    package = Path(__file__).resolve().parent
+    return [package.parent / "conf", package / "conf"]
+
+
+def preset_names() -> list[str]:
+    return sorted({p.stem for d in conf_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """A preset by name (conf/NAME.yaml) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = next((d / f"{name_or_path}.yaml" for d in conf_dirs() if (d / f"{name_or_path}.yaml").is_file()), path)
+    if not path.is_file():
+        raise ConfigError(f"no preset {name_or_path!r}: known presets are {', '.join(preset_names())}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of preset keys")
+    return Preset.from_dict(values, str(path))
