@@ -1,0 +1,96 @@
+"""fp32 ONNX model -> int8 ONNX model (QDQ) with onnxruntime's quantisation tooling.
+
+onnxruntime rewrites the graph; the activation ranges come from one of four calibration
+methods: `l2` (ours, pipeline.calibration: the seed's L2-optimal histogram clipping) or
+onnxruntime's own `minmax`, `entropy` and `percentile`. Weights are symmetric int8 per output
+channel; activations uint8 (or int8); Softmax stays float.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+from pipeline.calibration import BatchReader, collect_histograms, l2_optimal_range
+
+METHODS = ("l2", "minmax", "entropy", "percentile")
+ORT_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+ACTIVATION_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+FLOAT_OPS = ("Softmax",)  # left in float: probabilities need the precision, and it is cheap
+
+
+class QuantizeError(ValueError):
+    """Quantisation cannot proceed; the message says why."""
+
+
+def l2_ranges(model_path: str, batches: list[np.ndarray]) -> TensorsData:
+    histograms = collect_histograms(model_path, batches)
+    ranges = {}
+    for name, histogram in histograms.items():
+        lo, hi = l2_optimal_range(histogram)
+        ranges[name] = TensorData(lowest=np.float32(lo), highest=np.float32(hi))
+    # onnxruntime only knows its own methods; a range table it did not compute is labelled
+    # MinMax, which it reads as "use these ranges as they are".
+    return TensorsData(CalibrationMethod.MinMax, ranges)
+
+
+def _named_model(model_path: str) -> onnx.ModelProto:
+    """The model with every node named (onnxruntime's exclusion lists go by node name)."""
+    model = onnx.load(model_path)
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+    return model
+
+
+def quantize_model(
+    model_path: str | Path,
+    batches: list[np.ndarray],
+    out: str | Path,
+    method: str = "l2",
+    activations: str = "uint8",
+) -> Path:
+    """Calibrate on `batches` (preprocessed float32 NCHW inputs) and write the int8 QDQ model."""
+    if method not in METHODS:
+        raise QuantizeError(f"unknown calibration method {method!r}: choose one of {', '.join(METHODS)}")
+    if activations not in ACTIVATION_TYPES:
+        raise QuantizeError(f"activations must be uint8 or int8, not {activations!r}")
+    if not batches:
+        raise QuantizeError("no calibration images")
+    model_path, out = str(model_path), Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = _named_model(model_path)
+    input_name = model.graph.input[0].name
+    options = dict(
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=ACTIVATION_TYPES[activations],
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=[n.name for n in model.graph.node if n.op_type in FLOAT_OPS],
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+    )
+    with tempfile.TemporaryDirectory(prefix="pipeline-quantize-") as tmp:
+        named_path = str(Path(tmp) / "model.onnx")
+        onnx.save(model, named_path)
+        if method == "l2":
+            # onnxruntime's calibration cache: given an existing range table it skips its own calibration.
+            cache = Path(tmp) / "ranges.json"
+            save_tensors_data(l2_ranges(named_path, batches), cache)
+            quantize_static(named_path, str(out), None, calibrate_method=CalibrationMethod.MinMax,
+                            calibration_cache_path=cache, **options)
+        else:
+            # One batch per collection step: onnxruntime's histogram calibrators hold every
+            # intermediate tensor of a step in memory.
+            options["extra_options"]["CalibStridedMinMax"] = 1
+            quantize_static(named_path, str(out), BatchReader(input_name, batches),
+                            calibrate_method=ORT_METHODS[method], **options)
+    return out
