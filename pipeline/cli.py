@@ -12,3 +12,7 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Build or import ONNX models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+
+from pipeline.model_commands import build_command  # noqa: E402  (registers after the apps exist)
+
+model_app.command("build")(build_command)
