@@ -117,6 +117,7 @@ def prepare(
                   highlight=False)
 
 
-from pipeline.model_commands import build_command  # noqa: E402
+from pipeline.model_commands import build_command, quantize_command  # noqa: E402
 
 model_app.command("build")(build_command)
+app.command("quantize")(quantize_command)

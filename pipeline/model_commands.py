@@ -30,3 +30,77 @@ def build_command(
     except (WeightsError, OSError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote {path} ({arch}, preprocessing preset {ARCHITECTURES[arch].preset})")
+
+
+def int8_paths(out: Path, methods: list[str]) -> dict[str, Path]:
+    """OUT for one method; OUT-METHOD.onnx for each of several."""
+    if len(methods) == 1:
+        return {methods[0]: out}
+    return {m: out.with_name(f"{out.stem}-{m}{out.suffix or '.onnx'}") for m in methods}
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fp32 vs int8 on {report['images']} images of {report['data']} (preset {report['preset']})")
+    for column in ("model", "top-1", "top-5", "top-1 change", "top-1 agreement"):
+        table.add_column(column, justify="right")
+    table.add_row("fp32", f"{100 * report['fp32']['top1']:.2f}%", f"{100 * report['fp32']['top5']:.2f}%", "", "")
+    for method, row in report["int8"].items():
+        table.add_row(f"int8 {method}", f"{100 * row['top1']:.2f}%", f"{100 * row['top5']:.2f}%",
+                      f"{100 * row['top1_change']:+.2f}", f"{100 * row['top1_agreement']:.2f}%")
+    Console().print(table)
+
+
+def quantize_command(
+    model: Path = typer.Option(..., help="fp32 ONNX classifier"),
+    calibration: str = typer.Option(..., help="calibration images: any input the pipeline reads"),
+    out: Path = typer.Option(..., help="int8 ONNX model to write (OUT-METHOD.onnx when several methods)"),
+    images: Optional[int] = typer.Option(500, min=1, help="calibrate on the first N records"),
+    method: list[str] = typer.Option(["l2"], help="l2 (default), minmax, entropy or percentile; repeat for several"),
+    preset: str = typer.Option("torch", help="preprocessing preset (the one the model is evaluated with)"),
+    activations: str = typer.Option("uint8", help="activation type: uint8 or int8"),
+    format: Optional[str] = typer.Option(None, "--format", help="calibration input format; detected if absent"),
+    labels: Optional[Path] = typer.Option(None, help="labels file for an --eval image folder"),
+    eval: Optional[str] = typer.Option(None, "--eval", help="labelled images to compare fp32 and int8 on"),
+    eval_limit: Optional[int] = typer.Option(None, min=1, help="evaluate only the first N records of --eval"),
+    report: Optional[Path] = typer.Option(None, help="report JSON (default: OUT's folder/quantize-report.json)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default: a local single-node Ray"),
+) -> None:
+    """Quantise an fp32 model to int8 (QDQ) with calibration images read by the pipeline."""
+    import json
+
+    from pipeline.config import ConfigError, load_preset
+    from pipeline.inference import ModelError
+    from pipeline.quantize import METHODS, QuantizeError, accuracy_report, quantize_model, read_calibration_set
+    from pipeline.runtime import init_ray
+    from pipeline.sources import SourceError
+
+    unknown = [m for m in method if m not in METHODS]
+    if unknown:
+        _fail(f"unknown calibration method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    try:
+        preset_obj = load_preset(preset)
+        init_ray(address)
+        calib = read_calibration_set(calibration, preset_obj, images, fmt=format)
+        typer.echo(f"calibrating on {calib.images} images of {calibration}"
+                   + (f" ({calib.errors} unreadable, left out)" if calib.errors else ""))
+        outputs = int8_paths(out, method)
+        for name, path in outputs.items():
+            quantize_model(model, calib.batches, path, name, activations)
+            typer.echo(f"wrote {path} (int8, {name} calibration)")
+        if eval:
+            report_path = report or out.parent / "quantize-report.json"
+            result = accuracy_report(str(model), outputs, eval, preset, report_path.parent / "quantize-eval",
+                                     labels=str(labels) if labels else None, limit=eval_limit,
+                                     calibration_keys=set(calib.keys))
+            result["calibration"] = {"data": calibration, "images": calib.images, "unreadable": calib.errors}
+            report_path.write_text(json.dumps(result, indent=2) + "\n")
+            print_report(result)
+            if result["calibration_overlap"]:
+                typer.secho(f"warning: {result['calibration_overlap']} evaluation images were also calibration images",
+                            fg=typer.colors.YELLOW, err=True)
+            typer.echo(f"report: {report_path}")
+    except (QuantizeError, ConfigError, ModelError, SourceError, FileNotFoundError) as exc:
+        _fail(str(exc))

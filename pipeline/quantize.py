@@ -9,14 +9,20 @@ channel; activations uint8 (or int8); Softmax stays float.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pyarrow.parquet as pq
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
 from pipeline.calibration import BatchReader, collect_histograms, l2_optimal_range
+from pipeline.config import Preset
+from pipeline.evaluate import evaluate
+from pipeline.preprocess import Preprocessor
+from pipeline.sources import read_source
 
 METHODS = ("l2", "minmax", "entropy", "percentile")
 ORT_METHODS = {
@@ -25,6 +31,7 @@ ORT_METHODS = {
     "percentile": CalibrationMethod.Percentile,
 }
 ACTIVATION_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+CALIBRATION_BATCH = 16
 FLOAT_OPS = ("Softmax",)  # left in float: probabilities need the precision, and it is cheap
 
 
@@ -94,3 +101,66 @@ def quantize_model(
             quantize_static(named_path, str(out), BatchReader(input_name, batches),
                             calibrate_method=ORT_METHODS[method], **options)
     return out
+
+
+@dataclass
+class CalibrationSet:
+    keys: list[str]
+    batches: list[np.ndarray]
+    errors: int  # records that could not be read or decoded, left out of calibration
+
+    @property
+    def images(self) -> int:
+        return len(self.keys)
+
+
+def read_calibration_set(
+    data: str, preset: Preset, images: int | None = None, fmt: str | None = None, labels: str | None = None,
+    batch_size: int = CALIBRATION_BATCH,
+) -> CalibrationSet:
+    """Calibration inputs read and preprocessed by the evaluation pipeline itself (any input
+    format, the preset's exact preprocessing); labels are not needed. Ray must be running."""
+    source = read_source(data, fmt=fmt, labels=labels, limit=images)
+    rows = source.dataset.map_batches(Preprocessor(preset, require_label=False), batch_size=batch_size,
+                                      batch_format="numpy")
+    keys, batches, errors = [], [], 0
+    for batch in rows.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        good = batch["error"] == ""
+        errors += int((~good).sum())
+        if good.any():
+            keys += [str(k) for k in batch["key"][good]]
+            batches.append(np.ascontiguousarray(batch["input"][good], dtype=np.float32))
+    if not keys:
+        raise QuantizeError(f"{data}: no readable calibration images ({errors} unreadable)")
+    return CalibrationSet(keys, batches, errors)
+
+
+def top1_by_key(output: Path) -> dict[str, int]:
+    table = pq.read_table(output / "predictions.parquet", columns=["key", "top5_ids", "error"]).to_pylist()
+    return {row["key"]: row["top5_ids"][0] for row in table if not row["error"]}
+
+
+def accuracy_report(
+    fp32_model: str, int8_models: dict[str, Path], data: str, preset: str, output: Path,
+    labels: str | None = None, limit: int | None = None, calibration_keys: set[str] = frozenset(),
+) -> dict:
+    """fp32 and each int8 model evaluated by pipeline.evaluate on the same images: top-1/top-5,
+    their change, and how often int8 and fp32 agree on the top-1 class."""
+    fp32 = evaluate(fp32_model, data, preset, str(output / "fp32"), labels=labels, limit=limit)
+    fp32_top1 = top1_by_key(output / "fp32")
+    report = {
+        "data": fp32["data"], "preset": preset, "images": fp32["evaluated"],
+        "calibration_overlap": len(calibration_keys & fp32_top1.keys()),
+        "fp32": {"model": fp32["model"], "top1": fp32["top1"], "top5": fp32["top5"]},
+        "int8": {},
+    }
+    for method, model in int8_models.items():
+        metrics = evaluate(str(model), data, preset, str(output / method), labels=labels, limit=limit)
+        int8_top1 = top1_by_key(output / method)
+        shared = fp32_top1.keys() & int8_top1.keys()
+        report["int8"][method] = {
+            "model": metrics["model"], "top1": metrics["top1"], "top5": metrics["top5"],
+            "top1_change": metrics["top1"] - fp32["top1"], "top5_change": metrics["top5"] - fp32["top5"],
+            "top1_agreement": sum(fp32_top1[k] == int8_top1[k] for k in shared) / max(len(shared), 1),
+        }
+    return report
