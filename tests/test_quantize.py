@@ -1,0 +1,151 @@
+"""int8 quantisation: the L2-optimal range selection on synthetic histograms, and real models
+quantised by onnxruntime with our calibration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+from conftest import SAMPLE_1000, VAL_1300, need, subset_folder
+from pipeline.calibration import Histogram, expected_l2_errors, l2_optimal_range
+from pipeline.cli import app
+from pipeline.config import load_preset
+from pipeline.models import build_model
+from pipeline.quantize import QuantizeError, quantize_model, read_calibration_set
+
+
+def quantised_squared_error(x: np.ndarray, lo: float, hi: float) -> float:
+    """Actual total squared error of uint8 quantisation of x with range [lo, hi]."""
+    step = (hi - lo) / 255
+    q = np.round((np.clip(x, lo, hi) - lo) / step) * step + lo
+    return float(((x - q) ** 2).sum())
+
+
+@pytest.fixture(scope="module")
+def laplacian_with_outliers() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    x = rng.laplace(0.0, 1.0, 1_000_000)
+    x[:4] = [-40.0, 35.0, 55.0, 60.0]  # a handful of far outliers stretch min/max
+    return x
+
+
+def test_l2_clips_outliers_and_beats_minmax(laplacian_with_outliers):
+    x = laplacian_with_outliers
+    histogram = Histogram()
+    for chunk in np.array_split(x, 7):  # streamed, the range growing as outliers arrive
+        histogram.add(chunk)
+    assert histogram.counts.sum() == pytest.approx(x.size)
+    lo, hi = l2_optimal_range(histogram)
+    assert x.min() < lo < 0 < hi < x.max()
+    assert -40 < lo and hi < 35  # the far outliers are clipped
+    l2_error, minmax_error = quantised_squared_error(x, lo, hi), quantised_squared_error(x, x.min(), x.max())
+    assert l2_error < 0.5 * minmax_error
+    # the histogram's error model predicts the real error
+    edges = histogram.edges
+    predicted = expected_l2_errors(histogram.counts, edges, np.array([np.argmin(abs(edges - lo))]),
+                                   np.array([np.argmin(abs(edges - hi))]))[0, 0]
+    assert predicted == pytest.approx(l2_error, rel=0.05)
+
+
+def test_l2_range_is_no_worse_than_any_other_on_the_grid(laplacian_with_outliers):
+    histogram = Histogram()
+    histogram.add(laplacian_with_outliers)
+    lo, hi = l2_optimal_range(histogram)
+    best = quantised_squared_error(laplacian_with_outliers, lo, hi)
+    for other_lo, other_hi in ((lo * 0.8, hi * 0.8), (lo * 1.25, hi * 1.25), (lo, hi * 1.5), (lo * 1.5, hi)):
+        assert best <= quantised_squared_error(laplacian_with_outliers, other_lo, other_hi) * 1.01
+
+
+def test_l2_range_of_non_negative_activations_starts_at_zero():
+    rng = np.random.default_rng(1)
+    histogram = Histogram()
+    histogram.add(np.maximum(rng.standard_normal(100_000), 0.0))  # after a ReLU
+    lo, hi = l2_optimal_range(histogram)
+    assert lo == 0.0 and 2.0 < hi <= histogram.edges[-1]
+
+
+@pytest.fixture(scope="module")
+def efficientnet_fp32(tmp_path_factory) -> Path:
+    return build_model("efficientnet-lite0", None, tmp_path_factory.mktemp("fp32") / "efficientnet-lite0.onnx")
+
+
+@pytest.fixture(scope="module")
+def calibration(ray_local):
+    """48 images of imagenet-sample-1000 through the pipeline's reader and preset."""
+    return read_calibration_set(str(need(SAMPLE_1000)), load_preset("tf127"), images=48)
+
+
+def top1(model: Path, inputs: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": inputs})[0].argmax(axis=1)
+
+
+def test_l2_int8_efficientnet_agrees_with_fp32(efficientnet_fp32: Path, calibration, tmp_path: Path):
+    assert calibration.images == 48 and calibration.errors == 0
+    int8 = quantize_model(efficientnet_fp32, calibration.batches, tmp_path / "int8.onnx", "l2")
+    model = onnx.load(int8)
+    ops = {node.op_type for node in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    initializers = {init.name: init for init in model.graph.initializer}
+    # weights: int8, symmetric (zero point 0), one scale per output channel
+    stem = next(n for n in model.graph.node if n.op_type == "Conv" and n.name.startswith("_conv_stem"))
+    weight_dq = next(n for n in model.graph.node if n.output[0] == stem.input[1])
+    weight = onnx.numpy_helper.to_array(initializers[weight_dq.input[0]])
+    assert weight.dtype == np.int8
+    assert onnx.numpy_helper.to_array(initializers[weight_dq.input[1]]).shape == (32,)
+    assert not onnx.numpy_helper.to_array(initializers[weight_dq.input[2]]).any()
+    # activations uint8
+    activation_zero_points = [onnx.numpy_helper.to_array(initializers[n.input[2]])
+                              for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert activation_zero_points and all(z.dtype == np.uint8 for z in activation_zero_points)
+    # softmax stays float: fed by a DequantizeLinear, its output the float graph output
+    (softmax,) = [n for n in model.graph.node if n.op_type == "Softmax"]
+    producer = next(n for n in model.graph.node if softmax.input[0] in n.output)
+    assert producer.op_type == "DequantizeLinear"
+    assert not any(softmax.output[0] in n.input for n in model.graph.node)
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+    folder = subset_folder(need(VAL_1300), tmp_path / "val", 96)
+    evaluation = read_calibration_set(str(folder), load_preset("tf127"))  # the same preprocessing
+    inputs = np.concatenate(evaluation.batches)
+    agreement = (top1(efficientnet_fp32, inputs) == top1(int8, inputs)).mean()
+    assert agreement >= 0.9, agreement
+
+
+def test_unknown_method_and_empty_calibration_fail(efficientnet_fp32: Path, tmp_path: Path):
+    with pytest.raises(QuantizeError, match="unknown calibration method"):
+        quantize_model(efficientnet_fp32, [np.zeros((1, 3, 224, 224), np.float32)], tmp_path / "x.onnx", "kl")
+    with pytest.raises(QuantizeError, match="no calibration images"):
+        quantize_model(efficientnet_fp32, [], tmp_path / "x.onnx", "l2")
+
+
+def test_cli_quantize_resnet50_generated_end_to_end(ray_local, tmp_path: Path):
+    """Build, quantise (l2 and minmax) and evaluate through the pipeline with preset caffe2."""
+    fp32 = build_model("resnet50", "generated", tmp_path / "resnet50.onnx")
+    calib = subset_folder(need(SAMPLE_1000), tmp_path / "calib", 16)
+    val = subset_folder(need(VAL_1300), tmp_path / "val", 24)
+    result = CliRunner().invoke(app, [
+        "quantize", "--model", str(fp32), "--calibration", str(calib), "--preset", "caffe2",
+        "--method", "l2", "--method", "minmax", "--out", str(tmp_path / "int8.onnx"),
+        "--eval", str(val), "--report", str(tmp_path / "report.json"),
+    ])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["images"] == 24 and report["preset"] == "caffe2" and report["calibration"]["images"] == 16
+    assert set(report["int8"]) == {"l2", "minmax"} and report["calibration_overlap"] == 0
+    for method in ("l2", "minmax"):
+        assert (tmp_path / f"int8-{method}.onnx").is_file()
+        assert 0.0 <= report["int8"][method]["top1_agreement"] <= 1.0
+    assert "int8 l2" in result.output
+
+
+def test_cli_quantize_rejects_unknown_method(tmp_path: Path):
+    result = CliRunner().invoke(app, ["quantize", "--model", "m.onnx", "--calibration", str(tmp_path),
+                                      "--method", "kl", "--out", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 2 and "unknown calibration method" in result.output
