@@ -12,3 +12,7 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Build or import ONNX models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+
+from pipeline.caffe2.command import import_caffe2_command  # noqa: E402
+
+model_app.command("import-caffe2")(import_caffe2_command)

@@ -315,13 +315,24 @@ def _quantized_weight(cv: OpConverter, position: int) -> Constant:
     return weight
 
 
+def signed_weight(values: np.ndarray) -> np.ndarray:
+    """uint8 weights as int8, shifted by 128 (the zero point moves with them).
+
+    (w - zp) is unchanged, so the arithmetic is identical; it is what DNNLOWP does with
+    Int8 weights (conv_dnnlowp_op.cc) and lets onnxruntime use its u8s8 kernels, about
+    twice as fast as u8u8 on x86.
+    """
+    return (values.astype(np.int16) - 128).astype(np.int8)
+
+
 def _qlinear_conv(cv: OpConverter, x_name: str, x: Blob, weight_oihw: np.ndarray, weight: Constant,
                   bias: str | None, relu: bool, **attrs: Any) -> tuple[str, float, int]:
     scale, zero_point = cv.output_qparams(relu=relu)
     inputs = [
         x_name, *cv.qparams_inputs(x, f"{cv.hint}_x"),
-        cv.ctx.initializer(cv.op.input[1], weight_oihw),
-        cv.ctx.scale(cv.op.input[1], weight.scale), cv.ctx.zero_point(cv.op.input[1], weight.zero_point),
+        cv.ctx.initializer(cv.op.input[1], signed_weight(weight_oihw)),
+        cv.ctx.scale(cv.op.input[1], weight.scale),
+        cv.ctx.zero_point(cv.op.input[1], weight.zero_point - 128, np.int8),
         cv.ctx.scale(cv.hint, scale), cv.ctx.zero_point(cv.hint, zero_point),
     ]
     if bias is not None:
