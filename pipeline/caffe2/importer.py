@@ -597,6 +597,10 @@ def convert_nets(init_net: Any, predict_net: Any, input_size: int = 224, input_n
     ctx.names.add(input_name)
     ctx.blobs[input_name] = Blob(onnx_name=input_name, dtype="float", layout="NCHW", rank=4)
 
+    outputs = list(predict_net.external_output) or [predict_net.op[-1].output[0]]
+    # Reserved so the graph outputs keep the Caffe2 blob names exactly.
+    ctx.names.update(outputs)
+
     for index, op in enumerate(predict_net.op):
         converter = PREDICT_CONVERTERS.get((op.type, op.engine in DNNLOWP_ENGINES))
         cv = OpConverter(ctx, op, index)
@@ -604,7 +608,6 @@ def convert_nets(init_net: Any, predict_net: Any, input_size: int = 224, input_n
             raise cv.fail("operator not supported by import-caffe2")
         converter(cv)
 
-    outputs = list(predict_net.external_output) or [predict_net.op[-1].output[0]]
     graph_outputs = []
     for name in outputs:
         blob = ctx.blobs.get(name)
