@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -310,3 +311,18 @@ def test_resnet50_shaped_int8_net_imports_and_runs(resnet50_onnx: Path) -> None:
     assert prob.shape == (2, 1000)
     np.testing.assert_allclose(prob.sum(axis=1), 1.0, atol=1e-5)
     assert np.abs(prob[0] - prob[1]).max() > 0, "different images give identical outputs: activations collapsed"
+
+
+def test_imported_resnet50_runs_through_evaluate_with_caffe2_preset(ray_local, resnet50_onnx: Path,
+                                                                    tmp_path: Path) -> None:
+    from conftest import VAL_1300, need
+    from pipeline.evaluate import evaluate
+
+    metrics = evaluate(str(resnet50_onnx), str(need(VAL_1300)), "caffe2", str(tmp_path), limit=16)
+    assert (metrics["preset"], metrics["images"], metrics["evaluated"], metrics["errors"]) == ("caffe2", 16, 16, 0)
+    rows = pq.read_table(tmp_path / "predictions.parquet").to_pylist()
+    assert len({row["key"] for row in rows}) == 16
+    for row in rows:
+        assert all(0 <= class_id < 1000 for class_id in row["top5_ids"])
+        assert row["top5_probs"] == sorted(row["top5_probs"], reverse=True)
+        assert 0 < sum(row["top5_probs"]) <= 1.0001
