@@ -177,6 +177,9 @@ class OpConverter:
             raise self.fail("no Y_scale argument: dynamic output quantisation cannot be expressed in ONNX")
         if not 0 <= zero_point <= 255:
             raise self.fail(f"Y_zero_point {zero_point} is outside uint8")
+        for precision in ("activation_precision", "weight_precision"):
+            if self.args.int(precision, 8) != 8:
+                raise self.fail(f"{precision}={self.args.int(precision)}: only 8-bit quantisation is supported")
         followed_by = self.args.str("followed_by")
         if followed_by not in (None, "Relu"):
             raise self.fail(f"followed_by={followed_by!r} is not supported")
@@ -383,6 +386,8 @@ def convert_sum(cv: OpConverter, relu: bool) -> None:
     if not inputs:
         raise cv.fail("no inputs")
     first = inputs[0]
+    if cv.args.int("broadcast", 0):
+        raise cv.fail("broadcast=1 (Caffe2's legacy axis broadcasting) is not supported")
     scale, zero_point = cv.output_qparams(relu=relu)
     if len(inputs) == 2:
         a, b = inputs
