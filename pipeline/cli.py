@@ -115,3 +115,8 @@ def prepare(
     console.print(f"wrote {counts['records']} records in {counts['shards']} shards to {out}"
                   + (f" ({counts['unreadable']} unreadable files kept as error rows)" if counts["unreadable"] else ""),
                   highlight=False)
+
+
+from pipeline.caffe2.command import import_caffe2_command  # noqa: E402
+
+model_app.command("import-caffe2")(import_caffe2_command)
