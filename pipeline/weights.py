@@ -288,5 +288,10 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             raise WeightsError(f"{path}: cannot read as .npz ({exc})") from None
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
-    obj = _load_zip_pth(path) if zipfile.is_zipfile(path) else _load_legacy_pth(path)
+    try:
+        obj = _load_zip_pth(path) if zipfile.is_zipfile(path) else _load_legacy_pth(path)
+    except (pickle.UnpicklingError, EOFError, struct.error, zipfile.BadZipFile, TypeError, ValueError) as exc:
+        if isinstance(exc, WeightsError):
+            raise
+        raise WeightsError(f"{path}: damaged or truncated checkpoint ({type(exc).__name__}: {exc})") from None
     return _flat_state_dict(_materialise(obj), str(path))

