@@ -31,7 +31,7 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import BBOX_COLUMNS, RAW_COLUMNS, SOURCE_SCHEMA, SourceError
+from pipeline.sources import BBOX_COLUMNS, RAW_COLUMNS, SOURCE_SCHEMA, Source, SourceError
 from pipeline.sources.lmdb_records import DECODERS, KIND_NAMES, ImageRecord, RecordError, detect_record_kind
 
 DATA_FILE = "data.mdb"
@@ -204,9 +204,12 @@ class LmdbDatasource(Datasource):
         ]
 
 
-def read_lmdb(path: str, labels: Optional[str] = None, limit: Optional[int] = None) -> ray.data.Dataset:
-    """A Ray Dataset of source rows, one per record of the LMDB database in directory PATH."""
+def read_lmdb(path: str, labels: Optional[str] = None, limit: Optional[int] = None) -> Source:
+    """Source rows, one per record of the LMDB database in directory PATH."""
     if labels:
-        raise SourceError("--labels does not apply to LMDB input: its records hold their labels")
-    dataset = ray.data.read_datasource(LmdbDatasource(path))
-    return dataset.limit(limit) if limit else dataset
+        raise SourceError("LMDB records carry their labels; --labels is for image folders")
+    datasource = LmdbDatasource(path)
+    dataset = ray.data.read_datasource(datasource)
+    if limit is not None:
+        return Source(dataset.limit(limit), min(limit, datasource.info.entries))
+    return Source(dataset, datasource.info.entries)
