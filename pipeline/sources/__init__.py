@@ -20,7 +20,88 @@ Optional columns a reader may add (all or none, for every row):
 
 from __future__ import annotations
 
+import glob
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pyarrow as pa
+
 NO_LABEL = -1
 SOURCE_COLUMNS = ("key", "label", "image", "error")
 RAW_COLUMNS = ("raw_height", "raw_width", "raw_channels")
 BBOX_COLUMNS = ("bbox_ymin", "bbox_xmin", "bbox_height", "bbox_width")
+SOURCE_SCHEMA = pa.schema(
+    [("key", pa.string()), ("label", pa.int64()), ("image", pa.binary()), ("error", pa.string())]
+)
+
+
+class SourceError(ValueError):
+    """An input that cannot be read at all (as opposed to one bad record); the message says why."""
+
+
+def source_table(keys: list[str], labels: list[int], images: list[bytes], errors: list[str]) -> pa.Table:
+    """A block of source rows in the contract's schema."""
+    return pa.Table.from_arrays(
+        [pa.array(keys, pa.string()), pa.array(labels, pa.int64()),
+         pa.array(images, pa.binary()), pa.array(errors, pa.string())],
+        schema=SOURCE_SCHEMA,
+    )
+
+
+@dataclass
+class Source:
+    """A Ray Dataset of source rows, and how many records it holds when that is known without reading."""
+
+    dataset: Any  # ray.data.Dataset
+    num_records: Optional[int] = None
+
+
+def _read_parquet(path: str, labels: Optional[str], limit: Optional[int]):
+    from pipeline.sources.parquet import read_parquet_shards
+
+    return read_parquet_shards(path, labels=labels, limit=limit)
+
+
+def _read_folder(path: str, labels: Optional[str], limit: Optional[int]):
+    from pipeline.sources.folder import read_image_folder
+
+    return read_image_folder(path, labels=labels, limit=limit)
+
+
+# format name -> reader(path, labels, limit) -> Source
+FORMATS: dict[str, Callable] = {
+    "parquet": _read_parquet,
+    "folder": _read_folder,
+}
+
+
+def detect_format(path: str) -> str:
+    """The input format of PATH: a folder or glob of .parquet files, or an image folder."""
+    if any(ch in path for ch in "*?["):
+        matches = glob.glob(path)
+        if matches and all(m.endswith(".parquet") for m in matches):
+            return "parquet"
+        raise SourceError(f"{path}: the pattern matches no .parquet files")
+    p = Path(path)
+    if not p.exists():
+        raise SourceError(f"{path}: no such file or directory")
+    if p.is_file():
+        if p.suffix == ".parquet":
+            return "parquet"
+        raise SourceError(f"{path}: cannot tell the input format of this file; pass --format")
+    with os.scandir(p) as entries:
+        names = [e.name for e in entries if e.is_file()]
+    if names and all(n.endswith(".parquet") for n in names if not n.startswith(".")):
+        return "parquet"
+    return "folder"
+
+
+def read_source(path: str, fmt: Optional[str] = None, labels: Optional[str] = None,
+                limit: Optional[int] = None) -> Source:
+    """Source rows from PATH in format FMT (detected when None)."""
+    fmt = fmt or detect_format(path)
+    if fmt not in FORMATS:
+        raise SourceError(f"unknown input format {fmt!r}: known formats are {', '.join(sorted(FORMATS))}")
+    return FORMATS[fmt](path, labels, limit)

@@ -1,0 +1,184 @@
+"""Inference: one onnxruntime session per Ray actor, one intra-op thread, pinned to its own core."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from pipeline.preprocess import NUM_CLASSES
+
+
+class ModelError(ValueError):
+    """A model file the pipeline cannot run; the message is one sentence saying why."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the pipeline needs to know about a classifier, read from the model file itself."""
+
+    path: str
+    input_name: str
+    height: int
+    width: int
+    batch_size: Optional[int]  # fixed batch dimension, or None when dynamic
+    num_outputs: int  # 1000, or 1001 when class 0 is "background"
+    outputs_probabilities: bool  # the graph ends in Softmax: do not apply it again
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike) -> "ModelInfo":
+        import onnx
+
+        path = str(path)
+        if not Path(path).is_file():
+            raise ModelError(f"{path}: model file not found.")
+        try:
+            model = onnx.load(path, load_external_data=False)
+        except Exception:
+            raise ModelError(f"{path}: not an ONNX model (the file does not parse as ONNX protobuf).") from None
+        graph = model.graph
+        initializers = {t.name for t in graph.initializer}
+        inputs = [i for i in graph.input if i.name not in initializers]
+        if len(inputs) != 1 or len(graph.output) < 1:
+            raise ModelError(f"{path}: expected one image input and a class output, found "
+                             f"{len(inputs)} inputs and {len(graph.output)} outputs.")
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+        if len(dims) != 4 or dims[1] != 3 or not dims[2] or not dims[3]:
+            shown = ["?" if d is None else d for d in dims]
+            raise ModelError(f"{path}: input {inputs[0].name!r} has shape {shown}, "
+                             f"expected [N, 3, H, W] with fixed H and W.")
+        out_dims = [d.dim_value if d.HasField("dim_value") else None
+                    for d in graph.output[0].type.tensor_type.shape.dim]
+        num_outputs = out_dims[-1] if out_dims else None
+        if num_outputs not in (NUM_CLASSES, NUM_CLASSES + 1):
+            raise ModelError(f"{path}: output {graph.output[0].name!r} has shape {out_dims}, "
+                             f"expected [N, 1000] or [N, 1001] class scores.")
+        producer = {out: node for node in graph.node for out in node.output}
+        last = producer.get(graph.output[0].name)
+        # a Flatten/Reshape after Softmax still yields probabilities
+        while last is not None and last.op_type in ("Flatten", "Reshape", "Squeeze", "Identity"):
+            last = producer.get(last.input[0])
+        return cls(
+            path=path, input_name=inputs[0].name, height=dims[2], width=dims[3],
+            batch_size=dims[0] or None, num_outputs=num_outputs,
+            outputs_probabilities=last is not None and last.op_type == "Softmax",
+        )
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def class_probabilities(outputs: np.ndarray, info: ModelInfo) -> np.ndarray:
+    """Model outputs -> [N, 1000] float probabilities (background class dropped, softmax in float).
+
+    With 1001 outputs the softmax is taken over the 1000 ImageNet classes, so that the reported
+    probabilities sum to 1 over the classes the labels can name."""
+    outputs = outputs.reshape(outputs.shape[0], -1).astype(np.float32)
+    if info.num_outputs == NUM_CLASSES + 1:
+        if info.outputs_probabilities:
+            probs = outputs[:, 1:]
+            return probs / np.maximum(probs.sum(axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        outputs = outputs[:, 1:]
+    return outputs if info.outputs_probabilities else softmax(outputs)
+
+
+def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids [N, k] (best first) and their probabilities."""
+    ids = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(probs, ids, axis=1), axis=1, kind="stable")
+    ids = np.take_along_axis(ids, order, axis=1)
+    return ids.astype(np.int32), np.take_along_axis(probs, ids, axis=1).astype(np.float32)
+
+
+def make_session(model_path: str, threads: int = 1):
+    """An onnxruntime CPU session with a fixed number of intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # the session must not spin threads on cores it was not given
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0" if threads == 1 else "1")
+    return ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+
+
+def run_model(session, info: ModelInfo, inputs: np.ndarray) -> np.ndarray:
+    """[N, 3, H, W] float32 -> [N, 1000] probabilities; a fixed-batch model is fed padded chunks."""
+    if info.batch_size is None:
+        return class_probabilities(session.run(None, {info.input_name: inputs})[0], info)
+    size = info.batch_size
+    chunks = []
+    for start in range(0, len(inputs), size):
+        chunk = inputs[start:start + size]
+        padded = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:], chunk.dtype)]) \
+            if len(chunk) < size else chunk
+        chunks.append(session.run(None, {info.input_name: padded})[0][:len(chunk)])
+    return class_probabilities(np.concatenate(chunks), info)
+
+
+class CorePin:
+    """Pins this process to one core of its node that no other actor of the same run holds.
+
+    Each core is claimed with an exclusive lock on a file in the node's temp folder; the kernel
+    releases the lock when the process dies, so a restarted actor can claim the core again."""
+
+    def __init__(self, run_id: str):
+        self.core: Optional[int] = None
+        self._lock_file = None
+        folder = Path(tempfile.gettempdir()) / "int8-pipeline-cores" / run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        for core in sorted(os.sched_getaffinity(0)):
+            handle = open(folder / f"core{core}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            os.sched_setaffinity(0, {core})
+            self.core, self._lock_file = core, handle
+            break
+
+
+class Classifier:
+    """Ray actor: input rows -> `key, label, top_ids, top_probs, error` (+ where it ran).
+
+    Rows that arrive with an error are passed through with ids -1 and probabilities 0."""
+
+    def __init__(self, model_path: str, top_k: int = 5, run_id: str = "default"):
+        import socket
+
+        self.pin = CorePin(run_id)
+        self.info = ModelInfo.from_path(model_path)
+        self.session = make_session(model_path, threads=1)
+        self.k = top_k
+        self.host = socket.gethostname()
+        self.node = os.environ.get("RAY_NODE_ID", "") or _ray_node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        errors = batch["error"]
+        ok = errors == ""
+        n = len(errors)
+        ids = np.full((n, self.k), -1, dtype=np.int32)
+        probs = np.zeros((n, self.k), dtype=np.float32)
+        if ok.any():
+            ids[ok], probs[ok] = top_k(run_model(self.session, self.info, batch["input"][ok]), self.k)
+        return {
+            "key": batch["key"], "label": batch["label"], "top_ids": ids, "top_probs": probs,
+            "error": errors, "node": np.full(n, self.node, dtype=object),
+            "core": np.full(n, -1 if self.pin.core is None else self.pin.core, dtype=np.int32),
+        }
+
+
+def _ray_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()

@@ -1,0 +1,175 @@
+"""Decoding and preprocessing: bytes -> RGB image -> scale, centre crop, channel order, mean/std, NCHW.
+
+Every choice comes from a `Preset` (conf/*.yaml); this module only carries them out. The single-image
+functions are what the reference loop and the benchmarks call; `Preprocessor` applies them to a batch
+of source rows inside Ray Data map tasks.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import Preset
+from pipeline.sources import BBOX_COLUMNS, NO_LABEL, RAW_COLUMNS
+
+NUM_CLASSES = 1000
+
+RESAMPLING = {
+    # PIL's box filter averages the source pixels each output pixel covers: OpenCV's INTER_AREA.
+    "area": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+class ImageError(ValueError):
+    """A record whose image cannot be used; the message is the reason written to the error row."""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded bytes -> 3-channel RGB image. Greyscale, CMYK, palette and alpha images are converted
+    as torchvision's loader does (`convert("RGB")`: alpha is dropped, not blended)."""
+    if not data:
+        raise ImageError("empty image (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"not a recognised image format ({len(data)} bytes)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image too large to decode safely: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"truncated or corrupt image: {exc}") from None
+    except Exception as exc:  # a malformed file can trip any decoder bug; it is still one bad record
+        raise ImageError(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits first, PIL's RGB conversion would clip instead.
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = pixels.max() or 1.0
+        image = Image.fromarray(np.round(pixels * (255.0 / peak)).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
+def pixels_to_image(data: bytes, height: int, width: int, channels: int) -> Image.Image:
+    """Raw HWC uint8 pixels (RGB, or greyscale for one channel) -> RGB image."""
+    if channels not in (1, 3):
+        raise ImageError(f"raw pixels with {channels} channels: expected 1 or 3")
+    if len(data) != height * width * channels:
+        raise ImageError(f"raw pixels: {len(data)} bytes for {height}x{width}x{channels}")
+    array = np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
+    if channels == 1:
+        return Image.fromarray(array[:, :, 0], "L").convert("RGB")
+    return Image.fromarray(array, "RGB")
+
+
+def crop_to_box(image: Image.Image, ymin: int, xmin: int, height: int, width: int) -> Image.Image:
+    """Crop to a bounding box (Caffe2's TensorProtos bbox), checked against the image."""
+    if ymin < 0 or xmin < 0 or height <= 0 or width <= 0 or ymin + height > image.height \
+            or xmin + width > image.width:
+        raise ImageError(f"bounding box (ymin={ymin}, xmin={xmin}, height={height}, width={width}) "
+                         f"outside the {image.width}x{image.height} image")
+    return image.crop((xmin, ymin, xmin + width, ymin + height))
+
+
+def scaled_size(width: int, height: int, scale: int) -> tuple[int, int]:
+    """Shorter side -> SCALE, longer side -> int(longer * scale / shorter), as Caffe2 and torchvision."""
+    if width <= height:
+        return scale, int(height * scale / width)
+    return int(width * scale / height), scale
+
+
+def crop_origin(size: int, crop: int, rule: str) -> int:
+    return (size - crop) // 2 if rule == "floor" else int(round((size - crop) / 2.0))
+
+
+def resize_and_crop(image: Image.Image, preset: Preset) -> np.ndarray:
+    """RGB image -> uint8 HWC centre crop of size preset.crop, in RGB order."""
+    if image.width < 1 or image.height < 1:
+        raise ImageError(f"image has no pixels ({image.width}x{image.height})")
+    width, height = scaled_size(image.width, image.height, preset.scale)
+    if (width, height) != image.size:
+        image = image.resize((width, height), RESAMPLING[preset.interpolation])
+    left = crop_origin(width, preset.crop, preset.crop_offset)
+    top = crop_origin(height, preset.crop, preset.crop_offset)
+    return np.asarray(image.crop((left, top, left + preset.crop, top + preset.crop)), dtype=np.uint8)
+
+
+class Normalizer:
+    """uint8 RGB HWC crops -> float32 NCHW in the preset's channel order, (x - mean) / std."""
+
+    def __init__(self, preset: Preset):
+        self.bgr = preset.channel_order == "BGR"
+        self.mean = np.asarray(preset.mean, dtype=np.float32)
+        self.inv_std = (1.0 / np.asarray(preset.std, dtype=np.float64)).astype(np.float32)
+
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        if self.bgr:
+            crops = crops[..., ::-1]
+        out = (crops.astype(np.float32) - self.mean) * self.inv_std
+        return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+def preprocess_image(image: Image.Image, preset: Preset) -> np.ndarray:
+    """One RGB image -> float32 [3, crop, crop], the model's input."""
+    return Normalizer(preset)(resize_and_crop(image, preset)[None])[0]
+
+
+def label_error(label: int) -> str:
+    if label == NO_LABEL:
+        return "no label for this image"
+    if not 0 <= label < NUM_CLASSES:
+        return f"label {label} out of range 0..{NUM_CLASSES - 1}"
+    return ""
+
+
+class Preprocessor:
+    """Ray Data map_batches callable: source rows -> `key, label, input, error` rows.
+
+    A row whose read, decode or label fails keeps its key and gets the reason in `error` and an
+    all-zero input, so every record reaches the output exactly once.
+    """
+
+    def __init__(self, preset: Preset, require_label: bool = True):
+        self.preset = preset
+        self.require_label = require_label
+        self.normalize = Normalizer(preset)
+
+    def _image(self, batch: dict, i: int) -> Image.Image:
+        if RAW_COLUMNS[0] in batch and int(batch[RAW_COLUMNS[0]][i]) > 0:
+            image = pixels_to_image(batch["image"][i], *(int(batch[c][i]) for c in RAW_COLUMNS))
+        else:
+            image = decode_image(batch["image"][i])
+        if BBOX_COLUMNS[0] in batch:
+            box = [int(batch[c][i]) for c in BBOX_COLUMNS]
+            if any(box):
+                image = crop_to_box(image, *box)
+        return image
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        crop = self.preset.crop
+        crops = np.zeros((n, crop, crop, 3), dtype=np.uint8)
+        errors = np.array([str(e) for e in batch["error"]], dtype=object)
+        labels = batch["label"].astype(np.int64)
+        for i in range(n):
+            if errors[i]:
+                continue
+            if self.require_label and (reason := label_error(int(labels[i]))):
+                errors[i] = reason
+                continue
+            try:
+                crops[i] = resize_and_crop(self._image(batch, i), self.preset)
+            except ImageError as exc:
+                errors[i] = str(exc)
+        inputs = self.normalize(crops)
+        inputs[errors != ""] = 0.0
+        return {"key": batch["key"], "label": labels, "input": inputs, "error": errors}

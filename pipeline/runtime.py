@@ -1,0 +1,62 @@
+"""Starting or joining Ray, and the resources the pipeline schedules on.
+
+Inference actors ask for one `inference_core` each and no CPU, so Ray places exactly one actor per
+core a node offers to inference while the CPUs stay free for read and preprocessing tasks. (The
+stock recipe, actors with num_cpus=1 on every core, takes all CPUs and the reads never run.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+INFERENCE_RESOURCE = "inference_core"
+
+# Workers run one thread of numerical work each: the node's cores are shared out by Ray, not by
+# OpenMP or BLAS thread pools competing inside every worker.
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def local_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
+    """Start a local single-node Ray (ADDRESS None) or join a cluster ("auto", "HOST:PORT", "ray://...")."""
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        common = dict(runtime_env={"env_vars": WORKER_ENV}, logging_level=logging.WARNING,
+                      log_to_driver=True)
+        if address is None:
+            cores = num_cpus or local_cores()
+            ray.init(address="local", num_cpus=cores, resources={INFERENCE_RESOURCE: cores},
+                     include_dashboard=False, **common)
+        else:
+            ray.init(address=address, **common)
+    context = DataContext.get_current()
+    context.enable_progress_bars = False  # the CLI draws its own bar over the streamed output
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # it warns that the progress bars we switched off above are off
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def inference_slots() -> int:
+    """How many inference actors the cluster has room for: its `inference_core` resources, or its
+    CPUs when the nodes were started without them (then actors share cores with preprocessing)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return int(resources.get(INFERENCE_RESOURCE, 0)) or int(resources.get("CPU", 1))
+
+
+def inference_actor_options() -> dict:
+    """Ray options for one inference actor on this cluster."""
+    import ray
+
+    if ray.cluster_resources().get(INFERENCE_RESOURCE):
+        return {"num_cpus": 0, "resources": {INFERENCE_RESOURCE: 1}}
+    return {"num_cpus": 0, "scheduling_strategy": "SPREAD"}

@@ -1,0 +1,96 @@
+"""Image folders: every file below a folder is one record; labels from `labels.txt` (or --labels).
+
+The folder is listed once on the driver (a labels file of ImageNet's 50K validation images is small)
+and read by many ReadTasks, each reading its share of the files' bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from pipeline.sources import NO_LABEL, Source, SourceError, source_table
+from pipeline.sources.labels import LABELS_FILE, read_labels_file
+
+FILES_PER_TASK = 64
+
+
+def list_folder_records(root: str | Path, labels: Optional[str | Path] = None) -> list[tuple[str, int]]:
+    """(key, label) for every file below ROOT and every file the labels name, sorted by key.
+
+    A file without a label gets NO_LABEL; a labelled file that is absent is still a record (its read
+    fails with a clear reason), so nothing the user listed disappears silently.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a directory")
+    labels_path = Path(labels) if labels else root / LABELS_FILE
+    label_of = read_labels_file(labels_path) if labels_path.is_file() else {}
+    if labels and not labels_path.is_file():
+        raise SourceError(f"{labels}: labels file not found")
+    keys = set(label_of)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if name.startswith(".") or path.resolve() == labels_path.resolve():
+                continue
+            keys.add(path.relative_to(root).as_posix())
+    return [(key, label_of.get(key, NO_LABEL)) for key in sorted(keys)]
+
+
+def read_folder_records(root: str | Path, records: list[tuple[str, int]]):
+    """A source-row block with the bytes of RECORDS' files; unreadable files become error rows."""
+    root = Path(root)
+    keys, labels, images, errors = [], [], [], []
+    for key, label in records:
+        try:
+            data, error = (root / key).read_bytes(), ""
+        except FileNotFoundError:
+            data, error = b"", "file not found"
+        except OSError as exc:
+            data, error = b"", f"cannot read file: {exc.strerror or exc}"
+        keys.append(key)
+        labels.append(label)
+        images.append(data)
+        errors.append(error)
+    return source_table(keys, labels, images, errors)
+
+
+class ImageFolderDatasource(Datasource):
+    """Reads an image folder's files in ReadTasks of FILES_PER_TASK files each."""
+
+    def __init__(self, root: str | Path, labels: Optional[str | Path] = None, limit: Optional[int] = None):
+        self.root = Path(root).resolve()
+        self.records = list_folder_records(self.root, labels)[:limit]
+
+    def estimate_inmemory_data_size(self) -> Optional[int]:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
+                       data_context=None) -> list[ReadTask]:
+        chunks = [self.records[i:i + FILES_PER_TASK] for i in range(0, len(self.records), FILES_PER_TASK)]
+        root = self.root
+
+        def make_task(chunk: list[tuple[str, int]]) -> ReadTask:
+            def read() -> Iterator:
+                yield read_folder_records(root, chunk)
+
+            metadata = BlockMetadata(num_rows=len(chunk), size_bytes=None, exec_stats=None,
+                                     input_files=None)
+            return ReadTask(read, metadata)
+
+        return [make_task(chunk) for chunk in chunks]
+
+
+def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[int] = None) -> Source:
+    """Source rows, one per file in ROOT."""
+    datasource = ImageFolderDatasource(root, labels, limit)
+    if not datasource.records:
+        raise SourceError(f"{root}: no files to read")
+    return Source(ray.data.read_datasource(datasource), len(datasource.records))

@@ -1,0 +1,66 @@
+"""Parquet shards with columns `key` (string), `image` (binary) and `label` (int), as written by
+`pipeline prepare`; an `error` column, when present, carries records that prepare could not read."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+
+from pipeline.sources import NO_LABEL, SOURCE_SCHEMA, Source, SourceError
+
+
+def parquet_files(path: str) -> list[str]:
+    """The .parquet files PATH names: a file, a folder of shards or a glob."""
+    if any(ch in path for ch in "*?["):
+        files = sorted(glob.glob(path))
+    elif Path(path).is_dir():
+        files = sorted(str(p) for p in Path(path).glob("*.parquet"))
+    else:
+        files = [path]
+    if not files:
+        raise SourceError(f"{path}: no .parquet files")
+    return files
+
+
+def _check_schema(files: list[str]) -> pa.Schema:
+    try:
+        schema = pq.read_schema(files[0])
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise SourceError(f"{files[0]}: not a readable Parquet file ({exc})") from None
+    missing = {"key", "image"} - set(schema.names)
+    if missing:
+        raise SourceError(f"{files[0]}: Parquet shards need columns key and image; missing {sorted(missing)}")
+    return schema
+
+
+def to_source_rows(table: pa.Table) -> pa.Table:
+    """Cast a shard's block to the source-row schema: missing label -> NO_LABEL, missing error -> ""."""
+    n = table.num_rows
+    label = table.column("label").cast(pa.int64()).fill_null(NO_LABEL) if "label" in table.column_names \
+        else pa.array([NO_LABEL] * n, pa.int64())
+    image = table.column("image").cast(pa.binary())
+    error = table.column("error").fill_null("") if "error" in table.column_names else pa.array([""] * n)
+    error = pc.if_else(pc.is_null(image), pc.if_else(pc.equal(error, ""), "no image bytes", error), error)
+    return pa.Table.from_arrays(
+        [table.column("key").cast(pa.string()), label, image.fill_null(b""), error], schema=SOURCE_SCHEMA
+    )
+
+
+def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional[int] = None) -> Source:
+    """Source rows from Parquet shards."""
+    if labels:
+        raise SourceError("Parquet shards carry their labels in the `label` column; --labels is for image folders")
+    files = parquet_files(path)
+    schema = _check_schema(files)
+    columns = [c for c in ("key", "image", "label", "error") if c in schema.names]
+    num_records = sum(pq.read_metadata(f).num_rows for f in files)
+    ds = ray.data.read_parquet(files).select_columns(columns)
+    if limit is not None:
+        ds, num_records = ds.limit(limit), min(limit, num_records)
+    return Source(ds.map_batches(to_source_rows, batch_format="pyarrow", batch_size=None), num_records)

@@ -1,0 +1,60 @@
+"""Shared fixtures: the read-only data in ../shared, a local Ray, and small generated inputs."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+VAL_1300 = SHARED / "data" / "imagenet-val-1300"
+SAMPLE_1000 = SHARED / "data" / "imagenet-sample-1000"
+MOBILENET_INT8 = SHARED / "models" / "mobilenetv2-12-int8.onnx"
+RESNET50_INT8 = SHARED / "models" / "resnet50-int8-generated.onnx"
+
+
+def need(path: Path) -> Path:
+    """PATH from ../shared, or skip the test saying what is missing."""
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the shared ImageNet data and models live in ../shared")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local single-node Ray for the whole session, as `pipeline evaluate` starts it."""
+    import ray
+
+    from pipeline.runtime import init_ray
+
+    init_ray(None)
+    yield
+    ray.shutdown()
+
+
+def jpeg_bytes(size=(64, 48), mode="RGB", seed=0, fmt="JPEG") -> bytes:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "CMYK": 4, "L": 1}[mode] if mode != "P" else 1
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    image = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels, "L" if channels == 1 else mode)
+    if mode == "P":
+        image = image.convert("P")
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def subset_folder(src: Path, dst: Path, count: int) -> Path:
+    """The first COUNT images of SRC (by key) with their labels, linked into DST."""
+    lines = sorted((src / "labels.txt").read_text().split("\n"))
+    lines = [line for line in lines if line.strip()][:count]
+    dst.mkdir(parents=True, exist_ok=True)
+    for line in lines:
+        name = line.split()[0]
+        (dst / name).symlink_to(src / name)
+    (dst / "labels.txt").write_text("\n".join(lines) + "\n")
+    return dst

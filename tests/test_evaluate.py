@@ -1,0 +1,159 @@
+"""`pipeline evaluate` end to end on real images and real int8 models, against the plain loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pyarrow.parquet as pq
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import MOBILENET_INT8, REPO, RESNET50_INT8, VAL_1300, jpeg_bytes, need, subset_folder
+from pipeline.config import load_preset
+from pipeline.evaluate import evaluate
+from pipeline.inference import ModelError, ModelInfo, make_session, run_model
+from pipeline.prepare import write_parquet_shards
+from pipeline.reference import reference_predictions
+
+
+def read_predictions(output) -> dict[str, tuple]:
+    table = pq.read_table(output / "predictions.parquet").to_pylist()
+    keys = [row["key"] for row in table]
+    assert len(keys) == len(set(keys)), "a key appears twice in predictions.parquet"
+    return {row["key"]: row for row in table}
+
+
+def test_mobilenet_matches_the_single_process_loop(ray_local, tmp_path):
+    need(MOBILENET_INT8), need(VAL_1300)
+    metrics = evaluate(str(MOBILENET_INT8), str(VAL_1300), "torch", str(tmp_path))
+    reference = list(reference_predictions(str(MOBILENET_INT8), VAL_1300, load_preset("torch")))
+    assert metrics["images"] == metrics["evaluated"] == len(reference) == 1300
+    ref_top1 = sum(ids[0] == label for _, label, ids in reference)
+    ref_top5 = sum(label in ids for _, label, ids in reference)
+    assert (metrics["top1_correct"], metrics["top5_correct"]) == (ref_top1, ref_top5)
+    predictions = read_predictions(tmp_path)
+    same_top1 = sum(predictions[key]["top5_ids"][0] == ids[0] for key, _, ids in reference)
+    assert same_top1 / len(reference) >= 0.995
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    for field in ("model", "data", "preset", "images", "top1", "top5", "errors", "wall_s", "images_per_s",
+                  "per_class"):
+        assert field in on_disk
+    assert sum(c["images"] for c in on_disk["per_class"].values()) == 1300
+    assert 0.65 < metrics["top1"] < 0.80  # the model zoo's int8 MobileNetV2 on pre-resized val images
+
+
+def test_folder_and_parquet_shards_give_identical_predictions(ray_local, tmp_path):
+    folder = subset_folder(need(VAL_1300), tmp_path / "images", 120)
+    counts = write_parquet_shards(str(folder), str(tmp_path / "shards"), shard_size=50)
+    assert counts == {"records": 120, "shards": 3, "unreadable": 0}
+    from_folder = evaluate(str(need(MOBILENET_INT8)), str(folder), "torch", str(tmp_path / "a"))
+    from_parquet = evaluate(str(MOBILENET_INT8), str(tmp_path / "shards"), "torch", str(tmp_path / "b"))
+    a, b = read_predictions(tmp_path / "a"), read_predictions(tmp_path / "b")
+    assert a.keys() == b.keys() and len(a) == 120
+    for key in a:
+        assert a[key]["top5_ids"] == b[key]["top5_ids"]
+        assert np.allclose(a[key]["top5_probs"], b[key]["top5_probs"])
+    assert from_folder["top1_correct"] == from_parquet["top1_correct"]
+
+
+def test_resnet50_int8_with_caffe2_preset(ray_local, tmp_path):
+    metrics = evaluate(str(need(RESNET50_INT8)), str(need(VAL_1300)), "caffe2", str(tmp_path), limit=24)
+    assert metrics["preset"] == "caffe2" and metrics["evaluated"] == 24
+    predictions = read_predictions(tmp_path)
+    for row in predictions.values():
+        assert row["top5_probs"] == sorted(row["top5_probs"], reverse=True)
+        assert 0 < sum(row["top5_probs"]) <= 1.0001
+
+
+def test_bad_inputs_become_error_rows_and_everything_is_counted(ray_local, tmp_path):
+    folder = subset_folder(need(VAL_1300), tmp_path / "images", 6)
+    good = sorted(p.name for p in folder.glob("*.JPEG"))
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "truncated.jpg").write_bytes(jpeg_bytes(size=(300, 300))[:500])
+    (folder / "range.jpg").write_bytes(jpeg_bytes(seed=3))
+    labels = (folder / "labels.txt").read_text() + "empty.jpg 1\nnotes.txt 2\ntruncated.jpg 3\nrange.jpg 1000\nmissing.jpg 4\n"
+    (folder / "labels.txt").write_text(labels)
+    (folder / "unlabelled.jpg").write_bytes(jpeg_bytes(seed=4))
+    metrics = evaluate(str(need(MOBILENET_INT8)), str(folder), "torch", str(tmp_path / "out"))
+    predictions = read_predictions(tmp_path / "out")
+    errors = {key: row["error"] for key, row in predictions.items() if row["error"]}
+    assert errors == {
+        "empty.jpg": "empty image (0 bytes)",
+        "notes.txt": "not a recognised image format (12 bytes)",
+        "truncated.jpg": errors["truncated.jpg"],
+        "range.jpg": "label 1000 out of range 0..999",
+        "missing.jpg": "file not found",
+        "unlabelled.jpg": "no label for this image",
+    }
+    assert errors["truncated.jpg"].startswith("truncated or corrupt image")
+    assert metrics["images"] == len(predictions) == 12
+    assert (metrics["evaluated"], metrics["errors"]) == (len(good), 6)
+
+
+def tiny_classifier(path, batch, classes=1001, shape=(3, 224, 224)):
+    """A real ONNX model: global average pool -> linear to CLASSES scores."""
+    weight = np.random.default_rng(0).normal(size=(shape[0], classes)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "w"], ["scores"])],
+        "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, *shape])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch, classes])],
+        [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return weight
+
+
+def test_fixed_batch_model_with_background_class(tmp_path):
+    path = str(tmp_path / "fixed.onnx")
+    weight = tiny_classifier(path, batch=4)
+    info = ModelInfo.from_path(path)
+    assert (info.batch_size, info.num_outputs, info.outputs_probabilities) == (4, 1001, False)
+    inputs = np.random.default_rng(1).normal(size=(6, 3, 224, 224)).astype(np.float32)
+    probs = run_model(make_session(path), info, inputs)  # 6 images: one full batch and a padded one
+    scores = inputs.mean(axis=(2, 3)) @ weight
+    expected = np.exp(scores[:, 1:] - scores[:, 1:].max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    assert probs.shape == (6, 1000)
+    assert np.allclose(probs, expected, atol=1e-5)
+
+
+def test_unusable_models_fail_with_one_sentence(tmp_path):
+    not_onnx = tmp_path / "model.onnx"
+    not_onnx.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ModelError, match="not an ONNX model"):
+        ModelInfo.from_path(not_onnx)
+    flat = tmp_path / "flat.onnx"
+    tiny_classifier(str(flat), batch=None, shape=(3, 224))  # rank-3 input
+    with pytest.raises(ModelError, match=r"expected \[N, 3, H, W\]"):
+        ModelInfo.from_path(flat)
+
+
+def run_cli(*args, cwd=REPO):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def test_cli_reports_a_bad_model_without_a_traceback(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not a model")
+    result = run_cli("evaluate", "--model", str(bad), "--data", str(tmp_path), "--output", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "not an ONNX model" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_evaluate_writes_metrics_and_table(tmp_path):
+    folder = subset_folder(need(VAL_1300), tmp_path / "images", 40)
+    result = run_cli("evaluate", "--model", str(need(MOBILENET_INT8)), "--data", str(folder),
+                     "--preset", "torch", "--output", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["images"] == metrics["evaluated"] == 40
+    assert "top-1" in result.stdout and f"{100 * metrics['top1']:.2f}%" in result.stdout

@@ -1,0 +1,111 @@
+"""Decoding and preprocessing, checked pixel by pixel against the presets' definitions."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import jpeg_bytes
+from pipeline.config import ConfigError, load_preset
+from pipeline.preprocess import (ImageError, Preprocessor, crop_origin, decode_image, preprocess_image,
+                                 resize_and_crop, scaled_size)
+from pipeline.sources import NO_LABEL
+
+
+def test_caffe2_preset_is_the_model_card():
+    preset = load_preset("caffe2")
+    assert preset.channel_order == "BGR"
+    assert np.allclose(preset.mean, np.array([0.406, 0.456, 0.485]) * 255)
+    assert np.allclose(preset.std, np.array([0.225, 0.224, 0.229]) * 255)
+    assert (preset.interpolation, preset.scale, preset.crop, preset.crop_offset) == ("area", 256, 224, "floor")
+
+
+def test_unknown_preset_and_bad_yaml_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no preset 'nope'.*caffe2"):
+        load_preset("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nchannel_order: RGB\n")
+    with pytest.raises(ConfigError, match="missing keys"):
+        load_preset(str(bad))
+
+
+def test_shorter_side_scaled_longer_side_truncated():
+    assert scaled_size(500, 375, 256) == (341, 256)  # int(500 * 256 / 375) = 341
+    assert scaled_size(375, 500, 256) == (256, 341)
+    assert scaled_size(227, 227, 256) == (256, 256)
+
+
+def test_crop_offsets_floor_and_round():
+    assert crop_origin(227, 224, "floor") == 1
+    assert crop_origin(227, 224, "round") == 2  # round(1.5) = 2
+    assert crop_origin(341, 224, "floor") == 58
+
+
+def test_channel_order_and_normalisation():
+    red = Image.new("RGB", (300, 260), (255, 0, 0))
+    caffe2 = preprocess_image(red, load_preset("caffe2"))
+    torch = preprocess_image(red, load_preset("torch"))
+    assert caffe2.shape == torch.shape == (3, 224, 224)
+    # caffe2 is BGR: channel 2 is red
+    assert np.allclose(caffe2[2], (255 - 0.485 * 255) / (0.229 * 255), atol=1e-5)
+    assert np.allclose(caffe2[0], (0 - 0.406 * 255) / (0.225 * 255), atol=1e-5)
+    # torch is RGB: channel 0 is red
+    assert np.allclose(torch[0], (255 - 0.485 * 255) / (0.229 * 255), atol=1e-5)
+    tf = preprocess_image(red, load_preset("tf127"))
+    assert np.allclose(tf[0], (255 - 127) / 128) and np.allclose(tf[1], -127 / 128)
+
+
+def test_area_interpolation_averages_blocks():
+    preset = load_preset("caffe2")
+    values = (np.arange(256 * 256).reshape(256, 256) % 251).astype(np.uint8)
+    blocks = np.kron(values, np.ones((2, 2), np.uint8))
+    image = Image.fromarray(np.stack([blocks] * 3, axis=-1), "RGB")  # 512x512 of 2x2 blocks
+    crop = resize_and_crop(image, preset)
+    expected = values[16:240, 16:240]
+    assert np.array_equal(crop[:, :, 0], expected)
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("RGBA", "PNG"), ("RGB", "PNG")])
+def test_every_image_mode_becomes_three_channels(mode, fmt):
+    image = decode_image(jpeg_bytes(mode=mode, fmt=fmt))
+    assert image.mode == "RGB"
+    assert preprocess_image(image, load_preset("torch")).shape == (3, 224, 224)
+
+
+def test_sixteen_bit_greyscale_is_scaled_not_clipped():
+    pixels = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    decoded = np.asarray(decode_image(buffer.getvalue()))
+    assert decoded.max() == 255 and decoded.min() == 0
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty image"),
+    (b"this is a text file, not a picture", "not a recognised image format"),
+    (jpeg_bytes(size=(200, 200))[:300], "truncated or corrupt"),
+])
+def test_bad_bytes_give_specific_reasons(data, reason):
+    with pytest.raises(ImageError, match=reason):
+        decode_image(data)
+
+
+def test_preprocessor_turns_bad_rows_into_error_rows():
+    good = jpeg_bytes(seed=1)
+    batch = {
+        "key": np.array(["ok", "empty", "nolabel", "range", "unread"], dtype=object),
+        "label": np.array([3, 4, NO_LABEL, 1000, 5]),
+        "image": np.array([good, b"", good, good, b""], dtype=object),
+        "error": np.array(["", "", "", "", "file not found"], dtype=object),
+    }
+    out = Preprocessor(load_preset("torch"))(batch)
+    assert list(out["error"]) == ["", "empty image (0 bytes)", "no label for this image",
+                                  "label 1000 out of range 0..999", "file not found"]
+    assert out["input"].shape == (5, 3, 224, 224)
+    assert np.abs(out["input"][0]).sum() > 0 and not out["input"][1:].any()
+    # labelling needs no labels
+    unlabelled = Preprocessor(load_preset("torch"), require_label=False)(batch)
+    assert unlabelled["error"][2] == ""
