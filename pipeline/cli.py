@@ -104,9 +104,23 @@ def prepare(
     out: Path = typer.Option(..., help="output folder"),
     labels: Optional[Path] = typer.Option(None, help="labels file (default: IMAGES/labels.txt)"),
     shard_size: int = typer.Option(1000, min=1, help="records per Parquet shard"),
+    format: str = typer.Option("parquet", "--format", help="parquet, lmdb-datum (Caffe Datum records) "
+                                                          "or lmdb-caffe2 (Caffe2 TensorProtos records)"),
+    encoded: bool = typer.Option(True, "--encoded/--raw", help="LMDB: image files as stored, or raw BGR pixels"),
+    resize: Optional[int] = typer.Option(None, min=1, help="LMDB: scale the shorter side to N pixels first"),
 ) -> None:
-    """Write Parquet shards (key, image bytes as stored, label) from an image folder."""
+    """Write Parquet shards (key, image bytes as stored, label), or an LMDB database, from an image folder."""
     from pipeline.prepare import write_parquet_shards
+
+    if format != "parquet":
+        from pipeline.sources.lmdb_writer import prepare_lmdb
+
+        try:
+            console.print(prepare_lmdb(str(images), str(out), str(labels) if labels else None, format, encoded,
+                                       resize), highlight=False)
+        except USER_ERRORS as exc:
+            fail(str(exc))
+        return
 
     try:
         counts = write_parquet_shards(str(images), str(out), str(labels) if labels else None, shard_size)

@@ -70,15 +70,23 @@ def _read_folder(path: str, labels: Optional[str], limit: Optional[int]):
     return read_image_folder(path, labels=labels, limit=limit)
 
 
+def _read_lmdb(path: str, labels: Optional[str], limit: Optional[int]):
+    from pipeline.sources.lmdb import read_lmdb
+
+    return read_lmdb(path, labels=labels, limit=limit)
+
+
 # format name -> reader(path, labels, limit) -> Source
 FORMATS: dict[str, Callable] = {
     "parquet": _read_parquet,
     "folder": _read_folder,
+    "lmdb": _read_lmdb,
 }
 
 
 def detect_format(path: str) -> str:
-    """The input format of PATH: a folder or glob of .parquet files, or an image folder."""
+    """The input format of PATH: a folder or glob of .parquet files, an LMDB database (a folder
+    holding data.mdb), or an image folder."""
     if any(ch in path for ch in "*?["):
         matches = glob.glob(path)
         if matches and all(m.endswith(".parquet") for m in matches):
@@ -91,6 +99,8 @@ def detect_format(path: str) -> str:
         if p.suffix == ".parquet":
             return "parquet"
         raise SourceError(f"{path}: cannot tell the input format of this file; pass --format")
+    if (p / "data.mdb").is_file():
+        return "lmdb"
     with os.scandir(p) as entries:
         names = [e.name for e in entries if e.is_file()]
     if names and all(n.endswith(".parquet") for n in names if not n.startswith(".")):

@@ -77,7 +77,7 @@ def write_lmdb(images: str, out: str, labels: Optional[str] = None, fmt: str = "
     """Write an LMDB database in directory OUT (which must not hold one already). Returns counts and
     the (key, reason) of every image left out."""
     if fmt not in LMDB_FORMATS:
-        raise SourceError(f"unknown LMDB format {fmt!r}: known are {', '.join(LMDB_FORMATS)}")
+        raise SourceError(f"unknown --format {fmt!r}: prepare writes parquet, {', '.join(LMDB_FORMATS)}")
     if resize is not None and resize < 1:
         raise SourceError("--resize must be at least 1")
     out_dir = Path(out)
@@ -102,3 +102,14 @@ def write_lmdb(images: str, out: str, labels: Optional[str] = None, fmt: str = "
     finally:
         env.close()
     return {"records": written, "skipped": skipped, "format": fmt, "encoded": encoded}
+
+
+def prepare_lmdb(images: str, out: str, labels: Optional[str], fmt: str, encoded: bool,
+                 resize: Optional[int]) -> str:
+    """`pipeline prepare --format lmdb-...`: write the database and say what was written."""
+    counts = write_lmdb(images, out, labels, fmt, encoded, resize)
+    lines = [f"wrote {counts['records']} {'encoded' if encoded else 'raw'} {fmt} records to {out}"]
+    if counts["skipped"]:
+        lines.append(f"left out {len(counts['skipped'])} images that could not be read:")
+        lines += [f"  {key}: {reason}" for key, reason in counts["skipped"]]
+    return "\n".join(lines)
