@@ -258,6 +258,29 @@ def test_bad_databases_are_clear_errors(tmp_path, val200):
     assert not any(tmp_path.rglob("lock.mdb"))
 
 
+def leaf_pages(data_file: Path, page_size: int = 4096) -> list[int]:
+    """Numbers of the B-tree leaf pages of an LMDB file (page header: pgno u64, pad u16, flags u16)."""
+    data = data_file.read_bytes()
+    return [n for n in range(2, len(data) // page_size)
+            if int.from_bytes(data[n * page_size:n * page_size + 8], "little") == n
+            and int.from_bytes(data[n * page_size + 10:n * page_size + 12], "little") & 0x02]
+
+
+def test_a_damaged_page_is_a_clear_error(tmp_path, val200):
+    db = tmp_path / "damaged"
+    write_lmdb(str(val200), str(db), fmt="lmdb-datum")
+    tasks = LmdbDatasource(db).get_read_tasks(parallelism=8)
+    with open(db / DATA_FILE, "r+b") as f:  # every leaf page now claims to be an overflow page
+        for page in leaf_pages(db / DATA_FILE):
+            f.seek(page * 4096 + 10)
+            f.write((0x04).to_bytes(2, "little"))
+    for task in tasks:
+        with pytest.raises(SourceError, match="damaged LMDB database: reading from"):
+            list(task())
+    with pytest.raises(SourceError, match="damaged LMDB database"):
+        read_source(str(db))
+
+
 def test_bad_records_are_error_rows_and_nothing_else_is_lost(ray_local, val200, tmp_path):
     from onnx import numpy_helper
 

@@ -103,6 +103,8 @@ def inspect_lmdb(path: str | Path) -> LmdbInfo:
             else:
                 raise SourceError(f"{path}: the LMDB records are not image records "
                                   f"(first {min(entries, RECORDS_PROBED)} looked at; {first_reason})")
+    except lmdb.Error as exc:
+        raise SourceError(f"{path}: damaged LMDB database ({exc})") from None
     finally:
         env.close()
     return LmdbInfo(entries, first_key, last_key, kind, (Path(path) / DATA_FILE).stat().st_size)
@@ -153,11 +155,11 @@ def records_table(keys: list[str], records: list[ImageRecord], errors: list[str]
 def read_key_range(path: str, record_kind: str, lo: Optional[bytes], hi: Optional[bytes]) -> Iterator[pa.Table]:
     """Blocks of source rows for the keys in [LO, HI) (None: open end)."""
     env = open_readonly(path)
+    keys, records, errors = [], [], []
     try:
         with env.begin() as txn:
             cursor = txn.cursor()
             positioned = cursor.set_range(lo) if lo is not None else cursor.first()
-            keys, records, errors = [], [], []
             for key, value in cursor.iternext() if positioned else ():
                 if hi is not None and key >= hi:
                     break
@@ -168,10 +170,14 @@ def read_key_range(path: str, record_kind: str, lo: Optional[bytes], hi: Optiona
                 if len(keys) == ROWS_PER_BLOCK:
                     yield records_table(keys, records, errors)
                     keys, records, errors = [], [], []
-            if keys:
-                yield records_table(keys, records, errors)
+    except lmdb.Error as exc:
+        # A damaged B-tree page: the keys past it cannot be found, so this is not one bad record.
+        after = f"after key {keys[-1]!r}" if keys else f"from key {key_text(lo)!r}" if lo else "from the start"
+        raise SourceError(f"{path}: damaged LMDB database: reading {after} failed ({exc})") from None
     finally:
         env.close()
+    if keys:
+        yield records_table(keys, records, errors)
 
 
 class LmdbDatasource(Datasource):
