@@ -100,6 +100,27 @@ def test_other_protobufs_and_bad_records_are_refused_with_a_reason():
         decode_datum(short)
 
 
+def test_prepare_keys_follow_input_order_and_unreadable_images_are_listed(tmp_path):
+    from conftest import jpeg_bytes
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(jpeg_bytes(seed=1))
+    (folder / "b.jpg").write_bytes(b"not a jpeg")
+    (folder / "c.png").write_bytes(jpeg_bytes(seed=2, fmt="PNG"))
+    (folder / "labels.txt").write_text("a.jpg 1\nb.jpg 2\nc.png 3\n")
+    counts = write_lmdb(str(folder), str(tmp_path / "raw"), fmt="lmdb-caffe2", encoded=False)
+    assert counts["records"] == 2 and [key for key, _ in counts["skipped"]] == ["b.jpg"]
+    env = lmdb.open(str(tmp_path / "raw"), readonly=True, lock=False)
+    with env.begin() as txn:
+        assert [key for key, _ in txn.cursor()] == [b"00000000_a.jpg", b"00000002_c.png"]
+    env.close()
+    # encoded records keep the bytes as stored: the bad file is written and fails at evaluation
+    assert write_lmdb(str(folder), str(tmp_path / "encoded"), fmt="lmdb-datum")["records"] == 3
+    with pytest.raises(SourceError, match="already holds an LMDB database"):
+        write_lmdb(str(folder), str(tmp_path / "encoded"), fmt="lmdb-datum")
+
+
 # --- splitting the key space ---------------------------------------------------------------------
 
 KEY_STYLES = {

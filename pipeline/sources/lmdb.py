@@ -31,7 +31,7 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import BBOX_COLUMNS, RAW_COLUMNS, SOURCE_SCHEMA, Source, SourceError
+from pipeline.sources import BBOX_COLUMNS, NO_LABEL, RAW_COLUMNS, SOURCE_SCHEMA, Source, SourceError
 from pipeline.sources.lmdb_records import DECODERS, KIND_NAMES, ImageRecord, RecordError, detect_record_kind
 
 DATA_FILE = "data.mdb"
@@ -40,7 +40,7 @@ ROWS_PER_BLOCK = 256
 RECORDS_PROBED = 16  # records looked at to tell Datum from TensorProtos
 INTERPOLATED_BYTES = 8
 LMDB_SCHEMA = pa.schema(list(SOURCE_SCHEMA) + [(name, pa.int32()) for name in RAW_COLUMNS + BBOX_COLUMNS])
-EMPTY_RECORD = ImageRecord(label=0, image=b"")
+EMPTY_RECORD = ImageRecord(label=NO_LABEL, image=b"")  # what an error row carries
 
 
 class LmdbInfo(NamedTuple):

@@ -46,9 +46,11 @@ def record_value(record_kind: str, label: int, data: bytes, encoded: bool, resiz
     if resize is not None:
         image = resized(image, resize)
     if encoded:
-        jpeg = Image.open(io.BytesIO(data)).format == "JPEG"
         buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=95) if jpeg else image.save(buffer, format="PNG")
+        if Image.open(io.BytesIO(data)).format == "JPEG":
+            image.save(buffer, format="JPEG", quality=95)
+        else:
+            image.save(buffer, format="PNG")
         return encode(label, encoded=buffer.getvalue())
     return encode(label, bgr_hwc=np.asarray(image, dtype=np.uint8)[:, :, ::-1])
 
@@ -59,12 +61,13 @@ def _records(images: str, labels: Optional[str], record_kind: str, encoded: bool
     records = list_folder_records(images, labels)
     for start in range(0, len(records), READ_CHUNK):
         table = read_folder_records(images, records[start:start + READ_CHUNK])
+        columns = (table.column(name).to_pylist() for name in ("key", "label", "image", "error"))
         chunk = []
-        for index, key, label, data, error in zip(
-                range(start, start + table.num_rows), *(table.column(c).to_pylist() for c in ("key", "label", "image", "error"))):
+        for index, key, label, data, error in zip(range(start, start + table.num_rows), *columns):
             if not error:
                 try:
-                    chunk.append((b"%08d_%s" % (index, key.encode()), record_value(record_kind, label, data, encoded, resize)))
+                    value = record_value(record_kind, label, data, encoded, resize)
+                    chunk.append((b"%08d_%s" % (index, key.encode()), value))
                     continue
                 except ImageError as exc:
                     error = str(exc)
