@@ -1,10 +1,15 @@
 """Protobuf message classes built at run time from the `.proto` files in this folder.
 
+- `caffe.proto`: Caffe's `Datum` (LMDB image records, pipeline/sources/lmdb_records.py).
+- `caffe2.proto`: Caffe2's `TensorProto(s)` (LMDB image records) and the `NetDef`, `OperatorDef`,
+  `Argument` and `DeviceOption` of exported predictors (pipeline/caffe2/).
+
 No `protoc` is needed: a small parser reads the proto2 subset these files use (package, messages,
 nested enums and messages, `optional`/`required`/`repeated` scalar, enum and message fields with
-`[packed = ...]` and `[default = ...]` options) into a `FileDescriptorProto`, which the `protobuf`
-runtime turns into ordinary message classes. Each file gets its own `DescriptorPool`, so these
-classes never clash with other copies of the same schema loaded elsewhere in the process.
+`[packed = ...]`, `[default = ...]` and `[deprecated = ...]` options) into a `FileDescriptorProto`,
+which the `protobuf` runtime turns into ordinary message classes. Each file gets its own
+`DescriptorPool`, so these classes never clash with other copies of the same schema loaded
+elsewhere in the process.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ SCALAR_TYPES = {
 }
 LABELS = {"optional": _Field.LABEL_OPTIONAL, "required": _Field.LABEL_REQUIRED,
           "repeated": _Field.LABEL_REPEATED}
-_TOKENS = re.compile(r'//[^\n]*|/\*.*?\*/|"[^"]*"|[A-Za-z_][\w.]*|-?\d+(?:\.\d*)?(?:[eE]-?\d+)?|\S', re.S)
+_TOKENS = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:[^"\\]|\\.)*"|[A-Za-z_][\w.]*|-?\d+(?:\.\d*)?(?:[eE]-?\d+)?|\S', re.S)
 
 
 class ProtoSyntaxError(ValueError):
@@ -47,9 +52,17 @@ class _Parser:
     def take(self, expected: str | None = None) -> str:
         token = self.peek()
         if not token or (expected is not None and token != expected):
-            raise ProtoSyntaxError(f"{self.source}: expected {expected or 'a token'}, got {token or 'end of file'!r}")
+            wanted = repr(expected) if expected else "a token"
+            raise ProtoSyntaxError(f"{self.source}: expected {wanted}, got {repr(token) if token else 'the end of the file'}")
         self.pos += 1
         return token
+
+    def take_number(self) -> int:
+        token = self.take()
+        try:
+            return int(token)
+        except ValueError:
+            raise ProtoSyntaxError(f"{self.source}: expected a number, got {token!r}") from None
 
     def parse_file(self, name: str) -> descriptor_pb2.FileDescriptorProto:
         file = descriptor_pb2.FileDescriptorProto(name=name, syntax="proto2")
@@ -67,7 +80,7 @@ class _Parser:
                 self.parse_message(file.message_type.add())
             elif keyword == "enum":
                 self.parse_enum(file.enum_type.add())
-            else:
+            elif keyword != ";":  # an empty statement
                 raise ProtoSyntaxError(f"{self.source}: unsupported top-level statement {keyword!r}")
         return file
 
@@ -82,7 +95,7 @@ class _Parser:
                 self.parse_enum(message.enum_type.add())
             elif keyword in LABELS:
                 self.parse_field(message.field.add(), keyword)
-            else:
+            elif keyword != ";":  # an empty statement, as after a nested message's closing brace
                 raise ProtoSyntaxError(f"{self.source}: unsupported statement {keyword!r} in message {message.name}")
         self.take("}")
 
@@ -95,19 +108,23 @@ class _Parser:
             field.type_name = type_name  # resolved to a message or enum once the whole file is read
         field.name = self.take()
         self.take("=")
-        field.number = int(self.take())
+        field.number = self.take_number()
         if self.peek() == "[":
             self.take("[")
             while True:
                 option, _, value = self.take(), self.take("="), self.take()
                 if option == "packed":
                     field.options.packed = value == "true"
+                elif option == "deprecated":
+                    field.options.deprecated = value == "true"
                 elif option == "default":
                     field.default_value = value.strip('"')
                 else:
-                    raise ProtoSyntaxError(f"{self.source}: unsupported field option {option!r}")
-                if self.take() == "]":
+                    raise ProtoSyntaxError(f"{self.source}: unsupported field option {option!r} on {field.name}")
+                if self.peek() == "]":
                     break
+                self.take(",")
+            self.take("]")
         self.take(";")
 
     def parse_enum(self, enum: descriptor_pb2.EnumDescriptorProto) -> None:
@@ -116,7 +133,7 @@ class _Parser:
         while self.peek() != "}":
             value = enum.value.add(name=self.take())
             self.take("=")
-            value.number = int(self.take())
+            value.number = self.take_number()
             self.take(";")
         self.take("}")
 
