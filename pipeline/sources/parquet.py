@@ -64,3 +64,24 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
     if limit is not None:
         ds, num_records = ds.limit(limit), min(limit, num_records)
     return Source(ds.map_batches(to_source_rows, batch_format="pyarrow", batch_size=None), num_records)
+
+
+ROWS_PER_BLOCK = 256
+
+
+def parquet_unit_readers(path: str, done: set[str]) -> list:
+    """Readers for `pipeline.sources.units`: one unit per shard, read a few row groups at a time."""
+    from pipeline.sources.units import unit_id
+
+    files = parquet_files(path)
+    columns = [c for c in ("key", "image", "label", "error") if c in _check_schema(files).names]
+
+    def reader_for(unit: str, file: str):
+        def units():
+            batches = pq.ParquetFile(file).iter_batches(batch_size=ROWS_PER_BLOCK, columns=columns)
+            yield unit, (to_source_rows(pa.Table.from_batches([batch])) for batch in batches)
+
+        return units
+
+    units = [(unit_id(index, Path(file).name), file) for index, file in enumerate(files)]
+    return [reader_for(unit, file) for unit, file in units if unit not in done]
