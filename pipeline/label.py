@@ -125,6 +125,8 @@ class UnitWriter:
             self.errors.write_table(self.builder.errors({k: v[~ok] for k, v in batch.items()}))
         self.received += len(ok)
         self.expected = max(self.expected, int(batch["unit_rows"].max()))
+        if 0 <= self.expected < self.received:  # exactly once must fail loudly, never write duplicates
+            raise RuntimeError(f"unit {self.unit} received {self.received} rows but holds {self.expected}")
 
     @property
     def complete(self) -> bool:
@@ -142,40 +144,47 @@ def run_description(model: str, data: str, fmt: str, preset: str, top_k: int, un
             "format": fmt, "preset": preset, "top_k": top_k, "unit_size": unit_size}
 
 
-def prepare_output(output: Path, run: dict, resume: bool, overwrite: bool) -> set[str]:
-    """Make OUTPUT ready for RUN and return the units already done; refuse what would mix runs."""
-    manifest = output / MANIFEST_FILE
+def check_output(output: Path, run: dict, resume: bool, overwrite: bool) -> set[str]:
+    """The units of RUN already done in OUTPUT; refuses (raises) what would mix runs. Changes nothing."""
+    if overwrite:
+        return set()
+    if (output / MANIFEST_FILE).is_file():
+        raise AlreadyFinished(output, json.loads((output / MANIFEST_FILE).read_text()))
+    if not (output.is_dir() and any(output.iterdir())):
+        return set()
+    if not resume:
+        raise OutputDirError(f"{output} is not empty and holds no finished run: pass --resume to finish "
+                             "an interrupted run into it, or --overwrite to start again")
+    if not (output / RUN_FILE).is_file():
+        raise OutputDirError(f"{output} holds no labelling run to resume (no {RUN_FILE}); "
+                             "pass --overwrite to label into it anyway")
+    previous = json.loads((output / RUN_FILE).read_text())
+    changed = [f"{name} was {previous.get(name)!r}, now {value!r}" for name, value in run.items()
+               if previous.get(name) != value]
+    if changed:
+        raise OutputDirError(f"{output} holds an interrupted run with other settings ({'; '.join(changed)}): "
+                             "resume it with the same options, or pass --overwrite")
+    return {p.stem for p in (output / LABELS_DIR).glob("*.parquet")}
+
+
+def claim_output(output: Path, run: dict, overwrite: bool) -> None:
+    """Make OUTPUT ready for RUN once check_output has accepted it: with OVERWRITE drop the previous
+    run's files (and only those); otherwise drop what a killed run left half-written."""
     if overwrite:
         for name in (LABELS_DIR, ERRORS_DIR):
             shutil.rmtree(output / name, ignore_errors=True)
         for name in (MANIFEST_FILE, RUN_FILE):
             (output / name).unlink(missing_ok=True)
-    elif manifest.is_file():
-        raise AlreadyFinished(output, json.loads(manifest.read_text()))
-    elif output.is_dir() and any(output.iterdir()):
-        if not resume:
-            raise OutputDirError(f"{output} is not empty and holds no finished run: pass --resume to finish "
-                                 "an interrupted run into it, or --overwrite to start again")
-        if not (output / RUN_FILE).is_file():
-            raise OutputDirError(f"{output} holds no labelling run to resume (no {RUN_FILE}); "
-                                 "pass --overwrite to label into it anyway")
-        previous = json.loads((output / RUN_FILE).read_text())
-        changed = [f"{name} was {previous.get(name)!r}, now {value!r}" for name, value in run.items()
-                   if previous.get(name) != value]
-        if changed:
-            raise OutputDirError(f"{output} holds an interrupted run with other settings ({'; '.join(changed)}): "
-                                 "resume it with the same options, or pass --overwrite")
     for name in (LABELS_DIR, ERRORS_DIR):
         (output / name).mkdir(parents=True, exist_ok=True)
         for temp in (output / name).glob(f".*{TEMP_SUFFIX}"):
             temp.unlink()  # left by a killed run: that unit is read again
     done = {p.stem for p in (output / LABELS_DIR).glob("*.parquet")}
     for orphan in (output / ERRORS_DIR).glob("*.parquet"):
-        if orphan.stem not in done:  # killed between the two renames
+        if orphan.stem not in done:  # killed between the two renames: that unit is read again
             orphan.unlink()
     (output / f"{RUN_FILE}.tmp").write_text(json.dumps(run, indent=2) + "\n")
     os.replace(output / f"{RUN_FILE}.tmp", output / RUN_FILE)
-    return done
 
 
 def shard_counts(output: Path) -> dict[str, dict[str, int]]:
@@ -237,13 +246,13 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "
     check_preset_fits(info, preset_obj)
     fmt = fmt or detect_format(data)
     out = Path(output)
-    done = prepare_output(out, run_description(model, data, fmt, preset_obj.name, top_k, unit_size),
-                          resume, overwrite)
+    run = run_description(model, data, fmt, preset_obj.name, top_k, unit_size)
+    done = check_output(out, run, resume, overwrite)
+    init_ray(address)
+    source = read_work_units(data, fmt, done, unit_size)  # before claiming OUTPUT: a bad input leaves it as it was
+    claim_output(out, run, overwrite)
     done_before = sum(sum(c.values()) for c in shard_counts(out).values())
     total = RecordCount(data, fmt)
-
-    init_ray(address)
-    source = read_work_units(data, fmt, done, unit_size)
     predictions = predict(source, info, preset_obj, require_label=False, top_k=top_k,
                           batch_size=batch_size, run_id=uuid.uuid4().hex, carry=UNIT_COLUMNS)
     builder = TableBuilder(top_k)

@@ -171,6 +171,8 @@ def test_a_finished_dir_is_left_alone_and_a_foreign_one_refused(ray_local, tmp_p
         (folder / f"{i}.jpg").write_bytes(jpeg_bytes(seed=i))
     model, output = str(need(MOBILENET_INT8)), tmp_path / "out"
     first = label(model, str(folder), str(output))
+    (output / "manifest.json").unlink()  # as if killed after the last shard, before the manifest
+    assert label(model, str(folder), str(output), resume=True)["this_run_images"] == 0
     shards = {p: p.stat().st_mtime_ns for p in output.rglob("*.parquet")}
     with pytest.raises(AlreadyFinished):
         label(model, str(folder), str(output), resume=True)
@@ -223,3 +225,23 @@ def test_sigkill_part_way_then_resume_gives_exactly_the_uninterrupted_output(ray
     for key, row in after_kill.items():
         assert row["class_ids"] == uninterrupted[key]["class_ids"], key
         assert np.allclose(row["probs"], uninterrupted[key]["probs"], atol=1e-6), key
+
+
+def test_a_format_without_a_partitioner_is_labelled_whole_as_one_unit(ray_local, tmp_path, monkeypatch):
+    """Any format registered in FORMATS (LMDB, ...) works: read through read_source as the unit "all"."""
+    from pipeline.sources import FORMATS
+    from pipeline.sources.units import PARTITIONERS
+
+    monkeypatch.setitem(FORMATS, "listed-folder", FORMATS["folder"])
+    assert "listed-folder" not in PARTITIONERS
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(seed=i) if i else b"")
+    model, output = str(need(MOBILENET_INT8)), tmp_path / "out"
+    label(model, str(folder), str(output), fmt="listed-folder")
+    predictions, errors, manifest = read_output(output)
+    assert set(predictions) == {"1.jpg", "2.jpg", "3.jpg"} and errors == {"0.jpg": "empty image (0 bytes)"}
+    assert list(manifest["shards"]) == ["all"] and not manifest["partitioned"]
+    (output / "manifest.json").unlink()
+    assert label(model, str(folder), str(output), fmt="listed-folder", resume=True)["this_run_images"] == 0
