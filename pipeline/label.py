@@ -45,6 +45,7 @@ RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.json"
 TEMP_SUFFIX = ".parquet.tmp"
 UNIT_SIZE = 1000
+ROW_GROUP_ROWS = 1024
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string())])
 
 
@@ -107,6 +108,34 @@ def temp_path(output: Path, table: str, unit: str) -> Path:
     return output / table / f".{unit}{TEMP_SUFFIX}"
 
 
+class BufferedParquet:
+    """A Parquet file written in row groups of about ROW_GROUP_ROWS rows (the stream's batches are
+    small; one row group each would make slow files), durable on disk once closed."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path = path
+        self.writer = pq.ParquetWriter(path, schema)
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        if self.pending_rows >= ROW_GROUP_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.concat_tables(self.pending))
+            self.pending, self.pending_rows = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+        with open(self.path, "rb") as f:  # a rename must not make a file visible that a crash can lose
+            os.fsync(f.fileno())
+
+
 class UnitWriter:
     """One unit's rows streamed to temporary shards, renamed into place once the unit is complete."""
 
@@ -114,15 +143,15 @@ class UnitWriter:
         self.output, self.unit, self.builder = output, unit, builder
         self.received = 0
         self.expected = -1  # unknown until a row of the unit's last block arrives
-        self.labelled = pq.ParquetWriter(temp_path(output, LABELS_DIR, unit), builder.schema)
-        self.errors = pq.ParquetWriter(temp_path(output, ERRORS_DIR, unit), ERRORS_SCHEMA)
+        self.labelled = BufferedParquet(temp_path(output, LABELS_DIR, unit), builder.schema)
+        self.errors = BufferedParquet(temp_path(output, ERRORS_DIR, unit), ERRORS_SCHEMA)
 
     def write(self, batch: dict[str, np.ndarray]) -> None:
         ok = batch["error"] == ""
         if ok.any():
-            self.labelled.write_table(self.builder.labelled({k: v[ok] for k, v in batch.items()}))
+            self.labelled.write(self.builder.labelled({k: v[ok] for k, v in batch.items()}))
         if not ok.all():
-            self.errors.write_table(self.builder.errors({k: v[~ok] for k, v in batch.items()}))
+            self.errors.write(self.builder.errors({k: v[~ok] for k, v in batch.items()}))
         self.received += len(ok)
         self.expected = max(self.expected, int(batch["unit_rows"].max()))
         if 0 <= self.expected < self.received:  # exactly once must fail loudly, never write duplicates
@@ -137,6 +166,16 @@ class UnitWriter:
         self.errors.close()
         for table in (ERRORS_DIR, LABELS_DIR):  # the labels shard last: its presence means done
             os.replace(temp_path(self.output, table, self.unit), shard_path(self.output, table, self.unit))
+            fsync_dir(self.output / table)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in PATH durable."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def run_description(model: str, data: str, fmt: str, preset: str, top_k: int, unit_size: int) -> dict:
