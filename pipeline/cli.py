@@ -40,21 +40,29 @@ def progress_bar() -> Progress:
 
 
 class ProgressReporter:
-    """on_progress callback that drives a rich progress bar. With RATE_FROM_FIRST_CALL the rate
-    leaves out the records of the first call (a resumed run reports the work done before first)."""
+    """on_progress callback that drives a rich progress bar. With START_ON_FIRST_CALL the bar appears
+    at the first call and its rate leaves out that call's records (a resumed run first reports the
+    work done before; a run that has nothing to do shows no bar)."""
 
-    def __init__(self, progress: Progress, description: str, rate_from_first_call: bool = False):
+    def __init__(self, progress: Progress, description: str, start_on_first_call: bool = False):
         import time
 
         self.clock = time.perf_counter
-        self.started = self.clock()
         self.progress = progress
-        self.task = progress.add_task(description, total=None, rate=0.0)
-        self.done_before: Optional[int] = None if rate_from_first_call else 0
+        self.description = description
+        self.task = None
+        self.done_before = 0
+        if not start_on_first_call:
+            self._start(0)
+
+    def _start(self, done: int) -> None:
+        self.started = self.clock()
+        self.done_before = done
+        self.task = self.progress.add_task(self.description, total=None, completed=done, rate=0.0)
 
     def __call__(self, done: int, total: Optional[int]) -> None:
-        if self.done_before is None:
-            self.done_before = done
+        if self.task is None:
+            self._start(done)
         rate = (done - self.done_before) / max(self.clock() - self.started, 1e-9)
         self.progress.update(self.task, completed=done, total=total, rate=rate)
 
@@ -146,7 +154,7 @@ def label(
             manifest = run_labelling(
                 str(model), data, str(output), top_k=top_k, preset=preset, fmt=format, resume=resume,
                 overwrite=overwrite, unit_size=shard_size, batch_size=batch_size, address=address,
-                on_progress=ProgressReporter(progress, "labelling", rate_from_first_call=True),
+                on_progress=ProgressReporter(progress, "labelling", start_on_first_call=True),
             )
     except AlreadyFinished as finished:
         console.print(str(finished), highlight=False)
