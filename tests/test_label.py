@@ -245,3 +245,49 @@ def test_a_format_without_a_partitioner_is_labelled_whole_as_one_unit(ray_local,
     assert list(manifest["shards"]) == ["all"] and not manifest["partitioned"]
     (output / "manifest.json").unlink()
     assert label(model, str(folder), str(output), fmt="listed-folder", resume=True)["this_run_images"] == 0
+
+
+def test_folder_units_cover_every_file_once_across_read_tasks(tmp_path):
+    from pipeline.sources.folder import folder_unit_readers, walk_files
+
+    names = [f"{d}/{i}.jpg" for d in ("a", "a/z", "b", "c/d/e") for i in range(4)] + ["top.jpg", ".hidden.jpg"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(name.encode())
+    (tmp_path / "labels.txt").write_text("top.jpg 1\n")
+    visible = sorted(n for n in names if not n.startswith("."))
+    assert sorted(walk_files(tmp_path)) == visible and list(walk_files(tmp_path)) == list(walk_files(tmp_path))
+
+    def read_all(done: set[str]) -> dict[str, list[str]]:
+        units: dict[str, list[str]] = {}
+        for reader in folder_unit_readers(tmp_path, done, unit_size=5, tasks=3):
+            for unit, blocks in reader():
+                assert unit not in units
+                units[unit] = [key for block in blocks for key in block.column("key").to_pylist()]
+        return units
+
+    units = read_all(set())
+    assert len(units) == 4 and sorted(k for keys in units.values() for k in keys) == visible
+    for keys in units.values():
+        for key in keys:
+            assert (tmp_path / key).read_bytes() == key.encode()
+    assert read_all({"files-00000001", "files-00000003"}).keys() == {"files-00000000", "files-00000002"}
+
+
+def test_resume_drops_half_written_files_and_redoes_only_those_units(ray_local, tmp_path):
+    folder = tmp_path / "folder"
+    for name, data in bad_files().items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    model, output = str(need(MOBILENET_INT8)), tmp_path / "out"
+    label(model, str(folder), str(output), unit_size=3)
+    before = read_output(output)[:2]
+    # as if killed between a unit's two renames, and while writing another unit
+    (output / "manifest.json").unlink()
+    (output / "labels" / "files-00000001.parquet").unlink()
+    (output / "errors" / "files-00000002.parquet").rename(output / "errors" / ".files-00000002.parquet.tmp")
+    (output / "labels" / "files-00000002.parquet").rename(output / "labels" / ".files-00000002.parquet.tmp")
+    resumed = label(model, str(folder), str(output), unit_size=3, resume=True)
+    assert resumed["resumed_from"] == 3 and resumed["this_run_images"] == 5
+    assert read_output(output)[:2] == before
+    assert not list(output.rglob(".*.tmp"))
