@@ -71,7 +71,7 @@ ROWS_PER_BLOCK = 256
 
 def parquet_unit_readers(path: str, done: set[str]) -> list:
     """Readers for `pipeline.sources.units`: one unit per shard, read a few row groups at a time."""
-    from pipeline.sources.units import unit_id
+    from pipeline.sources.units import shard_unit_id
 
     files = parquet_files(path)
     columns = [c for c in ("key", "image", "label", "error") if c in _check_schema(files).names]
@@ -83,5 +83,5 @@ def parquet_unit_readers(path: str, done: set[str]) -> list:
 
         return units
 
-    units = [(unit_id(index, Path(file).name), file) for index, file in enumerate(files)]
+    units = [(shard_unit_id(file), file) for file in files]
     return [reader_for(unit, file) for unit, file in units if unit not in done]

@@ -145,11 +145,10 @@ def count_tar_members(path: str) -> int:
 
 def tar_unit_readers(path: str, done: set[str]) -> list:
     """Readers for `pipeline.sources.units`: one unit per shard."""
-    from pipeline.sources.units import unit_id
+    from pipeline.sources.units import shard_unit_id
 
     def reader_for(unit: str, file: str, prefix: str):
         return lambda: iter([(unit, read_tar_blocks(file, prefix))])
 
-    units = [(unit_id(index, Path(file).name), file, prefix)
-             for index, (file, prefix) in enumerate(tar_shards(path))]
+    units = [(shard_unit_id(file), file, prefix) for file, prefix in tar_shards(path)]
     return [reader_for(*unit) for unit in units if unit[0] not in done]

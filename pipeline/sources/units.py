@@ -18,6 +18,8 @@ committed when the stream ends: correct, but a resumed run redoes it from the st
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -35,9 +37,11 @@ UnitBlocks = Iterator[tuple[str, Iterable[pa.Table]]]
 UnitReader = Callable[[], UnitBlocks]
 
 
-def unit_id(index: int, name: str) -> str:
-    """A unit id from its position in the input's sorted file list and a readable file name."""
-    return f"{index:06d}-{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:80]}"
+def shard_unit_id(file: str) -> str:
+    """The unit id of an input shard: its file name made file-name safe, and a hash of its absolute
+    path that keeps ids unique and unchanged when shards are added to the input."""
+    digest = hashlib.sha1(os.path.abspath(file).encode()).hexdigest()[:10]
+    return f"{re.sub(r'[^A-Za-z0-9._-]', '_', os.path.basename(file))[:80]}-{digest}"
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:
