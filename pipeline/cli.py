@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 from rich.table import Table
+from ray.exceptions import RayError
 
 from pipeline.config import ConfigError
 from pipeline.inference import ModelError
@@ -28,8 +29,14 @@ console = Console(stderr=True)
 USER_ERRORS = (ConfigError, ModelError, SourceError, FileNotFoundError)
 
 
+def ray_failure_reason(exc: Exception) -> str:
+    """The last line of the remote error (its exception and message), not the whole remote traceback."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -93,6 +100,8 @@ def evaluate(
             )
     except USER_ERRORS as exc:
         fail(str(exc))
+    except RayError as exc:
+        fail(f"the Ray pipeline failed: {ray_failure_reason(exc)}")
     print_summary(metrics, output)
 
 
@@ -116,9 +125,23 @@ def prepare(
     out: Path = typer.Option(..., help="output folder"),
     labels: Optional[Path] = typer.Option(None, help="labels file (default: IMAGES/labels.txt)"),
     shard_size: int = typer.Option(1000, min=1, help="records per Parquet shard"),
+    format: str = typer.Option("parquet", "--format", help="parquet, lmdb-datum (Caffe Datum records) "
+                                                          "or lmdb-caffe2 (Caffe2 TensorProtos records)"),
+    encoded: bool = typer.Option(True, "--encoded/--raw", help="LMDB: image files as stored, or raw BGR pixels"),
+    resize: Optional[int] = typer.Option(None, min=1, help="LMDB: scale the shorter side to N pixels first"),
 ) -> None:
-    """Write Parquet shards (key, image bytes as stored, label) from an image folder."""
+    """Write Parquet shards (key, image bytes as stored, label), or an LMDB database, from an image folder."""
     from pipeline.prepare import write_parquet_shards
+
+    if format != "parquet":
+        from pipeline.sources.lmdb_writer import prepare_lmdb
+
+        try:
+            console.print(prepare_lmdb(str(images), str(out), str(labels) if labels else None, format, encoded,
+                                       resize), highlight=False)
+        except USER_ERRORS as exc:
+            fail(str(exc))
+        return
 
     try:
         counts = write_parquet_shards(str(images), str(out), str(labels) if labels else None, shard_size)
@@ -164,3 +187,8 @@ def label(
     console.print(f"{manifest['images']} images: {manifest['labelled']} labelled, {manifest['errors']} errors "
                   f"({manifest['this_run_images']} in this run, {manifest['images_per_s']:.1f} images/s); "
                   f"{len(manifest['shards'])} shards in {output}", highlight=False)
+
+
+from pipeline.caffe2.command import import_caffe2_command  # noqa: E402
+
+model_app.command("import-caffe2")(import_caffe2_command)

@@ -227,25 +227,25 @@ def test_sigkill_part_way_then_resume_gives_exactly_the_uninterrupted_output(ray
         assert np.allclose(row["probs"], uninterrupted[key]["probs"], atol=1e-6), key
 
 
-def test_a_format_without_a_partitioner_is_labelled_whole_as_one_unit(ray_local, tmp_path, monkeypatch):
-    """Any format registered in FORMATS (LMDB, ...) works: read through read_source as the unit "all"."""
-    from pipeline.sources import FORMATS
+def test_a_format_without_a_partitioner_lmdb_is_labelled_whole_as_one_unit(ray_local, tmp_path):
+    """Any format registered in FORMATS works: LMDB (raw-pixel Caffe2 records here) is read through
+    read_source as the one unit "all"."""
+    from pipeline.sources.lmdb_writer import write_lmdb
     from pipeline.sources.units import PARTITIONERS
 
-    monkeypatch.setitem(FORMATS, "listed-folder", FORMATS["folder"])
-    assert "listed-folder" not in PARTITIONERS
+    assert "lmdb" not in PARTITIONERS
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(4):
-        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(seed=i) if i else b"")
+        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(seed=i, size=(80, 60)))
+    assert write_lmdb(str(folder), str(tmp_path / "db"), fmt="lmdb-caffe2", encoded=False)["records"] == 4
     model, output = str(need(MOBILENET_INT8)), tmp_path / "out"
-    label(model, str(folder), str(output), fmt="listed-folder")
+    label(model, str(tmp_path / "db"), str(output))
     predictions, errors, manifest = read_output(output)
-    assert set(predictions) == {"1.jpg", "2.jpg", "3.jpg"} and errors == {"0.jpg": "empty image (0 bytes)"}
-    assert list(manifest["shards"]) == ["all"] and not manifest["partitioned"]
+    assert sorted(predictions) == [f"{i:08d}_{i}.jpg" for i in range(4)] and not errors
+    assert manifest["format"] == "lmdb" and list(manifest["shards"]) == ["all"] and not manifest["partitioned"]
     (output / "manifest.json").unlink()
-    assert label(model, str(folder), str(output), fmt="listed-folder", resume=True)["this_run_images"] == 0
-
+    assert label(model, str(tmp_path / "db"), str(output), resume=True)["this_run_images"] == 0
 
 def test_folder_units_cover_every_file_once_across_read_tasks(tmp_path):
     from pipeline.sources.folder import folder_unit_readers, walk_files
