@@ -31,17 +31,18 @@ def check_preset_fits(info: ModelInfo, preset: Preset) -> None:
 
 
 def predict(source: Source, info: ModelInfo, preset: Preset, *, require_label: bool, top_k: int,
-            batch_size: int, run_id: Optional[str] = None):
-    """The Ray Dataset of prediction rows (`key, label, top_ids, top_probs, error, node, core`)."""
+            batch_size: int, run_id: Optional[str] = None, carry: tuple[str, ...] = ()):
+    """The Ray Dataset of prediction rows (`key, label, top_ids, top_probs, error, node, core`, and the
+    source columns named in CARRY)."""
     actors = inference_slots()
     preprocessed = source.dataset.map_batches(
-        Preprocessor(preset, require_label=require_label), batch_size=PREPROCESS_BATCH,
+        Preprocessor(preset, require_label=require_label, carry=carry), batch_size=PREPROCESS_BATCH,
         batch_format="numpy",
     )
     return preprocessed.map_batches(
         Classifier,
         fn_constructor_kwargs={"model_path": os.path.abspath(info.path), "top_k": top_k,
-                               "run_id": run_id or uuid.uuid4().hex},
+                               "run_id": run_id or uuid.uuid4().hex, "carry": carry},
         batch_size=info.batch_size or batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
