@@ -13,8 +13,9 @@ from pipeline.weights import WeightsError
 
 
 def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    from pipeline.cli import fail  # imported late: pipeline.cli registers these commands
+
+    fail(message)
 
 
 def build_command(

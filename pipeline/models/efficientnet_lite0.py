@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import onnx
 
 from pipeline.models.graph import INPUT_NAME, GraphBuilder, fold_batch_norm
