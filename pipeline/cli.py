@@ -35,6 +35,17 @@ def ray_failure_reason(exc: Exception) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def model_and_preset(model: Optional[Path], preset: Optional[str]) -> tuple[Path, str]:
+    """The user's model and preset, or the default model with its own preset where none is given."""
+    if model is None:
+        from pipeline.models import default_model
+
+        model, own_preset = default_model()
+        console.print(f"no --model given: using {model}", highlight=False)
+        return model, preset or own_preset
+    return model, preset or "torch"
+
+
 def fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -76,9 +87,11 @@ class ProgressReporter:
 
 @app.command()
 def evaluate(
-    model: Path = typer.Option(..., help="int8 (or fp32) ONNX classifier, input [N,3,H,W]"),
+    model: Optional[Path] = typer.Option(None, help="int8 (or fp32) ONNX classifier, input [N,3,H,W]; "
+                                                     "default: EfficientNet-Lite0 from its real checkpoint"),
     data: str = typer.Option(..., help="image folder with labels.txt, Parquet shards (folder or glob)"),
-    preset: str = typer.Option("torch", help="preprocessing preset name in conf/ (caffe2, torch, tf127)"),
+    preset: Optional[str] = typer.Option(None, help="preprocessing preset name in conf/ (caffe2, torch, tf127); "
+                                                    "default: torch, or the default model's own"),
     config: Optional[Path] = typer.Option(None, help="preprocessing preset YAML file (instead of --preset)"),
     output: Path = typer.Option(Path("results"), help="folder for metrics.json and predictions.parquet"),
     address: Optional[str] = typer.Option(None, help="Ray cluster: 'auto', HOST:PORT or ray://HOST:PORT; "
@@ -92,6 +105,7 @@ def evaluate(
     from pipeline.evaluate import evaluate as run_evaluation
 
     try:
+        model, preset = model_and_preset(model, preset)
         with progress_bar() as progress:
             metrics = run_evaluation(
                 str(model), data, str(config) if config else preset, str(output), fmt=format,
@@ -154,12 +168,14 @@ def prepare(
 
 @app.command()
 def label(
-    model: Path = typer.Option(..., help="int8 (or fp32) ONNX classifier, input [N,3,H,W]"),
+    model: Optional[Path] = typer.Option(None, help="int8 (or fp32) ONNX classifier, input [N,3,H,W]; "
+                                                     "default: EfficientNet-Lite0 from its real checkpoint"),
     data: str = typer.Option(..., help="image folder (any depth), .tar shards (file, folder or glob), "
                                        "Parquet shards, or any other --format"),
     output: Path = typer.Option(..., help="folder for labels/, errors/ and manifest.json"),
     top_k: int = typer.Option(5, min=1, max=1000, help="classes kept per image, best first"),
-    preset: str = typer.Option("torch", help="preprocessing preset name in conf/, or a preset YAML file"),
+    preset: Optional[str] = typer.Option(None, help="preprocessing preset name in conf/, or a preset YAML file; "
+                                                    "default: torch, or the default model's own"),
     format: Optional[str] = typer.Option(None, "--format", help="input format; detected from --data if absent"),
     resume: bool = typer.Option(False, help="finish an interrupted run into OUTPUT, skipping the shards it wrote"),
     overwrite: bool = typer.Option(False, help="discard what OUTPUT holds and label again"),
@@ -173,6 +189,7 @@ def label(
     from pipeline.label import AlreadyFinished, OutputDirError, label as run_labelling
 
     try:
+        model, preset = model_and_preset(model, preset)
         with progress_bar() as progress:
             manifest = run_labelling(
                 str(model), data, str(output), top_k=top_k, preset=preset, fmt=format, resume=resume,

@@ -167,3 +167,16 @@ def test_a_damaged_parquet_shard_is_named_before_the_run(tmp_path):
                      "--output", str(tmp_path / "out"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "part-00001.parquet: not a readable Parquet file" in result.stderr
+
+
+def test_cli_evaluate_without_a_model_uses_efficientnet_lite0(tmp_path):
+    folder = subset_folder(need(VAL_1300), tmp_path / "images", 16)
+    env_cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", "--data", str(folder),
+                             "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO), **env_cache}, timeout=600)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["model"].endswith("efficientnet-lite0-fp32.onnx") and metrics["preset"] == "tf127"
+    assert metrics["evaluated"] == 16 and metrics["top1"] >= 0.6  # a real ImageNet model, not random
+    assert (tmp_path / "cache" / "int8-imagenet-pipeline" / "efficientnet-lite0-fp32.onnx").is_file()

