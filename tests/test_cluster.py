@@ -1,5 +1,6 @@
-"""`pipeline evaluate --address` on a real two-node Ray cluster on this machine, and the faults it
-survives: an inference actor SIGKILLed mid-run, a worker node gone mid-run.
+"""`pipeline evaluate --address` on a real two-node Ray cluster on this machine, the faults it
+survives (an inference actor SIGKILLed mid-run, a worker node gone mid-run), and the cluster
+launcher configuration in deploy/, checked with Ray's own validation.
 
 The cluster is two `ray start` nodes (1 CPU + 1 `inference_core` each), started once for the module.
 The node-loss test runs last: it takes the worker node away.
@@ -17,10 +18,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from conftest import MOBILENET_INT8, REPO, VAL_1300, need, subset_folder
 from pipeline.evaluate import evaluate
+from pipeline.inference import parse_cpu_list, physical_cores_first, thread_siblings
 from pipeline.local_cluster import LocalCluster
+from pipeline.runtime import INFERENCE_RESOURCE
 
 # long enough to interrupt a run in its middle, short enough for 2 busy cores
 IMAGES = 400
@@ -85,6 +89,41 @@ def wait_mid_run(process: subprocess.Popen, output: Path, nodes, timeout: float 
             return actors
         time.sleep(0.2)
     raise TimeoutError("the run did not start producing predictions")
+
+
+def test_the_cluster_launcher_config_passes_rays_validation_and_keeps_the_scheduling_contract():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "deploy" / "ray-cluster.yaml").read_text())
+    config = prepare_config(raw)
+    validate_config(config)
+    for node_type in config["available_node_types"].values():
+        assert node_type["resources"][INFERENCE_RESOURCE] >= 1 and node_type["resources"]["CPU"] >= 1
+    # every node starts through ray-start.sh, which declares the inference cores and CPUs
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert any("deploy/ray-start.sh" in command for command in commands)
+    # the project is synced to every node and installed there, with the data paths
+    repo_on_node = next(remote for remote, local in config["file_mounts"].items() if local == ".")
+    assert any("pip install" in c and repo_on_node in c for c in config["setup_commands"])
+    assert any("imagenet" in remote for remote in config["file_mounts"])
+
+
+def test_ray_start_script_declares_one_inference_core_per_physical_core():
+    result = subprocess.run([str(REPO / "deploy" / "ray-start.sh"), "--head", "--port=6379"],
+                            env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True, check=True)
+    cpus = os.sched_getaffinity(0)
+    physical = {tuple(thread_siblings(cpu)) for cpu in cpus}  # from sysfs, not lscpu as the script
+    assert result.stdout.split() == ["ray", "start", "--head", "--port=6379", f"--num-cpus={len(cpus)}",
+                                     '--resources={"inference_core":', f"{len(physical)}}}"]
+
+
+def test_actors_take_a_physical_core_each_before_any_second_hyperthread():
+    # the topology of a c7i.2xlarge: 4 cores, CPUs 0-3 and their siblings 4-7
+    siblings = {cpu: parse_cpu_list(f"{cpu % 4},{cpu % 4 + 4}") for cpu in range(8)}
+    assert physical_cores_first(range(8), siblings) == [0, 1, 2, 3, 4, 5, 6, 7]
+    # the same machine numbered core by core: 0-1 share a core, 2-3 the next...
+    siblings = {cpu: parse_cpu_list(f"{cpu - cpu % 2}-{cpu - cpu % 2 + 1}") for cpu in range(8)}
+    assert physical_cores_first(range(8), siblings)[:4] == [0, 2, 4, 6]
 
 
 def test_two_nodes_give_the_single_node_figures_with_actors_pinned_on_both(cluster, images, single_node,
