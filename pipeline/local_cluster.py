@@ -104,7 +104,7 @@ class LocalNode:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=15)
+                self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 for pid in [self.process.pid] + descendants(self.process.pid):
                     try:
