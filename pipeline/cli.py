@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 from rich.table import Table
+from ray.exceptions import RayError
 
 from pipeline.config import ConfigError
 from pipeline.inference import ModelError
@@ -28,8 +29,14 @@ console = Console(stderr=True)
 USER_ERRORS = (ConfigError, ModelError, SourceError, FileNotFoundError)
 
 
+def ray_failure_reason(exc: Exception) -> str:
+    """The last line of the remote error (its exception and message), not the whole remote traceback."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -81,6 +88,8 @@ def evaluate(
             )
     except USER_ERRORS as exc:
         fail(str(exc))
+    except RayError as exc:
+        fail(f"the Ray pipeline failed: {ray_failure_reason(exc)}")
     print_summary(metrics, output)
 
 
@@ -115,3 +124,8 @@ def prepare(
     console.print(f"wrote {counts['records']} records in {counts['shards']} shards to {out}"
                   + (f" ({counts['unreadable']} unreadable files kept as error rows)" if counts["unreadable"] else ""),
                   highlight=False)
+
+
+from pipeline.caffe2.command import import_caffe2_command  # noqa: E402
+
+model_app.command("import-caffe2")(import_caffe2_command)

@@ -157,3 +157,13 @@ def test_cli_evaluate_writes_metrics_and_table(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["images"] == metrics["evaluated"] == 40
     assert "top-1" in result.stdout and f"{100 * metrics['top1']:.2f}%" in result.stdout
+
+
+def test_a_damaged_parquet_shard_is_named_before_the_run(tmp_path):
+    folder = subset_folder(need(VAL_1300), tmp_path / "images", 4)
+    write_parquet_shards(str(folder), str(tmp_path / "shards"), shard_size=2)
+    (tmp_path / "shards" / "part-00001.parquet").write_bytes(b"PAR1 this is not parquet")
+    result = run_cli("evaluate", "--model", str(need(MOBILENET_INT8)), "--data", str(tmp_path / "shards"),
+                     "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "part-00001.parquet: not a readable Parquet file" in result.stderr

@@ -28,15 +28,16 @@ def parquet_files(path: str) -> list[str]:
     return files
 
 
-def _check_schema(files: list[str]) -> pa.Schema:
+def _shard_metadata(file: str) -> pq.FileMetaData:
+    """A shard's footer, read up front so a damaged shard is named before anything runs."""
     try:
-        schema = pq.read_schema(files[0])
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise SourceError(f"{files[0]}: not a readable Parquet file ({exc})") from None
-    missing = {"key", "image"} - set(schema.names)
+        metadata = pq.read_metadata(file)
+    except (pa.ArrowException, OSError) as exc:
+        raise SourceError(f"{file}: not a readable Parquet file ({exc})") from None
+    missing = {"key", "image"} - set(metadata.schema.names)
     if missing:
-        raise SourceError(f"{files[0]}: Parquet shards need columns key and image; missing {sorted(missing)}")
-    return schema
+        raise SourceError(f"{file}: Parquet shards need columns key and image; missing {sorted(missing)}")
+    return metadata
 
 
 def to_source_rows(table: pa.Table) -> pa.Table:
@@ -57,9 +58,9 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
     if labels:
         raise SourceError("Parquet shards carry their labels in the `label` column; --labels is for image folders")
     files = parquet_files(path)
-    schema = _check_schema(files)
-    columns = [c for c in ("key", "image", "label", "error") if c in schema.names]
-    num_records = sum(pq.read_metadata(f).num_rows for f in files)
+    metadata = [_shard_metadata(f) for f in files]
+    columns = [c for c in ("key", "image", "label", "error") if c in metadata[0].schema.names]
+    num_records = sum(m.num_rows for m in metadata)
     ds = ray.data.read_parquet(files).select_columns(columns)
     if limit is not None:
         ds, num_records = ds.limit(limit), min(limit, num_records)

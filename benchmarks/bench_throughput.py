@@ -1,0 +1,102 @@
+"""Throughput side by side, on the same cores in one run:
+
+1. bare:     one onnxruntime session per core (one thread, pinned), random input, no decoding: the ceiling;
+2. naive:    one process reading, decoding, preprocessing and running one session in turn (the
+             session gets every core as intra-op threads);
+3. pipeline: `pipeline evaluate` (Ray Data: read + preprocess tasks, pinned inference actors).
+
+    python benchmarks/bench_throughput.py [--model M.onnx] [--data FOLDER] [--preset caffe2]
+
+Prints images/s for each and their ratios to the bare figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import load_preset  # noqa: E402
+from pipeline.inference import ModelInfo, make_session  # noqa: E402
+from pipeline.reference import reference_predictions  # noqa: E402
+from pipeline.runtime import local_cores  # noqa: E402
+
+
+def _bare_worker(model: str, core: int, seconds: float, batch: int, out: mp.Queue) -> None:
+    os.sched_setaffinity(0, {core})
+    info = ModelInfo.from_path(model)
+    session = make_session(model, threads=1)
+    x = np.random.default_rng(core).normal(size=(info.batch_size or batch, 3, info.height, info.width))
+    x = x.astype(np.float32)
+    session.run(None, {info.input_name: x})
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        session.run(None, {info.input_name: x})
+        done += len(x)
+    out.put(done / (time.perf_counter() - start))
+
+
+def bare(model: str, cores: list[int], seconds: float, batch: int) -> float:
+    queue: mp.Queue = mp.Queue()
+    workers = [mp.Process(target=_bare_worker, args=(model, c, seconds, batch, queue)) for c in cores]
+    for w in workers:
+        w.start()
+    rates = [queue.get() for _ in workers]
+    for w in workers:
+        w.join()
+    return sum(rates)
+
+
+def naive(model: str, data: str, preset: str, limit: int, cores: int) -> float:
+    start = time.perf_counter()
+    count = sum(1 for _ in reference_predictions(model, data, load_preset(preset), limit=limit, threads=cores))
+    return count / (time.perf_counter() - start)
+
+
+def pipeline(model: str, data: str, preset: str) -> tuple[float, float]:
+    from pipeline.evaluate import evaluate
+
+    with tempfile.TemporaryDirectory() as out:
+        metrics = evaluate(model, data, preset, out)
+    return metrics["images_per_s"], metrics["steady_images_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(SHARED / "models" / "resnet50-int8-generated.onnx"))
+    parser.add_argument("--data", default=str(SHARED / "data" / "imagenet-sample-1000"))
+    parser.add_argument("--preset", default="caffe2")
+    parser.add_argument("--seconds", type=float, default=20.0, help="duration of the bare measurement")
+    parser.add_argument("--naive-images", type=int, default=300)
+    args = parser.parse_args()
+    for path in (args.model, args.data):
+        if not Path(path).exists():
+            sys.exit(f"{path} is absent: the benchmark reads ../shared")
+    cores = sorted(os.sched_getaffinity(0))
+    print(f"model {Path(args.model).name}, data {args.data}, preset {args.preset}, {len(cores)} cores")
+
+    ceiling = bare(args.model, cores, args.seconds, batch=32)
+    print(f"bare sessions (random input, {len(cores)} x 1 thread, pinned): {ceiling:8.1f} images/s")
+    simple = naive(args.model, args.data, args.preset, args.naive_images, local_cores())
+    print(f"naive single-process loop ({args.naive_images} images):        {simple:8.1f} images/s")
+    end_to_end, steady = pipeline(args.model, args.data, args.preset)
+    print(f"pipeline evaluate, end to end (incl. Ray start):      {end_to_end:8.1f} images/s")
+    print(f"pipeline evaluate, steady (first result to last):     {steady:8.1f} images/s")
+    print()
+    print(f"ratio naive / bare:             {simple / ceiling:.2f}x")
+    print(f"ratio pipeline steady / bare:   {steady / ceiling:.2f}x")
+    print(f"ratio pipeline end-to-end / bare: {end_to_end / ceiling:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""`pipeline model import-caffe2`: the command-line face of `pipeline.caffe2.importer`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def import_caffe2_command(
+    init: Path = typer.Option(..., "--init", help="Caffe2 init_net (weights): .pb binary or .pbtxt text."),
+    predict: Path = typer.Option(..., "--predict", help="Caffe2 predict_net (graph): .pb binary or .pbtxt text."),
+    out: Path = typer.Option(..., "--out", help="ONNX model to write."),
+    input_size: int = typer.Option(224, "--input-size", help="Height and width of the NCHW image input."),
+) -> None:
+    """Convert a Caffe2 int8 predictor (e.g. the model zoo's quantised ResNet-50) into an int8 ONNX model."""
+    # Imported here so `pipeline --help` does not pay for onnx and onnxruntime.
+    from pipeline.caffe2.importer import Caffe2ImportError, import_caffe2
+    from pipeline.caffe2.proto import Caffe2FileError
+
+    try:
+        model = import_caffe2(init, predict, out, input_size=input_size)
+    except (Caffe2ImportError, Caffe2FileError) as exc:
+        typer.echo(f"import-caffe2: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    graph = model.graph
+    ops = sorted({node.op_type for node in graph.node})
+    typer.echo(
+        f"wrote {out}: input {graph.input[0].name} [N, 3, {input_size}, {input_size}], "
+        f"{len(graph.node)} ONNX nodes ({', '.join(ops)})"
+    )
