@@ -2,9 +2,8 @@
 
 Every node is one `ray start --block` process with its own temp dir, ports, CPU count and
 `inference_core` resources, exactly as `deploy/ray-cluster.yaml` starts nodes on separate hosts.
-A node's Ray processes die with its `ray start --block` (Ray ties them to it), so stopping the
-cluster ends exactly its own processes and never another Ray cluster on the same machine
-(which `ray stop` would).
+Stopping the cluster ends exactly its own processes, the descendants of its `ray start`
+commands, and never another Ray cluster on the same machine (which `ray stop` would).
 """
 
 from __future__ import annotations
@@ -97,21 +96,27 @@ class LocalNode:
 
     def kill_raylet(self) -> None:
         """The node leaves the cluster abruptly: its raylet is SIGKILLed (its workers follow)."""
-        for pid in self.pids_titled("/raylet"):
-            os.kill(pid, signal.SIGKILL)
+        for pid, title in self.processes().items():
+            if title.split(" ", 1)[0].endswith("/raylet"):
+                os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                for pid in [self.process.pid] + descendants(self.process.pid):
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                self.process.wait()
+        """Ray's processes of this node get SIGTERM, as from `ray stop`, then whatever is left (and
+        `ray start --block`, which outlives a SIGTERM) gets SIGKILL."""
+        signal_all(descendants(self.process.pid), signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while descendants(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        signal_all([self.process.pid] + descendants(self.process.pid), signal.SIGKILL)
+        self.process.wait()
+
+
+def signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
 
 
 @dataclass

@@ -144,9 +144,15 @@ def test_two_nodes_give_the_single_node_figures_with_actors_pinned_on_both(clust
 def test_a_killed_inference_actor_is_restarted_and_its_batches_redone(cluster, images, single_node, tmp_path):
     process = start_evaluation(cluster, images, tmp_path)
     actors = wait_mid_run(process, tmp_path, cluster.nodes)
-    victim = actors[0][0]
-    os.kill(victim, signal.SIGKILL)
+    before = {pid for pids in actors.values() for pid in pids}
+    os.kill(actors[0][0], signal.SIGKILL)
     assert not (tmp_path / "predictions.parquet").exists(), "the run had already finished"
+    # its batches can only be redone by its restarted self: Ray retries actor tasks on the same actor
+    restarted = set()
+    while not restarted and process.poll() is None:
+        restarted = {pid for node in cluster.nodes for pid in node.pids_titled(INFERENCE_ACTOR)} - before
+        time.sleep(0.1)
+    assert restarted, "the killed inference actor was not started again"
     metrics = finished(process, tmp_path, images)
     assert_same_figures(metrics, single_node)
 
