@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,7 @@ def main() -> None:
                                                     cluster.address, cluster.env))
     finally:
         cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
     print(f"{args.model.name} on {args.data.name} ({runs['one node'][0]['images']} images), "
           f"{cores} cores in total, median of {args.repeat} run(s)")

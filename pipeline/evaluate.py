@@ -125,15 +125,17 @@ def cluster_summary(counter: AccuracyCounter, wall_s: float) -> dict:
 
     nodes = [n for n in ray.nodes() if n.get("Alive") or n["NodeID"] in counter.node_images]
     per_node = []
-    for node in sorted(nodes, key=lambda n: (not n["Resources"].get("node:__internal_head__"), n["NodeID"])):
+    for node in nodes:
+        resources = node.get("Resources", {})
         images = counter.node_images.get(node["NodeID"], 0)
         per_node.append({
             "node_id": node["NodeID"], "address": node["NodeManagerAddress"], "alive": bool(node.get("Alive")),
-            "cpus": int(node["Resources"].get("CPU", 0)),
-            "inference_cores": int(node["Resources"].get(INFERENCE_RESOURCE, 0)),
+            "head": "node:__internal_head__" in resources,
+            "cpus": int(resources.get("CPU", 0)), "inference_cores": int(resources.get(INFERENCE_RESOURCE, 0)),
             "cores_used": sorted(core for node_id, core in counter.cores if node_id == node["NodeID"]),
             "images": images, "images_per_s": round(images / wall_s, 2) if wall_s else 0.0,
         })
+    per_node.sort(key=lambda n: (not n["head"], n["node_id"]))
     return {
         "nodes": sum(n["alive"] for n in per_node),
         "inference_actors": inference_slots(),

@@ -166,4 +166,6 @@ def test_a_worker_node_that_leaves_mid_run_loses_no_image(cluster, images, singl
     metrics = finished(process, tmp_path, images)
     assert_same_figures(metrics, single_node)
     assert metrics["cluster"]["nodes"] == 1
+    # the per-node record still accounts for every image, what the lost node did before it left included
+    assert sum(n["images"] for n in metrics["cluster"]["per_node"]) == IMAGES
     assert worker.process.wait(timeout=60) is not None  # the node is gone, not just its raylet
