@@ -177,7 +177,10 @@ class LocalCluster:
             for node in self.nodes:
                 if node.process.poll() is not None:
                     raise RuntimeError(f"a Ray node exited while starting: {node.log.read_text()[-2000:]}")
-            if self.alive_nodes() == count:
+            # a driver that joins before the head's GCS is up waits a long time: ask only once every
+            # node has said it started
+            started = all("Ray runtime started" in node.log.read_text() for node in self.nodes)
+            if started and self.alive_nodes() == count:
                 return
             time.sleep(1)
         raise TimeoutError(f"the local Ray cluster did not reach {count} nodes in {timeout:.0f} s")

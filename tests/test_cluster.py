@@ -91,6 +91,18 @@ def wait_mid_run(process: subprocess.Popen, output: Path, nodes, timeout: float 
     raise TimeoutError("the run did not start producing predictions")
 
 
+def assert_pinned_to_distinct_cores(pids: set[int], timeout: float = 20) -> None:
+    """Each process ends up allowed on one core only, and no two on the same one (as the OS sees it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        cores = [os.sched_getaffinity(pid) for pid in pids]
+        if all(len(c) == 1 for c in cores) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert all(len(c) == 1 for c in cores), f"inference actors not pinned: {cores}"
+    assert len(set.union(*cores)) == len(pids), f"two inference actors on one core: {cores}"
+
+
 def test_the_cluster_launcher_config_passes_rays_validation_and_keeps_the_scheduling_contract():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -145,6 +157,7 @@ def test_a_killed_inference_actor_is_restarted_and_its_batches_redone(cluster, i
     process = start_evaluation(cluster, images, tmp_path)
     actors = wait_mid_run(process, tmp_path, cluster.nodes)
     before = {pid for pids in actors.values() for pid in pids}
+    assert_pinned_to_distinct_cores(before)
     os.kill(actors[0][0], signal.SIGKILL)
     assert not (tmp_path / "predictions.parquet").exists(), "the run had already finished"
     # its batches can only be redone by its restarted self: Ray retries actor tasks on the same actor
