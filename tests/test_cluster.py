@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,6 +133,22 @@ def test_the_cluster_launcher_config_passes_rays_validation_and_keeps_the_schedu
     repo_on_node = next(remote for remote, local in config["file_mounts"].items() if local == ".")
     assert any("pip install" in c and repo_on_node in c for c in config["setup_commands"])
     assert any("imagenet" in remote for remote in config["file_mounts"])
+
+
+def test_the_on_premises_variant_in_the_readme_passes_rays_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("**On-premises hosts**"):]
+    replacement = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    config = yaml.safe_load((REPO / "deploy" / "ray-cluster.yaml").read_text())
+    for field in ("max_workers", "available_node_types", "head_node_type"):
+        del config[field]
+    config = prepare_config({**config, **replacement})
+    validate_config(config)
+    assert config["provider"]["type"] == "local"
+    assert config["max_workers"] == len(replacement["provider"]["worker_ips"])
+    assert any("deploy/ray-start.sh" in command for command in config["worker_start_ray_commands"])
 
 
 def test_ray_start_script_declares_one_inference_core_per_physical_core():
