@@ -47,18 +47,30 @@ def progress_bar() -> Progress:
 
 
 class ProgressReporter:
-    """on_progress callback that drives a rich progress bar."""
+    """on_progress callback that drives a rich progress bar. With START_ON_FIRST_CALL the bar appears
+    at the first call and its rate leaves out that call's records (a resumed run first reports the
+    work done before; a run that has nothing to do shows no bar)."""
 
-    def __init__(self, progress: Progress, description: str):
+    def __init__(self, progress: Progress, description: str, start_on_first_call: bool = False):
         import time
 
         self.clock = time.perf_counter
-        self.started = self.clock()
         self.progress = progress
-        self.task = progress.add_task(description, total=None, rate=0.0)
+        self.description = description
+        self.task = None
+        self.done_before = 0
+        if not start_on_first_call:
+            self._start(0)
+
+    def _start(self, done: int) -> None:
+        self.started = self.clock()
+        self.done_before = done
+        self.task = self.progress.add_task(self.description, total=None, completed=done, rate=0.0)
 
     def __call__(self, done: int, total: Optional[int]) -> None:
-        rate = done / max(self.clock() - self.started, 1e-9)
+        if self.task is None:
+            self._start(done)
+        rate = (done - self.done_before) / max(self.clock() - self.started, 1e-9)
         self.progress.update(self.task, completed=done, total=total, rate=rate)
 
 
@@ -113,9 +125,23 @@ def prepare(
     out: Path = typer.Option(..., help="output folder"),
     labels: Optional[Path] = typer.Option(None, help="labels file (default: IMAGES/labels.txt)"),
     shard_size: int = typer.Option(1000, min=1, help="records per Parquet shard"),
+    format: str = typer.Option("parquet", "--format", help="parquet, lmdb-datum (Caffe Datum records) "
+                                                          "or lmdb-caffe2 (Caffe2 TensorProtos records)"),
+    encoded: bool = typer.Option(True, "--encoded/--raw", help="LMDB: image files as stored, or raw BGR pixels"),
+    resize: Optional[int] = typer.Option(None, min=1, help="LMDB: scale the shorter side to N pixels first"),
 ) -> None:
-    """Write Parquet shards (key, image bytes as stored, label) from an image folder."""
+    """Write Parquet shards (key, image bytes as stored, label), or an LMDB database, from an image folder."""
     from pipeline.prepare import write_parquet_shards
+
+    if format != "parquet":
+        from pipeline.sources.lmdb_writer import prepare_lmdb
+
+        try:
+            console.print(prepare_lmdb(str(images), str(out), str(labels) if labels else None, format, encoded,
+                                       resize), highlight=False)
+        except USER_ERRORS as exc:
+            fail(str(exc))
+        return
 
     try:
         counts = write_parquet_shards(str(images), str(out), str(labels) if labels else None, shard_size)
@@ -124,6 +150,43 @@ def prepare(
     console.print(f"wrote {counts['records']} records in {counts['shards']} shards to {out}"
                   + (f" ({counts['unreadable']} unreadable files kept as error rows)" if counts["unreadable"] else ""),
                   highlight=False)
+
+
+@app.command()
+def label(
+    model: Path = typer.Option(..., help="int8 (or fp32) ONNX classifier, input [N,3,H,W]"),
+    data: str = typer.Option(..., help="image folder (any depth), .tar shards (file, folder or glob), "
+                                       "Parquet shards, or any other --format"),
+    output: Path = typer.Option(..., help="folder for labels/, errors/ and manifest.json"),
+    top_k: int = typer.Option(5, min=1, max=1000, help="classes kept per image, best first"),
+    preset: str = typer.Option("torch", help="preprocessing preset name in conf/, or a preset YAML file"),
+    format: Optional[str] = typer.Option(None, "--format", help="input format; detected from --data if absent"),
+    resume: bool = typer.Option(False, help="finish an interrupted run into OUTPUT, skipping the shards it wrote"),
+    overwrite: bool = typer.Option(False, help="discard what OUTPUT holds and label again"),
+    shard_size: int = typer.Option(1000, min=1, help="images per output shard for image folders "
+                                                     "(tar and Parquet inputs: one output shard per input shard)"),
+    batch_size: int = typer.Option(32, min=1, help="images per inference call (dynamic-batch models)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster: 'auto', HOST:PORT or ray://HOST:PORT; "
+                                                     "default: start a local single-node Ray"),
+) -> None:
+    """Label every image of an archive with the model's top-k classes, exactly once and resumable."""
+    from pipeline.label import AlreadyFinished, OutputDirError, label as run_labelling
+
+    try:
+        with progress_bar() as progress:
+            manifest = run_labelling(
+                str(model), data, str(output), top_k=top_k, preset=preset, fmt=format, resume=resume,
+                overwrite=overwrite, unit_size=shard_size, batch_size=batch_size, address=address,
+                on_progress=ProgressReporter(progress, "labelling", start_on_first_call=True),
+            )
+    except AlreadyFinished as finished:
+        console.print(str(finished), highlight=False)
+        return
+    except (OutputDirError, *USER_ERRORS) as exc:
+        fail(str(exc))
+    console.print(f"{manifest['images']} images: {manifest['labelled']} labelled, {manifest['errors']} errors "
+                  f"({manifest['this_run_images']} in this run, {manifest['images_per_s']:.1f} images/s); "
+                  f"{len(manifest['shards'])} shards in {output}", highlight=False)
 
 
 from pipeline.caffe2.command import import_caffe2_command  # noqa: E402

@@ -181,15 +181,17 @@ class CorePin:
 class Classifier:
     """Ray actor: input rows -> `key, label, top_ids, top_probs, error` (+ where it ran).
 
-    Rows that arrive with an error are passed through with ids -1 and probabilities 0."""
+    Rows that arrive with an error are passed through with ids -1 and probabilities 0; columns named
+    in CARRY are copied through unchanged."""
 
-    def __init__(self, model_path: str, top_k: int = 5, run_id: str = "default"):
+    def __init__(self, model_path: str, top_k: int = 5, run_id: str = "default", carry: tuple[str, ...] = ()):
         import socket
 
         self.pin = CorePin(run_id)
         self.info = ModelInfo.from_path(model_path)
         self.session = make_session(model_path, threads=1)
         self.k = top_k
+        self.carry = carry
         self.host = socket.gethostname()
         self.node = os.environ.get("RAY_NODE_ID", "") or _ray_node_id()
 
@@ -205,6 +207,7 @@ class Classifier:
             "key": batch["key"], "label": batch["label"], "top_ids": ids, "top_probs": probs,
             "error": errors, "node": np.full(n, self.node, dtype=object),
             "core": np.full(n, -1 if self.pin.core is None else self.pin.core, dtype=np.int32),
+            **{column: batch[column] for column in self.carry},
         }
 
 

@@ -139,12 +139,14 @@ class Preprocessor:
     """Ray Data map_batches callable: source rows -> `key, label, input, error` rows.
 
     A row whose read, decode or label fails keeps its key and gets the reason in `error` and an
-    all-zero input, so every record reaches the output exactly once.
+    all-zero input, so every record reaches the output exactly once. Columns named in CARRY are
+    copied through unchanged (the labelling job's work-unit tags).
     """
 
-    def __init__(self, preset: Preset, require_label: bool = True):
+    def __init__(self, preset: Preset, require_label: bool = True, carry: tuple[str, ...] = ()):
         self.preset = preset
         self.require_label = require_label
+        self.carry = carry
         self.normalize = Normalizer(preset)
 
     def _image(self, batch: dict, i: int) -> Image.Image:
@@ -176,4 +178,5 @@ class Preprocessor:
                 errors[i] = str(exc)
         inputs = self.normalize(crops)
         inputs[errors != ""] = 0.0
-        return {"key": batch["key"], "label": labels, "input": inputs, "error": errors}
+        return {"key": batch["key"], "label": labels, "input": inputs, "error": errors,
+                **{column: batch[column] for column in self.carry}}

@@ -70,31 +70,55 @@ def _read_folder(path: str, labels: Optional[str], limit: Optional[int]):
     return read_image_folder(path, labels=labels, limit=limit)
 
 
+def _read_tar(path: str, labels: Optional[str], limit: Optional[int]):
+    from pipeline.sources.tar import read_tar_shards
+
+    return read_tar_shards(path, labels=labels, limit=limit)
+
+
+def _read_lmdb(path: str, labels: Optional[str], limit: Optional[int]):
+    from pipeline.sources.lmdb import read_lmdb
+
+    return read_lmdb(path, labels=labels, limit=limit)
+
+
 # format name -> reader(path, labels, limit) -> Source
 FORMATS: dict[str, Callable] = {
     "parquet": _read_parquet,
     "folder": _read_folder,
+    "tar": _read_tar,
+    "lmdb": _read_lmdb,
 }
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
 def detect_format(path: str) -> str:
-    """The input format of PATH: a folder or glob of .parquet files, or an image folder."""
+    """The input format of PATH: a folder or glob of .parquet files or of .tar shards, an LMDB
+    database (a folder holding data.mdb), or an image folder."""
     if any(ch in path for ch in "*?["):
         matches = glob.glob(path)
         if matches and all(m.endswith(".parquet") for m in matches):
             return "parquet"
-        raise SourceError(f"{path}: the pattern matches no .parquet files")
+        if matches and all(m.endswith(TAR_SUFFIXES) for m in matches):
+            return "tar"
+        raise SourceError(f"{path}: the pattern matches no .parquet files or .tar shards")
     p = Path(path)
     if not p.exists():
         raise SourceError(f"{path}: no such file or directory")
     if p.is_file():
         if p.suffix == ".parquet":
             return "parquet"
+        if p.name.endswith(TAR_SUFFIXES):
+            return "tar"
         raise SourceError(f"{path}: cannot tell the input format of this file; pass --format")
+    if (p / "data.mdb").is_file():
+        return "lmdb"
     with os.scandir(p) as entries:
         names = [e.name for e in entries if e.is_file()]
     if names and all(n.endswith(".parquet") for n in names if not n.startswith(".")):
         return "parquet"
+    if names and all(n.endswith(TAR_SUFFIXES) for n in names if not n.startswith(".")):
+        return "tar"
     return "folder"
 
 

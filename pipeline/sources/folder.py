@@ -94,3 +94,51 @@ def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[i
     if not datasource.records:
         raise SourceError(f"{root}: no files to read")
     return Source(ray.data.read_datasource(datasource), len(datasource.records))
+
+
+# Labelling archives of millions of files: the driver never lists the folder. Each ReadTask walks
+# the tree itself in one fixed order and reads only the units dealt to it (units are runs of
+# UNIT_SIZE consecutive files in that order, dealt round-robin to the tasks), so the walk costs
+# every task a directory listing of the whole tree but nobody holds more than one directory's names.
+WALK_TASKS = 4
+FILES_PER_BLOCK = 64
+
+
+def walk_files(root: str | Path) -> Iterator[str]:
+    """Every file below ROOT as a relative POSIX path, names sorted at each level (the same order on
+    every run); hidden entries, symlinked directories and ROOT's labels.txt are skipped, as by
+    `list_folder_records`."""
+    root = Path(root)
+
+    def walk(directory: str, prefix: str) -> Iterator[str]:
+        with os.scandir(directory) as scan:
+            entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
+        for entry in entries:
+            if entry.is_dir():
+                if not entry.is_symlink():
+                    yield from walk(entry.path, f"{prefix}{entry.name}/")
+            elif prefix or entry.name != LABELS_FILE:
+                yield prefix + entry.name
+
+    return walk(str(root), "")
+
+
+def folder_unit_readers(root: str | Path, done: set[str], unit_size: int, tasks: int = WALK_TASKS) -> list:
+    """Readers for `pipeline.sources.units`: unit N is files [N*unit_size, (N+1)*unit_size) of the walk."""
+    from pipeline.sources.units import chunked
+
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a directory")
+
+    def reader_for(task: int):
+        def units():
+            for number, keys in enumerate(chunked(walk_files(root), unit_size)):
+                unit = f"files-{number:08d}"
+                if number % tasks == task and unit not in done:
+                    yield unit, (read_folder_records(root, [(key, NO_LABEL) for key in block])
+                                 for block in chunked(keys, FILES_PER_BLOCK))
+
+        return units
+
+    return [reader_for(task) for task in range(tasks)]

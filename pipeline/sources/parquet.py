@@ -65,3 +65,27 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
     if limit is not None:
         ds, num_records = ds.limit(limit), min(limit, num_records)
     return Source(ds.map_batches(to_source_rows, batch_format="pyarrow", batch_size=None), num_records)
+
+
+ROWS_PER_BLOCK = 256
+
+
+def parquet_unit_readers(path: str, done: set[str]) -> list:
+    """Readers for `pipeline.sources.units`: one unit per shard, read a few row groups at a time.
+    Every shard's footer is checked up front, so a damaged shard is named before anything runs."""
+    from pipeline.sources.units import shard_unit_id
+
+    def reader_for(unit: str, file: str, columns: list[str]):
+        def units():
+            batches = pq.ParquetFile(file).iter_batches(batch_size=ROWS_PER_BLOCK, columns=columns)
+            yield unit, (to_source_rows(pa.Table.from_batches([batch])) for batch in batches)
+
+        return units
+
+    readers = []
+    for file in parquet_files(path):
+        names = _shard_metadata(file).schema.names
+        unit = shard_unit_id(file)
+        if unit not in done:
+            readers.append(reader_for(unit, file, [c for c in ("key", "image", "label", "error") if c in names]))
+    return readers

@@ -1,0 +1,332 @@
+"""`pipeline label`: predictions with class names for every image of an unlabelled archive, written
+exactly once and resumable.
+
+The input is split into work units (pipeline/sources/units.py: one per tar or Parquet shard, runs of
+`unit_size` files of an image folder). Rows stream from the inference actors to the driver, which
+appends each unit's rows to its own temporary files and, once the unit has all its rows, renames
+them into place: first `errors/UNIT.parquet`, then `labels/UNIT.parquet`, whose presence marks the
+unit done. A killed run leaves only temporary files and at most an errors shard without its labels
+shard; `--resume` deletes both and reads every unit that is not done. The driver holds open writers
+for the units in flight only, never a list of keys or predictions. `manifest.json`, written last
+from the shards' footers, marks the run finished.
+
+DIR layout: labels/*.parquet (`key`, `class_ids`, `synsets`, `names`, `probs`: the top K, best
+first; probabilities from a softmax over all 1,000 classes), errors/*.parquet (`key`, `reason`),
+run.json (what the run was asked to do), manifest.json (counts, once finished).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.classes import imagenet_classes
+from pipeline.config import load_preset
+from pipeline.evaluate import check_preset_fits, predict
+from pipeline.inference import ModelInfo
+from pipeline.preprocess import NUM_CLASSES
+from pipeline.runtime import init_ray
+from pipeline.sources import detect_format
+from pipeline.sources.units import PARTITIONERS, UNIT_COLUMNS, read_work_units
+
+LABELS_DIR = "labels"
+ERRORS_DIR = "errors"
+RUN_FILE = "run.json"
+MANIFEST_FILE = "manifest.json"
+TEMP_SUFFIX = ".parquet.tmp"
+UNIT_SIZE = 1000
+ROW_GROUP_ROWS = 1024
+ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string())])
+
+
+class OutputDirError(ValueError):
+    """DIR cannot take this run (not empty, or holding a different run); the message says what to pass."""
+
+
+class AlreadyFinished(Exception):
+    """DIR holds a finished run; `manifest` is its manifest."""
+
+    def __init__(self, output: Path, manifest: dict):
+        super().__init__(f"{output} already holds a finished labelling run ({manifest['images']} images: "
+                         f"{manifest['labelled']} labelled, {manifest['errors']} errors); "
+                         "nothing to do (pass --overwrite to label again)")
+        self.manifest = manifest
+
+
+def labels_schema(k: int) -> pa.Schema:
+    return pa.schema([
+        ("key", pa.string()),
+        ("class_ids", pa.list_(pa.int32(), k)), ("synsets", pa.list_(pa.string(), k)),
+        ("names", pa.list_(pa.string(), k)), ("probs", pa.list_(pa.float32(), k)),
+    ])
+
+
+class TableBuilder:
+    """Prediction batches -> the labels table (with synset ids and names) and the errors table."""
+
+    def __init__(self, k: int):
+        classes = imagenet_classes()
+        self.k = k
+        self.schema = labels_schema(k)
+        self.synsets = np.asarray(classes.synsets, dtype=object)
+        self.names = np.asarray(classes.names, dtype=object)
+
+    def _fixed(self, values: np.ndarray, type_: pa.DataType) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type_), self.k)
+
+    def labelled(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ids = batch["top_ids"].reshape(-1, self.k)
+        return pa.Table.from_arrays([
+            pa.array(batch["key"].tolist(), pa.string()),
+            self._fixed(ids, pa.int32()), self._fixed(self.synsets[ids], pa.string()),
+            self._fixed(self.names[ids], pa.string()),
+            self._fixed(batch["top_probs"].reshape(-1, self.k), pa.float32()),
+        ], schema=self.schema)
+
+    @staticmethod
+    def errors(batch: dict[str, np.ndarray]) -> pa.Table:
+        return pa.Table.from_arrays([pa.array(batch["key"].tolist(), pa.string()),
+                                     pa.array(batch["error"].tolist(), pa.string())], schema=ERRORS_SCHEMA)
+
+
+def shard_path(output: Path, table: str, unit: str) -> Path:
+    return output / table / f"{unit}.parquet"
+
+
+def temp_path(output: Path, table: str, unit: str) -> Path:
+    # a leading dot: readers of the folder as a dataset (pyarrow, Ray, pandas) skip it
+    return output / table / f".{unit}{TEMP_SUFFIX}"
+
+
+class BufferedParquet:
+    """A Parquet file written in row groups of about ROW_GROUP_ROWS rows (the stream's batches are
+    small; one row group each would make slow files), durable on disk once closed."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path = path
+        self.writer = pq.ParquetWriter(path, schema)
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        if self.pending_rows >= ROW_GROUP_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.writer.write_table(pa.concat_tables(self.pending))
+            self.pending, self.pending_rows = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+        with open(self.path, "rb") as f:  # a rename must not make a file visible that a crash can lose
+            os.fsync(f.fileno())
+
+
+class UnitWriter:
+    """One unit's rows streamed to temporary shards, renamed into place once the unit is complete."""
+
+    def __init__(self, output: Path, unit: str, builder: TableBuilder):
+        self.output, self.unit, self.builder = output, unit, builder
+        self.received = 0
+        self.expected = -1  # unknown until a row of the unit's last block arrives
+        self.labelled = BufferedParquet(temp_path(output, LABELS_DIR, unit), builder.schema)
+        self.errors = BufferedParquet(temp_path(output, ERRORS_DIR, unit), ERRORS_SCHEMA)
+
+    def write(self, batch: dict[str, np.ndarray]) -> None:
+        ok = batch["error"] == ""
+        if ok.any():
+            self.labelled.write(self.builder.labelled({k: v[ok] for k, v in batch.items()}))
+        if not ok.all():
+            self.errors.write(self.builder.errors({k: v[~ok] for k, v in batch.items()}))
+        self.received += len(ok)
+        self.expected = max(self.expected, int(batch["unit_rows"].max()))
+        if 0 <= self.expected < self.received:  # exactly once must fail loudly, never write duplicates
+            raise RuntimeError(f"unit {self.unit} received {self.received} rows but holds {self.expected}")
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.expected
+
+    def commit(self) -> None:
+        self.labelled.close()
+        self.errors.close()
+        for table in (ERRORS_DIR, LABELS_DIR):  # the labels shard last: its presence means done
+            os.replace(temp_path(self.output, table, self.unit), shard_path(self.output, table, self.unit))
+            fsync_dir(self.output / table)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in PATH durable."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def run_description(model: str, data: str, fmt: str, preset: str, top_k: int, unit_size: int) -> dict:
+    return {"model": os.path.abspath(model), "data": os.path.abspath(data) if os.path.exists(data) else data,
+            "format": fmt, "preset": preset, "top_k": top_k, "unit_size": unit_size}
+
+
+def check_output(output: Path, run: dict, resume: bool, overwrite: bool) -> set[str]:
+    """The units of RUN already done in OUTPUT; refuses (raises) what would mix runs. Changes nothing."""
+    if overwrite:
+        return set()
+    if (output / MANIFEST_FILE).is_file():
+        raise AlreadyFinished(output, json.loads((output / MANIFEST_FILE).read_text()))
+    if not (output.is_dir() and any(output.iterdir())):
+        return set()
+    if not resume:
+        raise OutputDirError(f"{output} is not empty and holds no finished run: pass --resume to finish "
+                             "an interrupted run into it, or --overwrite to start again")
+    if not (output / RUN_FILE).is_file():
+        raise OutputDirError(f"{output} holds no labelling run to resume (no {RUN_FILE}); "
+                             "pass --overwrite to label into it anyway")
+    previous = json.loads((output / RUN_FILE).read_text())
+    changed = [f"{name} was {previous.get(name)!r}, now {value!r}" for name, value in run.items()
+               if previous.get(name) != value]
+    if changed:
+        raise OutputDirError(f"{output} holds an interrupted run with other settings ({'; '.join(changed)}): "
+                             "resume it with the same options, or pass --overwrite")
+    return {p.stem for p in (output / LABELS_DIR).glob("*.parquet")}
+
+
+def claim_output(output: Path, run: dict, overwrite: bool) -> None:
+    """Make OUTPUT ready for RUN once check_output has accepted it: with OVERWRITE drop the previous
+    run's files (and only those); otherwise drop what a killed run left half-written."""
+    if overwrite:
+        for name in (LABELS_DIR, ERRORS_DIR):
+            shutil.rmtree(output / name, ignore_errors=True)
+        for name in (MANIFEST_FILE, RUN_FILE):
+            (output / name).unlink(missing_ok=True)
+    for name in (LABELS_DIR, ERRORS_DIR):
+        (output / name).mkdir(parents=True, exist_ok=True)
+        for temp in (output / name).glob(f".*{TEMP_SUFFIX}"):
+            temp.unlink()  # left by a killed run: that unit is read again
+    done = {p.stem for p in (output / LABELS_DIR).glob("*.parquet")}
+    for orphan in (output / ERRORS_DIR).glob("*.parquet"):
+        if orphan.stem not in done:  # killed between the two renames: that unit is read again
+            orphan.unlink()
+    (output / f"{RUN_FILE}.tmp").write_text(json.dumps(run, indent=2) + "\n")
+    os.replace(output / f"{RUN_FILE}.tmp", output / RUN_FILE)
+
+
+def shard_counts(output: Path) -> dict[str, dict[str, int]]:
+    """labelled and error rows of every committed unit, from the shards' footers."""
+    counts = {}
+    for shard in sorted((output / LABELS_DIR).glob("*.parquet")):
+        errors = shard_path(output, ERRORS_DIR, shard.stem)
+        counts[shard.stem] = {"labelled": pq.read_metadata(shard).num_rows,
+                              "errors": pq.read_metadata(errors).num_rows}
+    return counts
+
+
+def count_records(data: str, fmt: str) -> Optional[int]:
+    """How many records DATA holds, for the progress bar's ETA; None when it cannot be known cheaply."""
+    if fmt == "folder":
+        from pipeline.sources.folder import walk_files
+
+        return sum(1 for _ in walk_files(data))
+    if fmt == "tar":
+        from pipeline.sources.tar import count_tar_members
+
+        return count_tar_members(data)
+    if fmt == "parquet":
+        from pipeline.sources.parquet import parquet_files
+
+        return sum(pq.read_metadata(f).num_rows for f in parquet_files(data))
+    return None
+
+
+class RecordCount:
+    """count_records in a background thread, so that counting millions of files does not delay the start."""
+
+    def __init__(self, data: str, fmt: str):
+        self.value: Optional[int] = None
+        self.thread = threading.Thread(target=self._count, args=(data, fmt), daemon=True)
+        self.thread.start()
+
+    def _count(self, data: str, fmt: str) -> None:
+        try:
+            self.value = count_records(data, fmt)
+        except Exception:  # an unreadable input is reported by the readers; the bar just has no total
+            self.value = None
+
+
+def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "torch",
+          fmt: Optional[str] = None, resume: bool = False, overwrite: bool = False,
+          unit_size: int = UNIT_SIZE, batch_size: int = 32, address: Optional[str] = None,
+          on_progress: Optional[Callable[[int, Optional[int]], None]] = None) -> dict:
+    """Label every image of DATA into OUTPUT and return the manifest. Raises AlreadyFinished when
+    OUTPUT holds a finished run (unless OVERWRITE) and OutputDirError when it holds something else.
+    ON_PROGRESS(records_done, records_total) follows the stream, counting units done before."""
+    if not 1 <= top_k <= NUM_CLASSES:
+        raise OutputDirError(f"--top-k must be between 1 and {NUM_CLASSES}, got {top_k}")
+    if unit_size < 1:
+        raise OutputDirError(f"--shard-size must be at least 1, got {unit_size}")
+    started = time.perf_counter()
+    preset_obj = load_preset(preset)
+    info = ModelInfo.from_path(model)
+    check_preset_fits(info, preset_obj)
+    fmt = fmt or detect_format(data)
+    out = Path(output)
+    run = run_description(model, data, fmt, preset_obj.name, top_k, unit_size)
+    done = check_output(out, run, resume, overwrite)
+    init_ray(address)
+    source = read_work_units(data, fmt, done, unit_size)  # before claiming OUTPUT: a bad input leaves it as it was
+    claim_output(out, run, overwrite)
+    done_before = sum(sum(c.values()) for c in shard_counts(out).values())
+    total = RecordCount(data, fmt)
+    predictions = predict(source, info, preset_obj, require_label=False, top_k=top_k,
+                          batch_size=batch_size, run_id=uuid.uuid4().hex, carry=UNIT_COLUMNS)
+    builder = TableBuilder(top_k)
+    writers: dict[str, UnitWriter] = {}
+    records = 0
+    if on_progress:
+        on_progress(done_before, total.value)
+    for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
+        for unit in np.unique(batch["unit"]):
+            in_unit = batch["unit"] == unit
+            writer = writers.get(unit)
+            if writer is None:
+                writer = writers[unit] = UnitWriter(out, unit, builder)
+            writer.write({name: batch[name][in_unit] for name in ("key", "error", "top_ids", "top_probs",
+                                                                  "unit_rows")})
+            if writer.complete:
+                writers.pop(unit).commit()
+        records += len(batch["key"])
+        if on_progress:
+            on_progress(done_before + records, total.value)
+    for writer in writers.values():  # the stream has ended: every row of every unit has arrived
+        writer.commit()
+
+    wall = time.perf_counter() - started
+    shards = shard_counts(out)
+    labelled = sum(c["labelled"] for c in shards.values())
+    errors = sum(c["errors"] for c in shards.values())
+    manifest = {
+        **json.loads((out / RUN_FILE).read_text()),
+        "images": labelled + errors, "labelled": labelled, "errors": errors,
+        "resumed_from": done_before, "this_run_images": records,
+        "wall_s": round(wall, 3), "images_per_s": records / wall if wall else 0.0,
+        "partitioned": fmt in PARTITIONERS,
+        "shards": shards,
+    }
+    (out / f"{MANIFEST_FILE}.tmp").write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(out / f"{MANIFEST_FILE}.tmp", out / MANIFEST_FILE)
+    return manifest

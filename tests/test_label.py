@@ -1,0 +1,293 @@
+"""`pipeline label` end to end: real Ray, the real int8 MobileNetV2, real images, folders and tar shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, jpeg_bytes, need, subset_folder
+from pipeline.classes import imagenet_classes
+from pipeline.evaluate import evaluate
+from pipeline.label import AlreadyFinished, OutputDirError, label
+from pipeline.prepare import write_parquet_shards
+
+TENCH = "n01440764_tench.JPEG"
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_tar_shards(folder: Path, files: list[Path], per_shard: int) -> Path:
+    """FILES in shards of PER_SHARD members under FOLDER, WebDataset-style (flat member names)."""
+    for shard, start in enumerate(range(0, len(files), per_shard)):
+        write_tar(folder / f"shard-{shard:04d}.tar", [(f.name, f.read_bytes()) for f in files[start:start + per_shard]])
+    return folder
+
+
+def read_output(output: Path) -> tuple[dict[str, dict], dict[str, str], dict]:
+    """labels by key, error reasons by key, manifest; asserting that no key appears twice."""
+    labelled = pq.read_table(output / "labels").to_pylist()
+    errors = pq.read_table(output / "errors").to_pylist()
+    keys = [row["key"] for row in labelled + errors]
+    assert len(keys) == len(set(keys)), "a key appears twice in the output"
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["images"] == manifest["labelled"] + manifest["errors"] == len(keys)
+    assert (manifest["labelled"], manifest["errors"]) == (len(labelled), len(errors))
+    assert sum(s["labelled"] + s["errors"] for s in manifest["shards"].values()) == len(keys)
+    return {r["key"]: r for r in labelled}, {r["key"]: r["reason"] for r in errors}, manifest
+
+
+@pytest.fixture(scope="module")
+def sample_40(tmp_path_factory) -> Path:
+    """40 full-resolution ImageNet photographs (the tench first), with their labels.txt."""
+    return subset_folder(need(SAMPLE_1000), tmp_path_factory.mktemp("sample") / "images", 40)
+
+
+def test_folder_and_tar_shards_give_the_top1_of_evaluate_with_class_names(ray_local, sample_40, tmp_path):
+    model = str(need(MOBILENET_INT8))
+    evaluate(model, str(sample_40), "torch", str(tmp_path / "evaluate"))
+    evaluated = {row["key"]: row["top5_ids"][0]
+                 for row in pq.read_table(tmp_path / "evaluate" / "predictions.parquet").to_pylist()}
+    images = sorted(sample_40.glob("*.JPEG"))
+    # the same images one directory deeper in the folder, and as tar shards of 15
+    nested = tmp_path / "nested"
+    (nested / "a" / "b").mkdir(parents=True)
+    for image in images:
+        (nested / "a" / "b" / image.name).symlink_to(image)
+    tars = write_tar_shards(tmp_path / "tars", images, 15)
+
+    label(model, str(nested), str(tmp_path / "folder"), unit_size=16)
+    label(model, str(tars), str(tmp_path / "tar"))
+    from_folder, folder_errors, folder_manifest = read_output(tmp_path / "folder")
+    from_tar, tar_errors, tar_manifest = read_output(tmp_path / "tar")
+
+    assert folder_errors == tar_errors == {}
+    assert set(from_folder) == {f"a/b/{image.name}" for image in images}
+    assert set(from_tar) == {f"shard-{i // 15:04d}.tar/{image.name}" for i, image in enumerate(images)}
+    assert len(folder_manifest["shards"]) == 3 and len(tar_manifest["shards"]) == 3
+    classes = imagenet_classes()
+    for predictions in (from_folder, from_tar):
+        for key, row in predictions.items():
+            top1 = row["class_ids"][0]
+            assert top1 == evaluated[key.rsplit("/", 1)[1]], key
+            assert row["synsets"][0] == classes.synsets[top1] and row["names"][0] == classes.names[top1]
+            assert row["probs"] == sorted(row["probs"], reverse=True)
+    tench = from_tar[f"shard-0000.tar/{TENCH}"]
+    assert (tench["names"][0], tench["synsets"][0]) == ("tench", "n01440764")
+    assert from_folder[f"a/b/{TENCH}"]["names"][0] == "tench"
+
+
+def test_probabilities_are_a_softmax_over_all_1000_classes(ray_local, sample_40, tmp_path):
+    shards = tmp_path / "shards"
+    write_parquet_shards(str(sample_40), str(shards), shard_size=3)
+    manifest = label(str(need(MOBILENET_INT8)), str(shards), str(tmp_path / "out"), top_k=1000)
+    assert manifest["format"] == "parquet" and len(manifest["shards"]) == 14
+    predictions, errors, _ = read_output(tmp_path / "out")
+    assert len(predictions) == 40 and not errors
+    for row in predictions.values():
+        assert sorted(row["class_ids"]) == list(range(1000))
+        assert abs(sum(row["probs"]) - 1.0) < 1e-4
+
+
+def bad_files() -> dict[str, bytes]:
+    """Three decodable images and one file of every kind that cannot be labelled."""
+    return {
+        "good-1.jpg": jpeg_bytes(seed=1), "good-2.png": jpeg_bytes(seed=2, fmt="PNG"),
+        "deeper/good-3.jpg": jpeg_bytes(seed=3, mode="L"),
+        "empty.jpg": b"",
+        "truncated.jpg": jpeg_bytes(size=(400, 300), seed=4)[:700],
+        "corrupt.jpg": jpeg_bytes(seed=5)[:20] + bytes(np.random.default_rng(5).integers(0, 256, 3000, np.uint8)),
+        "notes.txt": b"not an image",
+        "deeper/meta.json": b'{"class": 3}',
+    }
+
+
+EXPECTED_REASONS = {
+    "empty.jpg": "empty image", "truncated.jpg": "truncated or corrupt", "corrupt.jpg": "not a recognised image",
+    "notes.txt": "not a recognised image format", "deeper/meta.json": "not a recognised image format",
+}
+
+
+def test_bad_files_in_a_folder_and_in_tars_are_error_rows_and_the_counts_add_up(ray_local, tmp_path):
+    files = bad_files()
+    folder = tmp_path / "folder"
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    tars = tmp_path / "tars"
+    write_tar(tars / "shard-0.tar", list(files.items()))
+    whole = write_tar(tmp_path / "whole.tar", [(f"x{i}.jpg", jpeg_bytes(size=(300, 300), seed=i)) for i in range(3)])
+    (tars / "shard-1-truncated.tar").write_bytes(whole.read_bytes()[:1800])  # cut inside the first member's data
+    (tars / "shard-2-not-a-tar.tar").write_bytes(b"this is not a tar archive" * 40)
+    (tars / "shard-3-empty.tar").write_bytes(b"")
+
+    model = str(need(MOBILENET_INT8))
+    label(model, str(folder), str(tmp_path / "out-folder"))
+    label(model, str(tars), str(tmp_path / "out-tar"))
+    folder_labels, folder_errors, folder_manifest = read_output(tmp_path / "out-folder")
+    tar_labels, tar_errors, tar_manifest = read_output(tmp_path / "out-tar")
+
+    assert set(folder_labels) == {"good-1.jpg", "good-2.png", "deeper/good-3.jpg"}
+    assert set(folder_errors) == set(EXPECTED_REASONS)
+    assert folder_manifest["images"] == len(files)
+    assert set(tar_labels) == {f"shard-0.tar/{name}" for name in folder_labels}
+    for name, reason in EXPECTED_REASONS.items():
+        assert reason in folder_errors[name] and reason in tar_errors[f"shard-0.tar/{name}"]
+        assert folder_errors[name] == tar_errors[f"shard-0.tar/{name}"]
+    assert "cut short" in tar_errors["shard-1-truncated.tar/x0.jpg"]
+    assert "not a readable tar archive" in tar_errors["shard-2-not-a-tar.tar"]
+    assert "not a readable tar archive" in tar_errors["shard-3-empty.tar"]
+    assert tar_manifest["images"] == len(files) + 3 and tar_manifest["errors"] == len(EXPECTED_REASONS) + 3
+
+
+def run_cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "label", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_a_finished_dir_is_left_alone_and_a_foreign_one_refused(ray_local, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(seed=i))
+    model, output = str(need(MOBILENET_INT8)), tmp_path / "out"
+    first = label(model, str(folder), str(output))
+    (output / "manifest.json").unlink()  # as if killed after the last shard, before the manifest
+    assert label(model, str(folder), str(output), resume=True)["this_run_images"] == 0
+    shards = {p: p.stat().st_mtime_ns for p in output.rglob("*.parquet")}
+    with pytest.raises(AlreadyFinished):
+        label(model, str(folder), str(output), resume=True)
+    done = run_cli("--model", model, "--data", str(folder), "--output", str(output))
+    message = " ".join(done.communicate(timeout=120)[0].split())  # rich wraps lines at 80 columns
+    assert done.returncode == 0 and "already holds a finished labelling run (3 images" in message
+    assert {p: p.stat().st_mtime_ns for p in output.rglob("*.parquet")} == shards
+    again = label(model, str(folder), str(output), overwrite=True)
+    assert again["images"] == first["images"] == 3 and again["this_run_images"] == 3
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    refused = run_cli("--model", model, "--data", str(folder), "--output", str(foreign))
+    message = " ".join(refused.communicate(timeout=120)[0].split())
+    assert refused.returncode == 2 and "is not empty and holds no finished run" in message
+    with pytest.raises(OutputDirError, match="no labelling run to resume"):
+        label(model, str(folder), str(foreign), resume=True)
+    assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+
+
+def test_sigkill_part_way_then_resume_gives_exactly_the_uninterrupted_output(ray_local, tmp_path):
+    model = str(need(MOBILENET_INT8))
+    tars = tmp_path / "tars"
+    for shard in range(12):
+        write_tar(tars / f"{shard:03d}.tar",
+                  [(f"{shard:03d}/{i:02d}.jpg", jpeg_bytes(size=(96, 72), seed=100 * shard + i)) for i in range(16)]
+                  + ([("broken.jpg", b"\xff\xd8 broken")] if shard == 5 else []))
+    killed = tmp_path / "killed"
+    run = run_cli("--model", model, "--data", str(tars), "--output", str(killed))
+    deadline = time.monotonic() + 300
+    while len(list((killed / "labels").glob("*.parquet"))) < 2:
+        assert run.poll() is None, "the run ended before it could be killed: " + run.stdout.read()
+        assert time.monotonic() < deadline, "no output shard after 300 s"
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)  # the driver and the Ray it started
+    run.wait()
+    assert not (killed / "manifest.json").exists()
+    committed = len(list((killed / "labels").glob("*.parquet")))
+    assert 2 <= committed < 12
+
+    resumed = label(model, str(tars), str(killed), resume=True)
+    assert resumed["resumed_from"] >= 2 * 16 and resumed["this_run_images"] < 12 * 16 + 1
+    label(model, str(tars), str(tmp_path / "whole"))
+    after_kill, errors_after_kill, manifest = read_output(killed)
+    uninterrupted, errors_uninterrupted, _ = read_output(tmp_path / "whole")
+    assert manifest["images"] == 12 * 16 + 1 and len(manifest["shards"]) == 12
+    assert after_kill.keys() == uninterrupted.keys() and errors_after_kill == errors_uninterrupted
+    assert list(errors_after_kill) == ["005.tar/broken.jpg"]
+    for key, row in after_kill.items():
+        assert row["class_ids"] == uninterrupted[key]["class_ids"], key
+        assert np.allclose(row["probs"], uninterrupted[key]["probs"], atol=1e-6), key
+
+
+def test_a_format_without_a_partitioner_lmdb_is_labelled_whole_as_one_unit(ray_local, tmp_path):
+    """Any format registered in FORMATS works: LMDB (raw-pixel Caffe2 records here) is read through
+    read_source as the one unit "all"."""
+    from pipeline.sources.lmdb_writer import write_lmdb
+    from pipeline.sources.units import PARTITIONERS
+
+    assert "lmdb" not in PARTITIONERS
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.jpg").write_bytes(jpeg_bytes(seed=i, size=(80, 60)))
+    assert write_lmdb(str(folder), str(tmp_path / "db"), fmt="lmdb-caffe2", encoded=False)["records"] == 4
+    model, output = str(need(MOBILENET_INT8)), tmp_path / "out"
+    label(model, str(tmp_path / "db"), str(output))
+    predictions, errors, manifest = read_output(output)
+    assert sorted(predictions) == [f"{i:08d}_{i}.jpg" for i in range(4)] and not errors
+    assert manifest["format"] == "lmdb" and list(manifest["shards"]) == ["all"] and not manifest["partitioned"]
+    (output / "manifest.json").unlink()
+    assert label(model, str(tmp_path / "db"), str(output), resume=True)["this_run_images"] == 0
+
+def test_folder_units_cover_every_file_once_across_read_tasks(tmp_path):
+    from pipeline.sources.folder import folder_unit_readers, walk_files
+
+    names = [f"{d}/{i}.jpg" for d in ("a", "a/z", "b", "c/d/e") for i in range(4)] + ["top.jpg", ".hidden.jpg"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(name.encode())
+    (tmp_path / "labels.txt").write_text("top.jpg 1\n")
+    visible = sorted(n for n in names if not n.startswith("."))
+    assert sorted(walk_files(tmp_path)) == visible and list(walk_files(tmp_path)) == list(walk_files(tmp_path))
+
+    def read_all(done: set[str]) -> dict[str, list[str]]:
+        units: dict[str, list[str]] = {}
+        for reader in folder_unit_readers(tmp_path, done, unit_size=5, tasks=3):
+            for unit, blocks in reader():
+                assert unit not in units
+                units[unit] = [key for block in blocks for key in block.column("key").to_pylist()]
+        return units
+
+    units = read_all(set())
+    assert len(units) == 4 and sorted(k for keys in units.values() for k in keys) == visible
+    for keys in units.values():
+        for key in keys:
+            assert (tmp_path / key).read_bytes() == key.encode()
+    assert read_all({"files-00000001", "files-00000003"}).keys() == {"files-00000000", "files-00000002"}
+
+
+def test_resume_drops_half_written_files_and_redoes_only_those_units(ray_local, tmp_path):
+    folder = tmp_path / "folder"
+    for name, data in bad_files().items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    model, output = str(need(MOBILENET_INT8)), tmp_path / "out"
+    label(model, str(folder), str(output), unit_size=3)
+    before = read_output(output)[:2]
+    # as if killed between a unit's two renames, and while writing another unit
+    (output / "manifest.json").unlink()
+    (output / "labels" / "files-00000001.parquet").unlink()
+    (output / "errors" / "files-00000002.parquet").rename(output / "errors" / ".files-00000002.parquet.tmp")
+    (output / "labels" / "files-00000002.parquet").rename(output / "labels" / ".files-00000002.parquet.tmp")
+    resumed = label(model, str(folder), str(output), unit_size=3, resume=True)
+    assert resumed["resumed_from"] == 3 and resumed["this_run_images"] == 5
+    assert read_output(output)[:2] == before
+    assert not list(output.rglob(".*.tmp"))
