@@ -1,20 +1,19 @@
-"""What a cluster costs: the same `pipeline evaluate` on one Ray node with all of this machine's
-cores, and on a two-node Ray cluster on this machine with the same cores split between the
-nodes (each node: half the CPUs and half the inference cores). Prints both images/s and the ratio.
+"""What a cluster costs: the same `pipeline evaluate --address` on a one-node Ray cluster with all
+of this machine's cores, and on a two-node Ray cluster on this machine with the same cores split
+between the nodes (each node: half the CPUs and half the inference cores). Both clusters are up
+before the runs, which alternate. Prints both images/s and the ratio.
 
     PYTHONPATH=$PWD python benchmarks/bench_cluster.py [--data DIR] [--model FILE] [--repeat N]
 
-Images/s are given twice: end to end (the evaluation's wall time, which for the single node
-includes starting Ray, while the cluster is already up) and run (from the start of Ray Data's
-execution: actors starting and loading the model included, starting or joining Ray not), which is
-the figure the ratio and the per-core rate use.
+Images/s are given twice: end to end (the evaluation's wall time, joining the cluster included)
+and run (from the start of Ray Data's execution: actors starting and loading the model included),
+which is the figure the ratio and the per-core rate use.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,10 +29,9 @@ from pipeline.local_cluster import LocalCluster  # noqa: E402
 from pipeline.runtime import local_cores  # noqa: E402
 
 
-def run_evaluation(model: Path, data: Path, preset: str, output: Path, address: str | None,
-                   env: dict) -> dict:
+def run_evaluation(model: Path, data: Path, preset: str, output: Path, address: str, env: dict) -> dict:
     command = [sys.executable, "-m", "pipeline", "evaluate", "--model", str(model), "--data", str(data),
-               "--preset", preset, "--output", str(output)] + (["--address", address] if address else [])
+               "--preset", preset, "--output", str(output), "--address", address]
     result = subprocess.run(command, cwd=REPO, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True,
                             text=True)
     if result.returncode != 0:
@@ -56,19 +54,21 @@ def main() -> None:
         raise SystemExit("a two-node cluster with the same cores needs at least 2 cores")
 
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cluster = LocalCluster()
-    runs: dict[str, list[dict]] = {"one node": [], "two nodes": []}
+    clusters = {"one node": LocalCluster(), "two nodes": LocalCluster()}
+    runs: dict[str, list[dict]] = {name: [] for name in clusters}
     try:
-        cluster.head(num_cpus=cores // 2, inference_cores=cores // 2)
-        cluster.worker(num_cpus=cores - cores // 2, inference_cores=cores - cores // 2)
-        cluster.wait_for_nodes(2)
+        clusters["one node"].head(num_cpus=cores, inference_cores=cores)
+        clusters["two nodes"].head(num_cpus=cores // 2, inference_cores=cores // 2)
+        clusters["two nodes"].worker(num_cpus=cores - cores // 2, inference_cores=cores - cores // 2)
+        for name, cluster in clusters.items():
+            cluster.wait_for_nodes(len(cluster.nodes))
         for i in range(args.repeat):
-            runs["one node"].append(run_evaluation(args.model, args.data, args.preset, work / f"one{i}", None, env))
-            runs["two nodes"].append(run_evaluation(args.model, args.data, args.preset, work / f"two{i}",
-                                                    cluster.address, cluster.env))
+            for name, cluster in clusters.items():
+                runs[name].append(run_evaluation(args.model, args.data, args.preset, work / f"{name}{i}",
+                                                 cluster.address, cluster.env))
     finally:
-        cluster.stop()
+        for cluster in clusters.values():
+            cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"{args.model.name} on {args.data.name} ({runs['one node'][0]['images']} images), "
