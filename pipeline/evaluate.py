@@ -18,7 +18,7 @@ from pipeline.config import Preset, load_preset
 from pipeline.inference import Classifier, ModelError, ModelInfo
 from pipeline.metrics import AccuracyCounter
 from pipeline.preprocess import Preprocessor
-from pipeline.runtime import inference_actor_options, inference_slots, init_ray
+from pipeline.runtime import INFERENCE_RESOURCE, inference_actor_options, inference_slots, init_ray
 from pipeline.sources import Source, read_source
 
 PREPROCESS_BATCH = 16
@@ -112,20 +112,36 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
         # from the start of the Ray Data execution: without starting or joining Ray, with starting
         # the actors and loading the model
         "run_images_per_s": counter.records / (finished - execution_started),
-        "cluster": cluster_summary(counter),
+        "cluster": cluster_summary(counter, wall),
     }
     if output:
         (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
-def cluster_summary(counter: AccuracyCounter) -> dict:
+def cluster_summary(counter: AccuracyCounter, wall_s: float) -> dict:
+    """The cluster the run used: its nodes, the cores that ran inference and each node's share of
+    the throughput (a node that left mid-run is listed with what it did before leaving)."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = [n for n in ray.nodes() if n.get("Alive") or n["NodeID"] in counter.node_images]
+    per_node = []
+    for node in nodes:
+        resources = node.get("Resources", {})
+        images = counter.node_images.get(node["NodeID"], 0)
+        per_node.append({
+            "node_id": node["NodeID"], "address": node["NodeManagerAddress"], "alive": bool(node.get("Alive")),
+            "head": "node:__internal_head__" in resources,
+            "cpus": int(resources.get("CPU", 0)), "inference_cores": int(resources.get(INFERENCE_RESOURCE, 0)),
+            "cores_used": sorted(core for node_id, core in counter.cores if node_id == node["NodeID"]),
+            "images": images, "images_per_s": round(images / wall_s, 2) if wall_s else 0.0,
+        })
+    per_node.sort(key=lambda n: (not n["head"], n["node_id"]))
     return {
-        "nodes": len(nodes),
+        "nodes": sum(n["alive"] for n in per_node),
         "inference_actors": inference_slots(),
+        "inference_cores_used": len(counter.cores),
         "cores_used": sorted([list(c) for c in counter.cores]),
         "images_per_node": dict(counter.node_images),
+        "per_node": per_node,
     }

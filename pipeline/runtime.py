@@ -54,7 +54,12 @@ def inference_slots() -> int:
 
 
 def inference_actor_options() -> dict:
-    """Ray options for one inference actor on this cluster."""
+    """Ray options for one inference actor on this cluster.
+
+    Fault tolerance comes from Ray Data's actor pool, which creates its actors with
+    max_restarts=-1 and max_task_retries=-1 (Ray 2.60): an actor that dies, with its process or
+    its node, is started again wherever an `inference_core` is free and the batches it held are
+    sent again. Passing them here would only go through the deprecated `**ray_remote_args`."""
     import ray
 
     if ray.cluster_resources().get(INFERENCE_RESOURCE):
