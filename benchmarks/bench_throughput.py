@@ -75,18 +75,29 @@ def repeated_folder(data: str, repeat: int, folder: Path) -> Path:
     return folder
 
 
-def pipeline(model: str, data: str, preset: str, repeat: int) -> tuple[float, float, int]:
-    """(images/s including Ray's start, images/s of the Ray Data run, images)."""
+def steady_rate(marks: list[tuple[float, int]], total: int) -> float:
+    """Images/s between the moments 10% and 90% of the images were done: the rate once the actors
+    have started and before the last batches drain."""
+    t10, n10 = next(m for m in marks if m[1] >= 0.1 * total)
+    t90, n90 = next(m for m in marks if m[1] >= 0.9 * total)
+    return (n90 - n10) / (t90 - t10)
+
+
+def pipeline(model: str, data: str, preset: str, repeat: int) -> dict[str, float]:
+    """Images/s of `pipeline evaluate`: with Ray's start, of the Ray Data run, and in steady state."""
     from pipeline.evaluate import evaluate
     from pipeline.runtime import init_ray
 
+    marks: list[tuple[float, int]] = []
     with tempfile.TemporaryDirectory() as tmp:
         images = repeated_folder(data, repeat, Path(tmp))
         started = time.perf_counter()
         init_ray(None)
-        metrics = evaluate(model, str(images), preset)
+        metrics = evaluate(model, str(images), preset,
+                           on_progress=lambda done, total: marks.append((time.perf_counter(), done)))
         with_start = metrics["images"] / (time.perf_counter() - started)
-    return with_start, metrics["run_images_per_s"], metrics["images"]
+    return {"images": metrics["images"], "with_start": with_start, "run": metrics["run_images_per_s"],
+            "steady": steady_rate(marks, metrics["images"]), "cores": metrics["cluster"]["cores_used"]}
 
 
 def main() -> None:
@@ -96,7 +107,7 @@ def main() -> None:
     parser.add_argument("--preset", default="caffe2")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of the bare measurement")
     parser.add_argument("--naive-images", type=int, default=300)
-    parser.add_argument("--repeat", type=int, default=3, help="pipeline: pass over the images this many times")
+    parser.add_argument("--repeat", type=int, default=5, help="pipeline: pass over the images this many times")
     args = parser.parse_args()
     for path in (args.model, args.data):
         if not Path(path).exists():
@@ -108,13 +119,18 @@ def main() -> None:
     print(f"bare sessions (random input, {len(cores)} x 1 thread, pinned): {ceiling:8.1f} images/s")
     simple = naive(args.model, args.data, args.preset, args.naive_images, local_cores())
     print(f"naive single-process loop ({args.naive_images} images):        {simple:8.1f} images/s")
-    end_to_end, run, images = pipeline(args.model, args.data, args.preset, args.repeat)
-    print(f"pipeline evaluate ({images} images), Ray Data run:     {run:8.1f} images/s")
-    print(f"pipeline evaluate, including starting Ray:           {end_to_end:8.1f} images/s")
+    run = pipeline(args.model, args.data, args.preset, args.repeat)
+    print(f"pipeline evaluate ({run['images']} images), steady state:  {run['steady']:8.1f} images/s"
+          "  (between 10% and 90% of the images)")
+    print(f"pipeline evaluate, whole Ray Data run:             {run['run']:8.1f} images/s"
+          "  (with starting the actors and loading the model)")
+    print(f"pipeline evaluate, including starting Ray:         {run['with_start']:8.1f} images/s")
+    print(f"inference cores used: {run['cores']}")
     print()
-    print(f"ratio naive / bare:                    {simple / ceiling:.2f}x")
-    print(f"ratio pipeline (Ray Data run) / bare:  {run / ceiling:.2f}x")
-    print(f"ratio pipeline (with Ray start) / bare: {end_to_end / ceiling:.2f}x")
+    print(f"ratio naive / bare:                      {simple / ceiling:.2f}x")
+    print(f"ratio pipeline steady state / bare:      {run['steady'] / ceiling:.2f}x")
+    print(f"ratio pipeline whole run / bare:         {run['run'] / ceiling:.2f}x")
+    print(f"ratio pipeline with Ray start / bare:    {run['with_start'] / ceiling:.2f}x")
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {len(cores)} cores")
 
 

@@ -21,7 +21,7 @@ from pipeline.preprocess import Preprocessor
 from pipeline.runtime import INFERENCE_RESOURCE, inference_actor_options, inference_slots, init_ray
 from pipeline.sources import Source, read_source
 
-PREPROCESS_BATCH = 16
+PREPROCESS_BATCH = 32
 
 
 def check_preset_fits(info: ModelInfo, preset: Preset) -> None:

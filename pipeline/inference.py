@@ -201,7 +201,9 @@ class Classifier:
         n = len(errors)
         ids = np.full((n, self.k), -1, dtype=np.int32)
         probs = np.zeros((n, self.k), dtype=np.float32)
-        if ok.any():
+        if ok.all():  # the usual case: no copy of the whole input batch
+            ids, probs = top_k(run_model(self.session, self.info, batch["input"]), self.k)
+        elif ok.any():
             ids[ok], probs[ok] = top_k(run_model(self.session, self.info, batch["input"][ok]), self.k)
         return {
             "key": batch["key"], "label": batch["label"], "top_ids": ids, "top_probs": probs,

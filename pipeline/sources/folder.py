@@ -93,7 +93,9 @@ def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[i
     datasource = ImageFolderDatasource(root, labels, limit)
     if not datasource.records:
         raise SourceError(f"{root}: no files to read")
-    return Source(ray.data.read_datasource(datasource), len(datasource.records))
+    tasks = -(-len(datasource.records) // FILES_PER_TASK)
+    # one block per ReadTask: Ray would otherwise split each small block to reach its default parallelism
+    return Source(ray.data.read_datasource(datasource, override_num_blocks=tasks), len(datasource.records))
 
 
 # Labelling archives of millions of files: the driver never lists the folder. Each ReadTask walks
