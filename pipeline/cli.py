@@ -12,9 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from ray.exceptions import RayError
 
-from pipeline.config import ConfigError
-from pipeline.inference import ModelError
-from pipeline.sources import SourceError
+from pipeline.console import USER_ERRORS, console, fail
 
 app = typer.Typer(
     help="Evaluate and run int8 ONNX ImageNet classifiers with Ray Data.",
@@ -24,9 +22,6 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Build or import ONNX models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
-
-console = Console(stderr=True)
-USER_ERRORS = (ConfigError, ModelError, SourceError, FileNotFoundError)
 
 
 def ray_failure_reason(exc: Exception) -> str:
@@ -44,11 +39,6 @@ def model_and_preset(model: Optional[Path], preset: Optional[str]) -> tuple[Path
         console.print(f"no --model given: using {model}", highlight=False)
         return model, preset or own_preset
     return model, preset or "torch"
-
-
-def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def progress_bar() -> Progress:

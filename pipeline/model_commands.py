@@ -8,14 +8,9 @@ from typing import Optional
 
 import typer
 
+from pipeline.console import USER_ERRORS, fail
 from pipeline.models import ARCHITECTURES, GENERATED, build_model
 from pipeline.weights import WeightsError
-
-
-def _fail(message: str) -> None:
-    from pipeline.cli import fail  # imported late: pipeline.cli registers these commands
-
-    fail(message)
 
 
 def build_command(
@@ -29,7 +24,7 @@ def build_command(
     try:
         path = build_model(arch, weights, out)
     except (WeightsError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"wrote {path} ({arch}, preprocessing preset {ARCHITECTURES[arch].preset})")
 
 
@@ -72,15 +67,13 @@ def quantize_command(
     """Quantise an fp32 model to int8 (QDQ) with calibration images read by the pipeline."""
     import json
 
-    from pipeline.config import ConfigError, load_preset
-    from pipeline.inference import ModelError
+    from pipeline.config import load_preset
     from pipeline.quantize import METHODS, QuantizeError, accuracy_report, quantize_model, read_calibration_set
     from pipeline.runtime import init_ray
-    from pipeline.sources import SourceError
 
     unknown = [m for m in method if m not in METHODS]
     if unknown:
-        _fail(f"unknown calibration method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+        fail(f"unknown calibration method {unknown[0]!r}: choose from {', '.join(METHODS)}")
     try:
         preset_obj = load_preset(preset)
         init_ray(address)
@@ -103,5 +96,5 @@ def quantize_command(
                 typer.secho(f"warning: {result['calibration_overlap']} evaluation images were also calibration images",
                             fg=typer.colors.YELLOW, err=True)
             typer.echo(f"report: {report_path}")
-    except (QuantizeError, ConfigError, ModelError, SourceError, FileNotFoundError) as exc:
-        _fail(str(exc))
+    except (QuantizeError, *USER_ERRORS) as exc:
+        fail(str(exc))

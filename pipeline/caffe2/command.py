@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from pipeline.console import fail
+
 
 def import_caffe2_command(
     init: Path = typer.Option(..., "--init", help="Caffe2 init_net (weights): .pb binary or .pbtxt text."),
@@ -21,8 +23,7 @@ def import_caffe2_command(
     try:
         model = import_caffe2(init, predict, out, input_size=input_size)
     except (Caffe2ImportError, Caffe2FileError) as exc:
-        typer.echo(f"import-caffe2: {exc}", err=True)
-        raise typer.Exit(code=2) from None
+        fail(f"import-caffe2: {exc}")
     graph = model.graph
     ops = sorted({node.op_type for node in graph.node})
     typer.echo(
