@@ -57,13 +57,18 @@ PREDICTION_SCHEMA = pa.schema([
 ])
 
 
+def fixed_size_lists(rows: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """An [N, k] array as N Arrow lists of k values."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type_), rows.shape[1])
+
+
 def prediction_table(batch: dict[str, np.ndarray]) -> pa.Table:
     n = len(batch["key"])
     return pa.Table.from_arrays([
         pa.array(batch["key"].tolist(), pa.string()),
         pa.array(batch["label"], pa.int64()),
-        pa.FixedSizeListArray.from_arrays(pa.array(batch["top_ids"].reshape(-1), pa.int32()), 5),
-        pa.FixedSizeListArray.from_arrays(pa.array(batch["top_probs"].reshape(-1), pa.float32()), 5),
+        fixed_size_lists(batch["top_ids"], pa.int32()),
+        fixed_size_lists(batch["top_probs"], pa.float32()),
         pa.array([str(e) for e in batch["error"]], pa.string()),
     ], schema=PREDICTION_SCHEMA) if n else PREDICTION_SCHEMA.empty_table()
 

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from pipeline.classes import imagenet_classes
 from pipeline.config import load_preset
-from pipeline.evaluate import check_preset_fits, predict
+from pipeline.evaluate import check_preset_fits, fixed_size_lists, predict
 from pipeline.inference import ModelInfo
 from pipeline.preprocess import NUM_CLASSES
 from pipeline.runtime import init_ray
@@ -81,16 +81,13 @@ class TableBuilder:
         self.synsets = np.asarray(classes.synsets, dtype=object)
         self.names = np.asarray(classes.names, dtype=object)
 
-    def _fixed(self, values: np.ndarray, type_: pa.DataType) -> pa.Array:
-        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type_), self.k)
-
     def labelled(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ids = batch["top_ids"].reshape(-1, self.k)
         return pa.Table.from_arrays([
             pa.array(batch["key"].tolist(), pa.string()),
-            self._fixed(ids, pa.int32()), self._fixed(self.synsets[ids], pa.string()),
-            self._fixed(self.names[ids], pa.string()),
-            self._fixed(batch["top_probs"].reshape(-1, self.k), pa.float32()),
+            fixed_size_lists(ids, pa.int32()), fixed_size_lists(self.synsets[ids], pa.string()),
+            fixed_size_lists(self.names[ids], pa.string()),
+            fixed_size_lists(batch["top_probs"].reshape(-1, self.k), pa.float32()),
         ], schema=self.schema)
 
     @staticmethod
@@ -169,6 +166,13 @@ class UnitWriter:
             fsync_dir(self.output / table)
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Write PATH whole or not at all: a reader never sees half a file."""
+    partial = path.with_name(f"{path.name}.tmp")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename in PATH durable."""
     handle = os.open(path, os.O_RDONLY)
@@ -222,8 +226,7 @@ def claim_output(output: Path, run: dict, overwrite: bool) -> None:
     for orphan in (output / ERRORS_DIR).glob("*.parquet"):
         if orphan.stem not in done:  # killed between the two renames: that unit is read again
             orphan.unlink()
-    (output / f"{RUN_FILE}.tmp").write_text(json.dumps(run, indent=2) + "\n")
-    os.replace(output / f"{RUN_FILE}.tmp", output / RUN_FILE)
+    write_json(output / RUN_FILE, run)
 
 
 def shard_counts(output: Path) -> dict[str, dict[str, int]]:
@@ -327,6 +330,5 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "
         "partitioned": fmt in PARTITIONERS,
         "shards": shards,
     }
-    (out / f"{MANIFEST_FILE}.tmp").write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(out / f"{MANIFEST_FILE}.tmp", out / MANIFEST_FILE)
+    write_json(out / MANIFEST_FILE, manifest)
     return manifest
