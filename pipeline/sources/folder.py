@@ -21,7 +21,8 @@ FILES_PER_TASK = 64
 
 
 def list_folder_records(root: str | Path, labels: Optional[str | Path] = None) -> list[tuple[str, int]]:
-    """(key, label) for every file below ROOT and every file the labels name, sorted by key.
+    """(key, label) for every file below ROOT (as `walk_files` finds them) and every file the labels
+    name, sorted by key.
 
     A file without a label gets NO_LABEL; a labelled file that is absent is still a record (its read
     fails with a clear reason), so nothing the user listed disappears silently.
@@ -33,14 +34,9 @@ def list_folder_records(root: str | Path, labels: Optional[str | Path] = None) -
     label_of = read_labels_file(labels_path) if labels_path.is_file() else {}
     if labels and not labels_path.is_file():
         raise SourceError(f"{labels}: labels file not found")
-    keys = set(label_of)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            path = Path(dirpath) / name
-            if name.startswith(".") or path.resolve() == labels_path.resolve():
-                continue
-            keys.add(path.relative_to(root).as_posix())
+    keys = set(label_of) | set(walk_files(root))
+    if labels_path.resolve().is_relative_to(root.resolve()):
+        keys.discard(labels_path.resolve().relative_to(root.resolve()).as_posix())
     return [(key, label_of.get(key, NO_LABEL)) for key in sorted(keys)]
 
 

@@ -40,6 +40,11 @@ def _shard_metadata(file: str) -> pq.FileMetaData:
     return metadata
 
 
+def source_columns(metadata: pq.FileMetaData) -> list[str]:
+    """The columns of a shard that make source rows."""
+    return [c for c in ("key", "image", "label", "error") if c in metadata.schema.names]
+
+
 def to_source_rows(table: pa.Table) -> pa.Table:
     """Cast a shard's block to the source-row schema: missing label -> NO_LABEL, missing error -> ""."""
     n = table.num_rows
@@ -59,7 +64,7 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
         raise SourceError("Parquet shards carry their labels in the `label` column; --labels is for image folders")
     files = parquet_files(path)
     metadata = [_shard_metadata(f) for f in files]
-    columns = [c for c in ("key", "image", "label", "error") if c in metadata[0].schema.names]
+    columns = source_columns(metadata[0])
     num_records = sum(m.num_rows for m in metadata)
     ds = ray.data.read_parquet(files).select_columns(columns)
     if limit is not None:
@@ -84,8 +89,8 @@ def parquet_unit_readers(path: str, done: set[str]) -> list:
 
     readers = []
     for file in parquet_files(path):
-        names = _shard_metadata(file).schema.names
+        columns = source_columns(_shard_metadata(file))
         unit = shard_unit_id(file)
         if unit not in done:
-            readers.append(reader_for(unit, file, [c for c in ("key", "image", "label", "error") if c in names]))
+            readers.append(reader_for(unit, file, columns))
     return readers

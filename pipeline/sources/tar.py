@@ -87,16 +87,12 @@ def tar_records(file: str, prefix: str) -> Iterator[tuple[str, bytes, str]]:
 
 def read_tar_blocks(file: str, prefix: str, label_of: Optional[dict[str, int]] = None) -> Iterator:
     """Source-row blocks of MEMBERS_PER_BLOCK members of one shard."""
-    keys, images, errors = [], [], []
-    for key, data, error in tar_records(file, prefix):
-        keys.append(key)
-        images.append(data)
-        errors.append(error)
-        if len(keys) == MEMBERS_PER_BLOCK:
-            yield source_table(keys, [(label_of or {}).get(k, NO_LABEL) for k in keys], images, errors)
-            keys, images, errors = [], [], []
-    if keys:
-        yield source_table(keys, [(label_of or {}).get(k, NO_LABEL) for k in keys], images, errors)
+    from pipeline.sources.units import chunked
+
+    label_of = label_of or {}
+    for chunk in chunked(tar_records(file, prefix), MEMBERS_PER_BLOCK):
+        keys, images, errors = (list(column) for column in zip(*chunk))
+        yield source_table(keys, [label_of.get(k, NO_LABEL) for k in keys], images, errors)
 
 
 class TarShardDatasource(Datasource):
