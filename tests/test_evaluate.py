@@ -135,8 +135,8 @@ def test_unusable_models_fail_with_one_sentence(tmp_path):
         ModelInfo.from_path(flat)
 
 
-def run_cli(*args, cwd=REPO):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_cli(*args, cwd=REPO, extra_env=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
 
@@ -171,10 +171,8 @@ def test_a_damaged_parquet_shard_is_named_before_the_run(tmp_path):
 
 def test_cli_evaluate_without_a_model_uses_efficientnet_lite0(tmp_path):
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 16)
-    env_cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", "--data", str(folder),
-                             "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO), **env_cache}, timeout=600)
+    result = run_cli("evaluate", "--data", str(folder), "--output", str(tmp_path / "out"),
+                     extra_env={"XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["model"].endswith("efficientnet-lite0-fp32.onnx") and metrics["preset"] == "tf127"
