@@ -185,26 +185,24 @@ class Classifier:
     in CARRY are copied through unchanged."""
 
     def __init__(self, model_path: str, top_k: int = 5, run_id: str = "default", carry: tuple[str, ...] = ()):
-        import socket
-
         self.pin = CorePin(run_id)
         self.info = ModelInfo.from_path(model_path)
         self.session = make_session(model_path, threads=1)
         self.k = top_k
         self.carry = carry
-        self.host = socket.gethostname()
-        self.node = os.environ.get("RAY_NODE_ID", "") or _ray_node_id()
+        self.node = _ray_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         errors = batch["error"]
         ok = errors == ""
         n = len(errors)
-        ids = np.full((n, self.k), -1, dtype=np.int32)
-        probs = np.zeros((n, self.k), dtype=np.float32)
         if ok.all():  # the usual case: no copy of the whole input batch
             ids, probs = top_k(run_model(self.session, self.info, batch["input"]), self.k)
-        elif ok.any():
-            ids[ok], probs[ok] = top_k(run_model(self.session, self.info, batch["input"][ok]), self.k)
+        else:
+            ids = np.full((n, self.k), -1, dtype=np.int32)
+            probs = np.zeros((n, self.k), dtype=np.float32)
+            if ok.any():
+                ids[ok], probs[ok] = top_k(run_model(self.session, self.info, batch["input"][ok]), self.k)
         return {
             "key": batch["key"], "label": batch["label"], "top_ids": ids, "top_probs": probs,
             "error": errors, "node": np.full(n, self.node, dtype=object),
