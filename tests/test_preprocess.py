@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import jpeg_bytes
+from conftest import SAMPLE_1000, VAL_1300, jpeg_bytes, need
 from pipeline.config import ConfigError, load_preset
-from pipeline.preprocess import (ImageError, Preprocessor, crop_origin, decode_image, preprocess_image,
-                                 resize_and_crop, scaled_size)
+from pipeline.preprocess import (ImageError, Preprocessor, crop_origin, decode_image, decode_with_pillow,
+                                 preprocess_image, resize_and_crop, resize_pixels, scaled_size)
 from pipeline.sources import NO_LABEL
 
 
@@ -45,7 +45,8 @@ def test_crop_offsets_floor_and_round():
 
 
 def test_channel_order_and_normalisation():
-    red = Image.new("RGB", (300, 260), (255, 0, 0))
+    red = np.zeros((260, 300, 3), np.uint8)
+    red[..., 0] = 255
     caffe2 = preprocess_image(red, load_preset("caffe2"))
     torch = preprocess_image(red, load_preset("torch"))
     assert caffe2.shape == torch.shape == (3, 224, 224)
@@ -62,24 +63,45 @@ def test_area_interpolation_averages_blocks():
     preset = load_preset("caffe2")
     values = (np.arange(256 * 256).reshape(256, 256) % 251).astype(np.uint8)
     blocks = np.kron(values, np.ones((2, 2), np.uint8))
-    image = Image.fromarray(np.stack([blocks] * 3, axis=-1), "RGB")  # 512x512 of 2x2 blocks
-    crop = resize_and_crop(image, preset)
+    pixels = np.stack([blocks] * 3, axis=-1)  # 512x512 of 2x2 blocks
+    crop = resize_and_crop(pixels, preset)
     expected = values[16:240, 16:240]
     assert np.array_equal(crop[:, :, 0], expected)
 
 
+def test_area_interpolation_weights_partly_covered_pixels_as_opencv_does():
+    # 3 -> 2 pixels: each output pixel covers 1.5 source pixels, the middle one half each. OpenCV's
+    # INTER_AREA (Caffe2) gives (0 + 90/2) / 1.5 = 30 and (90/2 + 180) / 1.5 = 150; a box filter
+    # that counts whole pixels (Pillow's) would give 45 and 135.
+    row = np.array([[0, 90, 180]], np.uint8)
+    pixels = np.repeat(np.repeat(row[:, :, None], 3, axis=2), 2, axis=0)  # 2 rows, 3 columns, RGB
+    assert resize_pixels(pixels, (2, 2), "area")[0, :, 0].tolist() == [30, 150]
+
+
+def test_jpeg_fast_path_gives_pillows_pixels():
+    """JPEGs are decoded by simplejpeg, everything else by Pillow: the pixels must be the same."""
+    files = sorted(need(SAMPLE_1000).glob("*.JPEG"))[::10] + sorted(need(VAL_1300).glob("*.JPEG"))[::20]
+    greyscale = 0
+    for path in files:
+        data = path.read_bytes()
+        pixels = decode_image(data)
+        assert np.array_equal(pixels, decode_with_pillow(data)), path.name
+        greyscale += bool(Image.open(io.BytesIO(data)).mode == "L")
+    assert len(files) > 150 and greyscale  # full-size photos, pre-resized ones and greyscale JPEGs
+
+
 @pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("RGBA", "PNG"), ("RGB", "PNG")])
 def test_every_image_mode_becomes_three_channels(mode, fmt):
-    image = decode_image(jpeg_bytes(mode=mode, fmt=fmt))
-    assert image.mode == "RGB"
-    assert preprocess_image(image, load_preset("torch")).shape == (3, 224, 224)
+    pixels = decode_image(jpeg_bytes(mode=mode, fmt=fmt))
+    assert pixels.dtype == np.uint8 and pixels.shape == (48, 64, 3)
+    assert preprocess_image(pixels, load_preset("torch")).shape == (3, 224, 224)
 
 
 def test_sixteen_bit_greyscale_is_scaled_not_clipped():
     pixels = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, "PNG")
-    decoded = np.asarray(decode_image(buffer.getvalue()))
+    decoded = decode_image(buffer.getvalue())
     assert decoded.max() == 255 and decoded.min() == 0
 
 

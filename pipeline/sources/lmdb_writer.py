@@ -22,7 +22,7 @@ import lmdb
 import numpy as np
 from PIL import Image
 
-from pipeline.preprocess import RESAMPLING, ImageError, decode_image, scaled_size
+from pipeline.preprocess import ImageError, decode_image, resize_pixels, scaled_size
 from pipeline.sources import SourceError
 from pipeline.sources.folder import list_folder_records, read_folder_records
 from pipeline.sources.lmdb_records import DATUM, ENCODERS, TENSOR_PROTOS
@@ -32,9 +32,9 @@ READ_CHUNK = 256  # images read and written per transaction
 INITIAL_MAP_SIZE = 1 << 30  # LMDB's size limit; doubled whenever a transaction does not fit
 
 
-def resized(image: Image.Image, shorter_side: int) -> Image.Image:
-    size = scaled_size(image.width, image.height, shorter_side)
-    return image if size == image.size else image.resize(size, RESAMPLING["area"])
+def resized(pixels: np.ndarray, shorter_side: int) -> np.ndarray:
+    size = scaled_size(pixels.shape[1], pixels.shape[0], shorter_side)
+    return pixels if size == pixels.shape[1::-1] else resize_pixels(pixels, size, "area")
 
 
 def record_value(record_kind: str, label: int, data: bytes, encoded: bool, resize: Optional[int]) -> bytes:
@@ -42,17 +42,17 @@ def record_value(record_kind: str, label: int, data: bytes, encoded: bool, resiz
     encode = ENCODERS[record_kind]
     if encoded and resize is None:
         return encode(label, encoded=data)
-    image = decode_image(data)
+    pixels = decode_image(data)
     if resize is not None:
-        image = resized(image, resize)
+        pixels = resized(pixels, resize)
     if encoded:
         buffer = io.BytesIO()
         if Image.open(io.BytesIO(data)).format == "JPEG":
-            image.save(buffer, format="JPEG", quality=95)
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
         else:
-            image.save(buffer, format="PNG")
+            Image.fromarray(pixels).save(buffer, format="PNG")
         return encode(label, encoded=buffer.getvalue())
-    return encode(label, bgr_hwc=np.asarray(image, dtype=np.uint8)[:, :, ::-1])
+    return encode(label, bgr_hwc=pixels[:, :, ::-1])
 
 
 def _records(images: str, labels: Optional[str], record_kind: str, encoded: bool, resize: Optional[int],
