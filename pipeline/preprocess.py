@@ -106,7 +106,7 @@ def resize_pixels(pixels: np.ndarray, size: tuple[int, int], interpolation: str)
 
     "area" is OpenCV's INTER_AREA, which Caffe2's image input used: when shrinking, each output
     pixel averages the source area it covers, partly covered source pixels weighted by their
-    share (Pillow's box filter counts whole pixels instead, and differs by up to 240 levels);
+    share (Pillow's box filter counts whole pixels instead: 3 levels apart on average, up to 199);
     when enlarging, OpenCV's area-based bilinear. The other filters are Pillow's, as
     torchvision's PIL transforms use them (antialiased when shrinking)."""
     if interpolation == "area":
