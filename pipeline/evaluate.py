@@ -84,6 +84,7 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
     info = ModelInfo.from_path(model)
     check_preset_fits(info, preset_obj)
     init_ray(address)
+    nodes_at_start = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
     source = read_source(data, fmt=fmt, labels=labels, limit=limit)
     predictions = predict(source, info, preset_obj, require_label=True, top_k=5, batch_size=batch_size)
 
@@ -117,19 +118,20 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
         # from the start of the Ray Data execution: without starting or joining Ray, with starting
         # the actors and loading the model
         "run_images_per_s": counter.records / (finished - execution_started),
-        "cluster": cluster_summary(counter, wall),
+        "cluster": cluster_summary(counter, wall, nodes_at_start),
     }
     if output:
         (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
-def cluster_summary(counter: AccuracyCounter, wall_s: float) -> dict:
+def cluster_summary(counter: AccuracyCounter, wall_s: float, nodes_at_start: set[str]) -> dict:
     """The cluster the run used: its nodes, the cores that ran inference and each node's share of
-    the throughput (a node that left mid-run is listed with what it did before leaving)."""
+    the throughput (a node that left mid-run is listed, with what it did before leaving)."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive") or n["NodeID"] in counter.node_images]
+    nodes = [n for n in ray.nodes()
+             if n.get("Alive") or n["NodeID"] in counter.node_images or n["NodeID"] in nodes_at_start]
     per_node = []
     for node in nodes:
         resources = node.get("Resources", {})

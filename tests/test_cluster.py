@@ -218,5 +218,7 @@ def test_a_worker_node_that_leaves_mid_run_loses_no_image(cluster, images, singl
     per_node = metrics["cluster"]["per_node"]
     assert sum(n["images"] for n in per_node) == IMAGES
     lost = [n for n in per_node if not n["alive"]]
-    assert len(lost) == 1 and lost[0]["images"] > 0, per_node  # it had done its share until then
+    # listed, with whatever it did before it left (on a busy machine its actor may not have
+    # finished a batch yet: the images it held were then all redone on the head node)
+    assert len(lost) == 1 and not lost[0]["head"], per_node
     assert worker.process.wait(timeout=60) is not None  # the node is gone, not just its raylet
