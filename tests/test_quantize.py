@@ -70,6 +70,44 @@ def test_l2_range_of_non_negative_activations_starts_at_zero():
     assert lo == 0.0 and 2.0 < hi <= histogram.edges[-1]
 
 
+def caffe2_l2_norms(counts: np.ndarray, width: float, start_bin: np.ndarray, nbins_selected: np.ndarray) -> np.ndarray:
+    """The score Caffe2 DNNLOWP's brute-force L2 search (norm_minimization.cc) gives each candidate
+    range [start_bin, start_bin + nbins_selected) of a histogram: values uniform inside each bin,
+    each one measured to the centre of its destination bin among 256 equal bins over the range,
+    values outside measured to the outermost centres. Written from its definition: the integral
+    of the squared distance to the nearest clamped centre, through its antiderivative at every edge."""
+    step = width * nbins_selected[:, None] / 256
+    span = 256 * step
+    x = (np.arange(counts.size + 1)[None, :] - start_bin[:, None]) * width  # edges from the range start
+    inside = np.clip(x, 0, span)
+    u = inside / step
+    whole = np.minimum(np.floor(u), 255)
+    antiderivative = step**3 * (whole / 12 + ((u - whole - 0.5) ** 3 + 0.125) / 3)
+    below, above = np.minimum(x, 0), np.maximum(x - span, 0)
+    antiderivative += ((below - step / 2) ** 3 + (step / 2) ** 3) / 3
+    antiderivative += ((above + step / 2) ** 3 - (step / 2) ** 3) / 3
+    return (np.diff(antiderivative, axis=1) * counts / width).sum(axis=1)
+
+
+@pytest.mark.parametrize("distribution", ["laplacian_with_outliers", "relu6", "skewed"])
+def test_l2_range_is_near_caffe2s_optimum_under_its_own_score(distribution, laplacian_with_outliers):
+    """Our closed-form error model (step (hi - lo) / 255, clipped values measured to lo and hi)
+    against Caffe2's exhaustive search with its own score, over every range of a 256-bin histogram."""
+    rng = np.random.default_rng(2)
+    x = {"laplacian_with_outliers": laplacian_with_outliers[:200_000],
+         "relu6": np.clip(rng.normal(1.0, 2.0, 200_000), 0.0, 6.0),
+         "skewed": rng.gamma(2.0, 1.0, 200_000) - 1.0}[distribution]
+    histogram = Histogram(bins=256)
+    histogram.add(x)
+    start, selected = np.triu_indices(histogram.bins + 1, 1)  # every [start, end) with end > start
+    selected = selected - start
+    scores = np.concatenate([caffe2_l2_norms(histogram.counts, histogram.width, start[i:i + 4096], selected[i:i + 4096])
+                             for i in range(0, start.size, 4096)])
+    lo, hi = l2_optimal_range(histogram)
+    ours = np.array([round((lo - histogram.start) / histogram.width)]), np.array([round((hi - lo) / histogram.width)])
+    assert caffe2_l2_norms(histogram.counts, histogram.width, *ours)[0] <= 1.03 * scores.min()
+
+
 @pytest.fixture(scope="module")
 def efficientnet_fp32(tmp_path_factory) -> Path:
     return build_model("efficientnet-lite0", None, tmp_path_factory.mktemp("fp32") / "efficientnet-lite0.onnx")
