@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import MOBILENET_INT8, REPO, RESNET50_INT8, VAL_1300, jpeg_bytes, need, subset_folder
 from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
-from pipeline.inference import ModelError, ModelInfo, make_session, run_model
+from pipeline.inference import ModelError, ModelInfo, make_session, run_model, top_k
 from pipeline.prepare import write_parquet_shards
 from pipeline.reference import reference_predictions
 
@@ -108,6 +108,17 @@ def tiny_classifier(path, batch, classes=1001, shape=(3, 224, 224)):
         [numpy_helper.from_array(weight, "w")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return weight
+
+
+def test_tied_classes_rank_lowest_id_first():
+    # quantised logits tie: the ranking must not depend on how a partial sort happens to order them
+    probs = np.zeros((2, 1000), np.float32)
+    probs[0, [900, 7, 450]] = 0.3
+    probs[0, 3] = 0.1
+    probs[1, ::-1] = np.linspace(0.0, 1.0, 1000)  # no ties: plain descending order
+    ids, values = top_k(probs, 5)
+    assert ids[0].tolist() == [7, 450, 900, 3, 0] and np.allclose(values[0], [0.3, 0.3, 0.3, 0.1, 0.0])
+    assert ids[1].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_fixed_batch_model_with_background_class(tmp_path):
