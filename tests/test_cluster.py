@@ -106,6 +106,22 @@ def wait_mid_run(process: subprocess.Popen, output: Path, nodes, written: int, t
     raise TimeoutError("the run did not start producing predictions")
 
 
+def cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def wait_computing(pid: int, timeout: float = 60) -> None:
+    """Return once PID has been using the CPU for most of the last 50 ms (it is running a batch)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        start = cpu_ticks(pid)
+        time.sleep(0.05)
+        if cpu_ticks(pid) - start >= 0.03 * os.sysconf("SC_CLK_TCK"):  # 30 ms of CPU in 50 ms
+            return
+    raise TimeoutError(f"inference actor {pid} never got busy")
+
+
 def assert_pinned_to_distinct_cores(pids: set[int], timeout: float = 20) -> None:
     """Each process ends up allowed on one core only, and no two on the same one (as the OS sees it)."""
     deadline = time.monotonic() + timeout
@@ -192,6 +208,9 @@ def test_a_killed_inference_actor_is_restarted_and_its_batches_redone(cluster, i
     actors = wait_mid_run(process, tmp_path, cluster.nodes, a_third_written // 2)
     before = {pid for pids in actors.values() for pid in pids}
     assert_pinned_to_distinct_cores(before)
+    # killed while it computes, so that it holds a batch the run cannot finish without (an idle
+    # actor may be restarted only after the survivor has done the rest: MobileNetV2 is fast)
+    wait_computing(actors[0][0])
     os.kill(actors[0][0], signal.SIGKILL)
     assert not (tmp_path / "predictions.parquet").exists(), "the run had already finished"
     # its batches can only be redone by its restarted self: Ray retries actor tasks on the same actor
