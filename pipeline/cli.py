@@ -135,25 +135,21 @@ def prepare(
     resize: Optional[int] = typer.Option(None, min=1, help="LMDB: scale the shorter side to N pixels first"),
 ) -> None:
     """Write Parquet shards (key, image bytes as stored, label), or an LMDB database, from an image folder."""
-    from pipeline.prepare import write_parquet_shards
-
-    if format != "parquet":
-        from pipeline.sources.lmdb_writer import prepare_lmdb
-
-        try:
-            console.print(prepare_lmdb(str(images), str(out), str(labels) if labels else None, format, encoded,
-                                       resize), highlight=False)
-        except USER_ERRORS as exc:
-            fail(str(exc))
-        return
-
+    labels_file = str(labels) if labels else None
     try:
-        counts = write_parquet_shards(str(images), str(out), str(labels) if labels else None, shard_size)
+        if format == "parquet":
+            from pipeline.prepare import write_parquet_shards
+
+            counts = write_parquet_shards(str(images), str(out), labels_file, shard_size)
+            report = f"wrote {counts['records']} records in {counts['shards']} shards to {out}" + (
+                f" ({counts['unreadable']} unreadable files kept as error rows)" if counts["unreadable"] else "")
+        else:
+            from pipeline.sources.lmdb_writer import prepare_lmdb
+
+            report = prepare_lmdb(str(images), str(out), labels_file, format, encoded, resize)
     except USER_ERRORS as exc:
         fail(str(exc))
-    console.print(f"wrote {counts['records']} records in {counts['shards']} shards to {out}"
-                  + (f" ({counts['unreadable']} unreadable files kept as error rows)" if counts["unreadable"] else ""),
-                  highlight=False)
+    console.print(report, highlight=False)
 
 
 @app.command()
