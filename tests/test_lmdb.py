@@ -21,8 +21,8 @@ from pipeline.inference import ModelInfo, make_session, run_model, top_k
 from pipeline.prepare import write_parquet_shards
 from pipeline.preprocess import (Normalizer, Preprocessor, decode_image, preprocess_image, resize_and_crop,
                                  resize_pixels)
-from pipeline.sources import SourceError, detect_format, read_source
-from pipeline.sources.lmdb import DATA_FILE, LmdbDatasource
+from pipeline.sources import LMDB_DATA_FILE, SourceError, detect_format, read_source
+from pipeline.sources.lmdb import LmdbDatasource
 from pipeline.sources.lmdb_records import (DATUM, TENSOR_PROTOS, RecordError, datum_class, decode_datum,
                                            decode_tensor_protos, detect_record_kind, encode_datum,
                                            encode_tensor_protos)
@@ -43,7 +43,7 @@ def put_records(path: Path, records: list[tuple[bytes, bytes]]) -> Path:
 
 
 def checksum(db: Path) -> str:
-    return hashlib.sha256((db / DATA_FILE).read_bytes()).hexdigest()
+    return hashlib.sha256((db / LMDB_DATA_FILE).read_bytes()).hexdigest()
 
 
 def predictions_by_image(output: Path) -> dict[str, list[int]]:
@@ -256,8 +256,8 @@ def test_bad_databases_are_clear_errors(tmp_path, val200):
 
     truncated = tmp_path / "truncated"
     shutil.copytree(good, truncated)
-    with open(truncated / DATA_FILE, "r+b") as f:
-        f.truncate((truncated / DATA_FILE).stat().st_size // 2)
+    with open(truncated / LMDB_DATA_FILE, "r+b") as f:
+        f.truncate((truncated / LMDB_DATA_FILE).stat().st_size // 2)
     with pytest.raises(SourceError, match="truncated"):
         read_source(str(truncated))
     result = CliRunner().invoke(app, ["evaluate", "--model", str(need(MOBILENET_INT8)), "--data", str(truncated),
@@ -268,7 +268,7 @@ def test_bad_databases_are_clear_errors(tmp_path, val200):
         read_source(str(val200), fmt="lmdb")
     garbage = tmp_path / "garbage"
     garbage.mkdir()
-    (garbage / DATA_FILE).write_bytes(b"not an lmdb file" * 1000)
+    (garbage / LMDB_DATA_FILE).write_bytes(b"not an lmdb file" * 1000)
     with pytest.raises(SourceError, match="not a readable LMDB database"):
         read_source(str(garbage))
 
@@ -291,8 +291,8 @@ def test_a_damaged_page_is_a_clear_error(tmp_path, val200):
     db = tmp_path / "damaged"
     write_lmdb(str(val200), str(db), fmt="lmdb-datum")
     tasks = LmdbDatasource(db).get_read_tasks(parallelism=8)
-    with open(db / DATA_FILE, "r+b") as f:  # every leaf page now claims to be an overflow page
-        for page in leaf_pages(db / DATA_FILE):
+    with open(db / LMDB_DATA_FILE, "r+b") as f:  # every leaf page now claims to be an overflow page
+        for page in leaf_pages(db / LMDB_DATA_FILE):
             f.seek(page * 4096 + 10)
             f.write((0x04).to_bytes(2, "little"))
     for task in tasks:

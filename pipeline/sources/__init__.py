@@ -90,16 +90,25 @@ FORMATS: dict[str, Callable] = {
     "lmdb": _read_lmdb,
 }
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+LMDB_DATA_FILE = "data.mdb"  # what makes a folder an LMDB database
+
+
+def is_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def is_tar_name(name: str) -> bool:
+    return name.endswith(TAR_SUFFIXES)
 
 
 def detect_format(path: str) -> str:
     """The input format of PATH: a folder or glob of .parquet files or of .tar shards, an LMDB
     database (a folder holding data.mdb), or an image folder."""
-    if any(ch in path for ch in "*?["):
+    if is_glob(path):
         matches = glob.glob(path)
         if matches and all(m.endswith(".parquet") for m in matches):
             return "parquet"
-        if matches and all(m.endswith(TAR_SUFFIXES) for m in matches):
+        if matches and all(is_tar_name(m) for m in matches):
             return "tar"
         raise SourceError(f"{path}: the pattern matches no .parquet files or .tar shards")
     p = Path(path)
@@ -108,16 +117,16 @@ def detect_format(path: str) -> str:
     if p.is_file():
         if p.suffix == ".parquet":
             return "parquet"
-        if p.name.endswith(TAR_SUFFIXES):
+        if is_tar_name(p.name):
             return "tar"
         raise SourceError(f"{path}: cannot tell the input format of this file; pass --format")
-    if (p / "data.mdb").is_file():
+    if (p / LMDB_DATA_FILE).is_file():
         return "lmdb"
     with os.scandir(p) as entries:
         names = [e.name for e in entries if e.is_file()]
     if names and all(n.endswith(".parquet") for n in names if not n.startswith(".")):
         return "parquet"
-    if names and all(n.endswith(TAR_SUFFIXES) for n in names if not n.startswith(".")):
+    if names and all(is_tar_name(n) for n in names if not n.startswith(".")):
         return "tar"
     return "folder"
 

@@ -31,10 +31,10 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import BBOX_COLUMNS, NO_LABEL, RAW_COLUMNS, SOURCE_SCHEMA, Source, SourceError
+from pipeline.sources import (BBOX_COLUMNS, LMDB_DATA_FILE, NO_LABEL, RAW_COLUMNS, SOURCE_SCHEMA, Source,
+                              SourceError)
 from pipeline.sources.lmdb_records import DECODERS, KIND_NAMES, ImageRecord, RecordError, detect_record_kind
 
-DATA_FILE = "data.mdb"
 RECORDS_PER_TASK = 64  # fewest records worth a ReadTask of its own
 ROWS_PER_BLOCK = 256
 RECORDS_PROBED = 16  # records looked at to tell Datum from TensorProtos
@@ -51,20 +51,16 @@ class LmdbInfo(NamedTuple):
     size_bytes: int
 
 
-def is_lmdb_dir(path: str | Path) -> bool:
-    return (Path(path) / DATA_FILE).is_file()
-
-
 def open_readonly(path: str | Path) -> lmdb.Environment:
     """Open the database in directory PATH read-only, without a lock file, after checking that
     data.mdb holds every page its meta page refers to (LMDB maps the file and would crash the process
     with SIGBUS on a page past the end of a truncated file)."""
     path = Path(path)
-    data_file = path / DATA_FILE
+    data_file = path / LMDB_DATA_FILE
     if not path.is_dir():
-        raise SourceError(f"{path}: not a directory (an LMDB database is a directory holding {DATA_FILE})")
+        raise SourceError(f"{path}: not a directory (an LMDB database is a directory holding {LMDB_DATA_FILE})")
     if not data_file.is_file():
-        raise SourceError(f"{path}: not an LMDB database (no {DATA_FILE} in it)")
+        raise SourceError(f"{path}: not an LMDB database (no {LMDB_DATA_FILE} in it)")
     try:
         env = lmdb.open(str(path), readonly=True, lock=False, create=False, subdir=True,
                         max_readers=1, max_dbs=0)
@@ -107,7 +103,7 @@ def inspect_lmdb(path: str | Path) -> LmdbInfo:
         raise SourceError(f"{path}: damaged LMDB database ({exc})") from None
     finally:
         env.close()
-    return LmdbInfo(entries, first_key, last_key, kind, (Path(path) / DATA_FILE).stat().st_size)
+    return LmdbInfo(entries, first_key, last_key, kind, (Path(path) / LMDB_DATA_FILE).stat().st_size)
 
 
 def key_text(key: bytes) -> str:

@@ -12,12 +12,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
-from pipeline.sources import NO_LABEL, SOURCE_SCHEMA, Source, SourceError
+from pipeline.sources import NO_LABEL, SOURCE_SCHEMA, Source, SourceError, is_glob
 
 
 def parquet_files(path: str) -> list[str]:
     """The .parquet files PATH names: a file, a folder of shards or a glob."""
-    if any(ch in path for ch in "*?["):
+    if is_glob(path):
         files = sorted(glob.glob(path))
     elif Path(path).is_dir():
         files = sorted(str(p) for p in Path(path).glob("*.parquet"))

@@ -21,20 +21,16 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import NO_LABEL, TAR_SUFFIXES, Source, SourceError, source_table
+from pipeline.sources import NO_LABEL, Source, SourceError, is_glob, is_tar_name, source_table
 from pipeline.sources.labels import read_labels_file
 
 MEMBERS_PER_BLOCK = 64
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
 
 
-def is_tar_name(name: str) -> bool:
-    return name.endswith(TAR_SUFFIXES)
-
-
 def tar_shards(path: str) -> list[tuple[str, str]]:
     """(shard file, key prefix) for every shard PATH names, sorted by path."""
-    if any(ch in path for ch in "*?["):
+    if is_glob(path):
         files = sorted(f for f in glob.glob(path) if is_tar_name(f))
         base = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
     elif Path(path).is_dir():
