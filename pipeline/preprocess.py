@@ -30,7 +30,7 @@ PILLOW_FILTERS = {
     "nearest": Image.Resampling.NEAREST,
 }
 
-JPEG_MAGIC = b"\xff\xd8"
+JPEG_MAGIC = b"\xff\xd8\xff"  # start of image, then a marker: how Pillow recognises a JPEG
 
 
 class ImageError(ValueError):
@@ -71,7 +71,7 @@ def decode_image(data: bytes) -> np.ndarray:
     settings as Pillow's, so the same pixels, in two thirds of the time and without Pillow's
     4-byte-per-pixel copy. Whatever it declines (other formats, CMYK, damaged or oversized files)
     goes to Pillow, which decodes it or says what is wrong."""
-    if data[:2] == JPEG_MAGIC:
+    if data.startswith(JPEG_MAGIC):
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
             if height * width <= Image.MAX_IMAGE_PIXELS:
@@ -125,16 +125,21 @@ def crop_origin(size: int, crop: int, rule: str) -> int:
     return (size - crop) // 2 if rule == "floor" else int(round((size - crop) / 2.0))
 
 
-def resize_and_crop(pixels: np.ndarray, preset: Preset) -> np.ndarray:
-    """uint8 HWC RGB pixels -> uint8 HWC centre crop of size preset.crop, in RGB order."""
+def scale_shorter_side(pixels: np.ndarray, scale: int, interpolation: str) -> np.ndarray:
+    """uint8 HWC pixels with the shorter side resized to SCALE (see `scaled_size`)."""
     height, width = pixels.shape[:2]
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
-    size = scaled_size(width, height, preset.scale)
-    if size != (width, height):
-        pixels = resize_pixels(pixels, size, preset.interpolation)
-    left = crop_origin(size[0], preset.crop, preset.crop_offset)
-    top = crop_origin(size[1], preset.crop, preset.crop_offset)
+    size = scaled_size(width, height, scale)
+    return pixels if size == (width, height) else resize_pixels(pixels, size, interpolation)
+
+
+def resize_and_crop(pixels: np.ndarray, preset: Preset) -> np.ndarray:
+    """uint8 HWC RGB pixels -> uint8 HWC centre crop of size preset.crop, in RGB order."""
+    pixels = scale_shorter_side(pixels, preset.scale, preset.interpolation)
+    height, width = pixels.shape[:2]
+    left = crop_origin(width, preset.crop, preset.crop_offset)
+    top = crop_origin(height, preset.crop, preset.crop_offset)
     return pixels[top:top + preset.crop, left:left + preset.crop]
 
 

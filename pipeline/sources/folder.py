@@ -17,7 +17,7 @@ from ray.data.datasource import Datasource, ReadTask
 from pipeline.sources import NO_LABEL, Source, SourceError, source_table
 from pipeline.sources.labels import LABELS_FILE, read_labels_file
 
-FILES_PER_TASK = 64
+FILES_PER_BLOCK = 64  # files read into one block (one ReadTask when evaluating)
 
 
 def list_folder_records(root: str | Path, labels: Optional[str | Path] = None) -> list[tuple[str, int]]:
@@ -40,26 +40,26 @@ def list_folder_records(root: str | Path, labels: Optional[str | Path] = None) -
     return [(key, label_of.get(key, NO_LABEL)) for key in sorted(keys)]
 
 
+def read_file(root: Path, key: str) -> tuple[bytes, str]:
+    """The bytes of file KEY below ROOT and "", or b"" and why it cannot be read."""
+    try:
+        return (root / key).read_bytes(), ""
+    except FileNotFoundError:
+        return b"", "file not found"
+    except OSError as exc:
+        return b"", f"cannot read file: {exc.strerror or exc}"
+
+
 def read_folder_records(root: str | Path, records: list[tuple[str, int]]):
     """A source-row block with the bytes of RECORDS' files; unreadable files become error rows."""
     root = Path(root)
-    keys, labels, images, errors = [], [], [], []
-    for key, label in records:
-        try:
-            data, error = (root / key).read_bytes(), ""
-        except FileNotFoundError:
-            data, error = b"", "file not found"
-        except OSError as exc:
-            data, error = b"", f"cannot read file: {exc.strerror or exc}"
-        keys.append(key)
-        labels.append(label)
-        images.append(data)
-        errors.append(error)
-    return source_table(keys, labels, images, errors)
+    reads = [read_file(root, key) for key, _ in records]
+    return source_table([key for key, _ in records], [label for _, label in records],
+                        [data for data, _ in reads], [error for _, error in reads])
 
 
 class ImageFolderDatasource(Datasource):
-    """Reads an image folder's files in ReadTasks of FILES_PER_TASK files each."""
+    """Reads an image folder's files in ReadTasks of FILES_PER_BLOCK files each."""
 
     def __init__(self, root: str | Path, labels: Optional[str | Path] = None, limit: Optional[int] = None):
         self.root = Path(root).resolve()
@@ -70,7 +70,8 @@ class ImageFolderDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
                        data_context=None) -> list[ReadTask]:
-        chunks = [self.records[i:i + FILES_PER_TASK] for i in range(0, len(self.records), FILES_PER_TASK)]
+        from pipeline.sources.units import chunked
+
         root = self.root
 
         def make_task(chunk: list[tuple[str, int]]) -> ReadTask:
@@ -81,7 +82,7 @@ class ImageFolderDatasource(Datasource):
                                      input_files=None)
             return ReadTask(read, metadata)
 
-        return [make_task(chunk) for chunk in chunks]
+        return [make_task(chunk) for chunk in chunked(self.records, FILES_PER_BLOCK)]
 
 
 def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[int] = None) -> Source:
@@ -89,7 +90,7 @@ def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[i
     datasource = ImageFolderDatasource(root, labels, limit)
     if not datasource.records:
         raise SourceError(f"{root}: no files to read")
-    tasks = -(-len(datasource.records) // FILES_PER_TASK)
+    tasks = -(-len(datasource.records) // FILES_PER_BLOCK)
     # one block per ReadTask: Ray would otherwise split each small block to reach its default parallelism
     return Source(ray.data.read_datasource(datasource, override_num_blocks=tasks), len(datasource.records))
 
@@ -99,7 +100,6 @@ def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[i
 # UNIT_SIZE consecutive files in that order, dealt round-robin to the tasks), so the walk costs
 # every task a directory listing of the whole tree but nobody holds more than one directory's names.
 WALK_TASKS = 4
-FILES_PER_BLOCK = 64
 
 
 def walk_files(root: str | Path) -> Iterator[str]:

@@ -19,22 +19,16 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import lmdb
-import numpy as np
 from PIL import Image
 
-from pipeline.preprocess import ImageError, decode_image, resize_pixels, scaled_size
-from pipeline.sources import SourceError
-from pipeline.sources.folder import list_folder_records, read_folder_records
+from pipeline.preprocess import JPEG_MAGIC, ImageError, decode_image, scale_shorter_side
+from pipeline.sources import LMDB_DATA_FILE, SourceError
+from pipeline.sources.folder import list_folder_records, read_file
 from pipeline.sources.lmdb_records import DATUM, ENCODERS, TENSOR_PROTOS
 
 LMDB_FORMATS = {"lmdb-datum": DATUM, "lmdb-caffe2": TENSOR_PROTOS}
 READ_CHUNK = 256  # images read and written per transaction
 INITIAL_MAP_SIZE = 1 << 30  # LMDB's size limit; doubled whenever a transaction does not fit
-
-
-def resized(pixels: np.ndarray, shorter_side: int) -> np.ndarray:
-    size = scaled_size(pixels.shape[1], pixels.shape[0], shorter_side)
-    return pixels if size == pixels.shape[1::-1] else resize_pixels(pixels, size, "area")
 
 
 def record_value(record_kind: str, label: int, data: bytes, encoded: bool, resize: Optional[int]) -> bytes:
@@ -44,10 +38,10 @@ def record_value(record_kind: str, label: int, data: bytes, encoded: bool, resiz
         return encode(label, encoded=data)
     pixels = decode_image(data)
     if resize is not None:
-        pixels = resized(pixels, resize)
+        pixels = scale_shorter_side(pixels, resize, "area")
     if encoded:
         buffer = io.BytesIO()
-        if Image.open(io.BytesIO(data)).format == "JPEG":
+        if data.startswith(JPEG_MAGIC):
             Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
         else:
             Image.fromarray(pixels).save(buffer, format="PNG")
@@ -59,11 +53,11 @@ def _records(images: str, labels: Optional[str], record_kind: str, encoded: bool
              skipped: list[tuple[str, str]]) -> Iterator[list[tuple[bytes, bytes]]]:
     """Chunks of (key, value) in input order; unreadable images go to SKIPPED as (key, reason)."""
     records = list_folder_records(images, labels)
+    root = Path(images)
     for start in range(0, len(records), READ_CHUNK):
-        table = read_folder_records(images, records[start:start + READ_CHUNK])
-        columns = (table.column(name).to_pylist() for name in ("key", "label", "image", "error"))
         chunk = []
-        for index, key, label, data, error in zip(range(start, start + table.num_rows), *columns):
+        for index, (key, label) in enumerate(records[start:start + READ_CHUNK], start):
+            data, error = read_file(root, key)
             if not error:
                 try:
                     value = record_value(record_kind, label, data, encoded, resize)
@@ -84,7 +78,7 @@ def write_lmdb(images: str, out: str, labels: Optional[str] = None, fmt: str = "
     if resize is not None and resize < 1:
         raise SourceError("--resize must be at least 1")
     out_dir = Path(out)
-    if (out_dir / "data.mdb").exists():
+    if (out_dir / LMDB_DATA_FILE).exists():
         raise SourceError(f"{out}: already holds an LMDB database; choose a new folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     skipped: list[tuple[str, str]] = []
