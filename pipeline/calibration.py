@@ -22,6 +22,8 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
+from pipeline.inference import ModelInfo
+
 HISTOGRAM_BINS = 2048
 LEVELS = 256  # 8 bits
 
@@ -127,7 +129,7 @@ def collect_histograms(model_path: str, batches: Iterable[np.ndarray], bins: int
     model = onnx.load(model_path)
     tensors = float_tensors(model)
     outputs = {o.name for o in model.graph.output}
-    input_name = model.graph.input[0].name
+    input_name = ModelInfo.from_path(model_path).input_name
     model.graph.output.extend(
         onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
         for name in tensors if name not in outputs and name != input_name

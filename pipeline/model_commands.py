@@ -68,14 +68,15 @@ def quantize_command(
     import json
 
     from pipeline.config import load_preset
-    from pipeline.quantize import METHODS, QuantizeError, accuracy_report, quantize_model, read_calibration_set
+    from pipeline.evaluate import check_preset_fits
+    from pipeline.inference import ModelInfo
+    from pipeline.quantize import QuantizeError, accuracy_report, check_options, quantize_model, read_calibration_set
     from pipeline.runtime import init_ray
 
-    unknown = [m for m in method if m not in METHODS]
-    if unknown:
-        fail(f"unknown calibration method {unknown[0]!r}: choose from {', '.join(METHODS)}")
     try:
+        check_options(method, activations)
         preset_obj = load_preset(preset)
+        check_preset_fits(ModelInfo.from_path(model), preset_obj)  # before Ray starts and images are read
         init_ray(address)
         calib = read_calibration_set(calibration, preset_obj, images, fmt=format)
         typer.echo(f"calibrating on {calib.images} images of {calibration}"

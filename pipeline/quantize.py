@@ -21,6 +21,7 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 from pipeline.calibration import BatchReader, collect_histograms, l2_optimal_range
 from pipeline.config import Preset
 from pipeline.evaluate import evaluate
+from pipeline.inference import ModelInfo
 from pipeline.preprocess import Preprocessor
 from pipeline.sources import read_source
 
@@ -37,6 +38,15 @@ FLOAT_OPS = ("Softmax",)  # left in float: probabilities need the precision, and
 
 class QuantizeError(ValueError):
     """Quantisation cannot proceed; the message says why."""
+
+
+def check_options(methods: list[str], activations: str) -> None:
+    """The calibration methods and activation type asked for exist (checked before any work starts)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise QuantizeError(f"unknown calibration method {unknown[0]!r}: choose from {', '.join(METHODS)}")
+    if activations not in ACTIVATION_TYPES:
+        raise QuantizeError(f"activations must be uint8 or int8, not {activations!r}")
 
 
 def l2_ranges(model_path: str, batches: list[np.ndarray]) -> TensorsData:
@@ -67,16 +77,12 @@ def quantize_model(
     activations: str = "uint8",
 ) -> Path:
     """Calibrate on `batches` (preprocessed float32 NCHW inputs) and write the int8 QDQ model."""
-    if method not in METHODS:
-        raise QuantizeError(f"unknown calibration method {method!r}: choose one of {', '.join(METHODS)}")
-    if activations not in ACTIVATION_TYPES:
-        raise QuantizeError(f"activations must be uint8 or int8, not {activations!r}")
+    check_options([method], activations)
     if not batches:
         raise QuantizeError("no calibration images")
     model_path, out = str(model_path), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = _named_model(model_path)
-    input_name = model.graph.input[0].name
     options = dict(
         quant_format=QuantFormat.QDQ,
         per_channel=True,
@@ -98,7 +104,7 @@ def quantize_model(
             # One batch per collection step: onnxruntime's histogram calibrators hold every
             # intermediate tensor of a step in memory.
             options["extra_options"]["CalibStridedMinMax"] = 1
-            quantize_static(named_path, str(out), BatchReader(input_name, batches),
+            quantize_static(named_path, str(out), BatchReader(ModelInfo.from_path(model_path).input_name, batches),
                             calibrate_method=ORT_METHODS[method], **options)
     return out
 

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SAMPLE_1000, VAL_1300, need, subset_folder
+from conftest import REPO, SAMPLE_1000, VAL_1300, need, subset_folder
 from pipeline.calibration import Histogram, expected_l2_errors, l2_optimal_range
 from pipeline.cli import app
 from pipeline.config import load_preset
@@ -187,3 +187,13 @@ def test_cli_quantize_rejects_unknown_method(tmp_path: Path):
     result = CliRunner().invoke(app, ["quantize", "--model", "m.onnx", "--calibration", str(tmp_path),
                                       "--method", "kl", "--out", str(tmp_path / "x.onnx")])
     assert result.exit_code == 2 and "unknown calibration method" in result.output
+
+
+def test_cli_quantize_refuses_a_preset_that_does_not_fit_the_model_before_reading_images(
+        efficientnet_fp32: Path, tmp_path: Path):
+    small_crop = tmp_path / "crop192.yaml"
+    small_crop.write_text((REPO / "conf" / "tf127.yaml").read_text().replace("crop: 224", "crop: 192"))
+    result = CliRunner().invoke(app, ["quantize", "--model", str(efficientnet_fp32), "--calibration",
+                                      str(tmp_path / "absent"), "--preset", str(small_crop),
+                                      "--out", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 2 and "takes 224x224 images" in result.output, result.output
