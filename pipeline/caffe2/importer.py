@@ -62,7 +62,6 @@ class Constant:
     values: np.ndarray
     scale: float | None = None
     zero_point: int | None = None
-    fill_type: str = ""
 
 
 class OpArgs:
@@ -574,7 +573,6 @@ def read_constants(init_net: Any) -> dict[str, Constant]:
             values=values.reshape(shape),
             scale=float(np.float32(args.float("Y_scale", 1.0))) if is_int8 else None,
             zero_point=args.int("Y_zero_point", 0) if is_int8 else None,
-            fill_type=op.type,
         )
     return constants
 
@@ -582,22 +580,21 @@ def read_constants(init_net: Any) -> dict[str, Constant]:
 # -- the whole model ------------------------------------------------------------------
 
 
-def convert_nets(init_net: Any, predict_net: Any, input_size: int = 224, input_name: str | None = None) -> onnx.ModelProto:
+def convert_nets(init_net: Any, predict_net: Any, input_size: int = 224) -> onnx.ModelProto:
     """ONNX model of the Caffe2 predictor, taking float NCHW [N, 3, size, size] input."""
     constants = read_constants(init_net)
     ctx = ConversionContext(constants)
-    if input_name is None:
-        candidates = [name for name in predict_net.external_input if name not in constants]
-        if not candidates:
-            # Some exported predictors also fill the data blob in the init net: Caffe2
-            # lists the data input first.
-            candidates = list(predict_net.external_input[:1])
-        if len(candidates) != 1:
-            raise Caffe2ImportError(
-                f"predict net has {len(candidates)} external inputs not filled by the init net "
-                f"({', '.join(candidates) or 'none'}); expected exactly one image input"
-            )
-        input_name = candidates[0]
+    candidates = [name for name in predict_net.external_input if name not in constants]
+    if not candidates:
+        # Some exported predictors also fill the data blob in the init net: Caffe2
+        # lists the data input first.
+        candidates = list(predict_net.external_input[:1])
+    if len(candidates) != 1:
+        raise Caffe2ImportError(
+            f"predict net has {len(candidates)} external inputs not filled by the init net "
+            f"({', '.join(candidates) or 'none'}); expected exactly one image input"
+        )
+    input_name = candidates[0]
     constants.pop(input_name, None)
     ctx.names.add(input_name)
     ctx.blobs[input_name] = Blob(onnx_name=input_name, dtype="float", layout="NCHW", rank=4)
@@ -607,8 +604,8 @@ def convert_nets(init_net: Any, predict_net: Any, input_size: int = 224, input_n
     ctx.names.update(outputs)
 
     for index, op in enumerate(predict_net.op):
-        converter = PREDICT_CONVERTERS.get((op.type, op.engine in DNNLOWP_ENGINES))
         cv = OpConverter(ctx, op, index)
+        converter = PREDICT_CONVERTERS.get((op.type, cv.dnnlowp))
         if converter is None:
             raise cv.fail("operator not supported by import-caffe2")
         converter(cv)
