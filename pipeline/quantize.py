@@ -121,12 +121,12 @@ class CalibrationSet:
 
 
 def read_calibration_set(
-    data: str, preset: Preset, images: int | None = None, fmt: str | None = None, labels: str | None = None,
+    data: str, preset: Preset, images: int | None = None, fmt: str | None = None,
     batch_size: int = CALIBRATION_BATCH,
 ) -> CalibrationSet:
     """Calibration inputs read and preprocessed by the evaluation pipeline itself (any input
     format, the preset's exact preprocessing); labels are not needed. Ray must be running."""
-    source = read_source(data, fmt=fmt, labels=labels, limit=images)
+    source = read_source(data, fmt=fmt, limit=images)
     rows = source.dataset.map_batches(Preprocessor(preset, require_label=False), batch_size=batch_size,
                                       batch_format="numpy")
     keys, batches, errors = [], [], 0

@@ -19,7 +19,7 @@ LAYERS = [(3, 64), (4, 128), (6, 256), (3, 512)]  # (blocks, bottleneck width) p
 EXPANSION = 4
 
 
-def _convolutions(classes: int) -> list[tuple[str, str, tuple[int, int, int, int]]]:
+def _convolutions() -> list[tuple[str, str, tuple[int, int, int, int]]]:
     """(conv name, batch norm name, weight shape) of every convolution, in graph order."""
     convs = [("conv1", "bn1", (64, 3, 7, 7))]
     in_ch = 64
@@ -72,7 +72,7 @@ def generated_weights(seed: int = 0, classes: int = 1000) -> dict[str, np.ndarra
     input, so folded biases stay small."""
     rng = np.random.default_rng(seed)
     tensors: dict[str, np.ndarray] = {}
-    for conv, bn, shape in _convolutions(classes):
+    for conv, bn, shape in _convolutions():
         fan_in = int(np.prod(shape[1:]))
         tensors[f"{conv}.weight"] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
         out_ch = shape[0]
@@ -81,6 +81,7 @@ def generated_weights(seed: int = 0, classes: int = 1000) -> dict[str, np.ndarra
         tensors[f"{bn}.bias"] = rng.normal(0.0, 0.1, out_ch).astype(np.float32)
         tensors[f"{bn}.running_mean"] = rng.normal(0.0, 0.1, out_ch).astype(np.float32)
         tensors[f"{bn}.running_var"] = rng.uniform(0.5, 1.5, out_ch).astype(np.float32)
-    tensors["fc.weight"] = (rng.standard_normal((classes, 2048)) * np.sqrt(1.0 / 2048)).astype(np.float32)
+    features = LAYERS[-1][1] * EXPANSION
+    tensors["fc.weight"] = (rng.standard_normal((classes, features)) * np.sqrt(1.0 / features)).astype(np.float32)
     tensors["fc.bias"] = np.zeros(classes, np.float32)
     return tensors
