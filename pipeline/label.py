@@ -207,6 +207,11 @@ def check_output(output: Path, run: dict, resume: bool, overwrite: bool) -> set[
     if changed:
         raise OutputDirError(f"{output} holds an interrupted run with other settings ({'; '.join(changed)}): "
                              "resume it with the same options, or pass --overwrite")
+    return finished_units(output)
+
+
+def finished_units(output: Path) -> set[str]:
+    """The work units whose labels shard is in place (renamed there only once complete)."""
     return {p.stem for p in (output / LABELS_DIR).glob("*.parquet")}
 
 
@@ -222,7 +227,7 @@ def claim_output(output: Path, run: dict, overwrite: bool) -> None:
         (output / name).mkdir(parents=True, exist_ok=True)
         for temp in (output / name).glob(f".*{TEMP_SUFFIX}"):
             temp.unlink()  # left by a killed run: that unit is read again
-    done = {p.stem for p in (output / LABELS_DIR).glob("*.parquet")}
+    done = finished_units(output)
     for orphan in (output / ERRORS_DIR).glob("*.parquet"):
         if orphan.stem not in done:  # killed between the two renames: that unit is read again
             orphan.unlink()
