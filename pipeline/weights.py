@@ -21,6 +21,11 @@ from pathlib import Path
 import numpy as np
 
 
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values held as uint16 -> float32 (bfloat16 is the top half of a float32)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
 class WeightsError(ValueError):
     """A weights file that cannot be read safely or correctly; the message says why."""
 
@@ -86,7 +91,7 @@ class _TensorRef:
         )
         array = np.array(view)  # own, contiguous copy
         if self.storage.storage_type.name == "BFloat16Storage":
-            array = (array.astype(np.uint32) << 16).view(np.float32)
+            array = bfloat16_to_float32(array)
         return array
 
 
@@ -266,7 +271,7 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
             raise WeightsError(f"{path}: tensor {name} data does not match its shape {shape}")
         array = array.reshape(shape).copy()
         if info["dtype"] == "BF16":
-            array = (array.astype(np.uint32) << 16).view(np.float32)
+            array = bfloat16_to_float32(array)
         tensors[name] = array
     return tensors
 
