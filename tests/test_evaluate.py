@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import onnx
@@ -189,3 +190,18 @@ def test_cli_evaluate_without_a_model_uses_efficientnet_lite0(tmp_path):
     assert metrics["model"].endswith("efficientnet-lite0-fp32.onnx") and metrics["preset"] == "tf127"
     assert metrics["evaluated"] == 16 and metrics["top1"] >= 0.6  # a real ImageNet model, not random
     assert (tmp_path / "cache" / "int8-imagenet-pipeline" / "efficientnet-lite0-fp32.onnx").is_file()
+
+
+def test_a_labels_file_that_is_absent_is_named(tmp_path):
+    from pipeline.sources import SourceError
+    from pipeline.sources.folder import list_folder_records
+    from pipeline.sources.tar import TarShardDatasource
+
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
+    with tarfile.open(tmp_path / "shard.tar", "w") as shard:
+        shard.add(tmp_path / "a.jpg", "a.jpg")
+    for read, path in ((list_folder_records, tmp_path), (TarShardDatasource, tmp_path / "shard.tar")):
+        with pytest.raises(SourceError, match="absent.txt: labels file not found"):
+            read(str(path), str(tmp_path / "absent.txt"))
+    (tmp_path / "shard.tar").unlink()
+    assert list_folder_records(tmp_path) == [("a.jpg", -1)]  # a folder's own labels.txt is optional

@@ -31,9 +31,8 @@ def list_folder_records(root: str | Path, labels: Optional[str | Path] = None) -
     if not root.is_dir():
         raise SourceError(f"{root}: not a directory")
     labels_path = Path(labels) if labels else root / LABELS_FILE
-    label_of = read_labels_file(labels_path) if labels_path.is_file() else {}
-    if labels and not labels_path.is_file():
-        raise SourceError(f"{labels}: labels file not found")
+    # a labels file the user named must exist; the folder's own labels.txt is optional
+    label_of = read_labels_file(labels_path) if labels or labels_path.is_file() else {}
     keys = set(label_of) | set(walk_files(root))
     if labels_path.resolve().is_relative_to(root.resolve()):
         keys.discard(labels_path.resolve().relative_to(root.resolve()).as_posix())

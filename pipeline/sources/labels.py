@@ -10,7 +10,9 @@ LABELS_FILE = "labels.txt"
 
 
 def read_labels_file(path: str | Path) -> dict[str, int]:
-    """FILE -> class index. A line that is not `FILE INTEGER` is an error naming the line."""
+    """FILE -> class index. A missing file, or a line that is not `FILE INTEGER`, is a SourceError."""
+    if not Path(path).is_file():
+        raise SourceError(f"{path}: labels file not found")
     labels: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):

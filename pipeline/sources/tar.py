@@ -115,8 +115,6 @@ class TarShardDatasource(Datasource):
 
 def read_tar_shards(path: str, labels: Optional[str] = None, limit: Optional[int] = None) -> Source:
     """Source rows, one per member of the shards PATH names; labels from a `KEY CLASS_INDEX` file."""
-    if labels and not Path(labels).is_file():
-        raise SourceError(f"{labels}: labels file not found")
     dataset = ray.data.read_datasource(TarShardDatasource(path, labels))
     return Source(dataset.limit(limit) if limit is not None else dataset)
 
