@@ -119,10 +119,14 @@ def read_tar_shards(path: str, labels: Optional[str] = None, limit: Optional[int
     return Source(dataset.limit(limit) if limit is not None else dataset)
 
 
-def count_tar_members(path: str) -> int:
-    """How many records the shards hold, from their headers (seeking past the data when uncompressed)."""
+def count_tar_members(path: str) -> Optional[int]:
+    """How many records the shards hold, from their headers, seeking past the data; None when a
+    shard is compressed (counting it would mean decompressing it all once more, for a progress bar)."""
+    shards = tar_shards(path)
+    if not all(file.endswith(".tar") for file, _ in shards):
+        return None
     total = 0
-    for file, _ in tar_shards(path):
+    for file, _ in shards:
         try:
             with tarfile.open(file) as archive:
                 while (member := archive.next()) is not None:
