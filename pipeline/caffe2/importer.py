@@ -119,6 +119,10 @@ class ConversionContext:
     def zero_point(self, hint: str, value: int, dtype: type = np.uint8) -> str:
         return self.initializer(f"{hint}_zero_point", np.array(value, dtype=dtype))
 
+    def qparams(self, hint: str, scale: float, zero_point: int) -> list[str]:
+        """The (scale, uint8 zero point) inputs of a QuantizeLinear or DequantizeLinear."""
+        return [self.scale(hint, scale), self.zero_point(hint, zero_point)]
+
     def node(self, op_type: str, inputs: list[str], hint: str, domain: str = "", **attrs: Any) -> str:
         output = self.fresh(hint)
         self.nodes.append(
@@ -194,7 +198,7 @@ class OpConverter:
     # -- shared pieces ------------------------------------------------------------------
 
     def qparams_inputs(self, blob: Blob, hint: str) -> list[str]:
-        return [self.ctx.scale(hint, blob.scale), self.ctx.zero_point(hint, blob.zero_point)]
+        return self.ctx.qparams(hint, blob.scale, blob.zero_point)
 
     def clip_at_zero_point(self, tensor: str, zero_point: int) -> str:
         """ReLU on a uint8 tensor: real 0 is the zero point, so clamp below it."""
@@ -206,7 +210,7 @@ class OpConverter:
             return blob.onnx_name
         real = self.ctx.node("DequantizeLinear", [blob.onnx_name, *self.qparams_inputs(blob, f"{self.hint}_in")], f"{self.hint}_real")
         return self.ctx.node(
-            "QuantizeLinear", [real, self.ctx.scale(self.hint, scale), self.ctx.zero_point(self.hint, zero_point)], self.hint
+            "QuantizeLinear", [real, *self.ctx.qparams(self.hint, scale, zero_point)], self.hint
         )
 
     def to_nchw_memory_order(self, blob: Blob) -> str:
@@ -276,7 +280,7 @@ def convert_quantize(cv: OpConverter) -> None:
     if len(cv.op.input) > 1:
         raise cv.fail("quantisation parameters given as input blobs are not supported")
     scale, zero_point = cv.output_qparams()
-    y = cv.ctx.node("QuantizeLinear", [x.onnx_name, cv.ctx.scale(cv.hint, scale), cv.ctx.zero_point(cv.hint, zero_point)], cv.hint)
+    y = cv.ctx.node("QuantizeLinear", [x.onnx_name, *cv.ctx.qparams(cv.hint, scale, zero_point)], cv.hint)
     cv.set_output(y, x, dtype="uint8", scale=scale, zero_point=zero_point)
 
 
@@ -335,7 +339,7 @@ def _qlinear_conv(cv: OpConverter, x_name: str, x: Blob, weight_oihw: np.ndarray
         cv.ctx.initializer(cv.op.input[1], signed_weight(weight_oihw)),
         cv.ctx.scale(cv.op.input[1], weight.scale),
         cv.ctx.zero_point(cv.op.input[1], weight.zero_point - 128, np.int8),
-        cv.ctx.scale(cv.hint, scale), cv.ctx.zero_point(cv.hint, zero_point),
+        *cv.ctx.qparams(cv.hint, scale, zero_point),
     ]
     if bias is not None:
         inputs.append(bias)
@@ -393,7 +397,7 @@ def convert_sum(cv: OpConverter, relu: bool) -> None:
         y = cv.ctx.node(
             "QLinearAdd",
             [a.onnx_name, *cv.qparams_inputs(a, f"{cv.hint}_a"), b.onnx_name, *cv.qparams_inputs(b, f"{cv.hint}_b"),
-             cv.ctx.scale(cv.hint, scale), cv.ctx.zero_point(cv.hint, zero_point)],
+             *cv.ctx.qparams(cv.hint, scale, zero_point)],
             f"{cv.hint}_add" if relu else cv.hint, domain=MS_DOMAIN,
         )
     else:
@@ -403,7 +407,7 @@ def convert_sum(cv: OpConverter, relu: bool) -> None:
         ]
         total = cv.ctx.node("Sum", reals, f"{cv.hint}_real") if len(reals) > 1 else reals[0]
         y = cv.ctx.node(
-            "QuantizeLinear", [total, cv.ctx.scale(cv.hint, scale), cv.ctx.zero_point(cv.hint, zero_point)],
+            "QuantizeLinear", [total, *cv.ctx.qparams(cv.hint, scale, zero_point)],
             f"{cv.hint}_sum" if relu else cv.hint,
         )
     if relu:
@@ -435,7 +439,7 @@ def convert_average_pool(cv: OpConverter) -> None:
     x = cv.blob(0)
     order = cv.order()
     scale, zero_point = cv.output_qparams(default=x)
-    qinputs = [x.onnx_name, *cv.qparams_inputs(x, f"{cv.hint}_x"), cv.ctx.scale(cv.hint, scale), cv.ctx.zero_point(cv.hint, zero_point)]
+    qinputs = [x.onnx_name, *cv.qparams_inputs(x, f"{cv.hint}_x"), *cv.ctx.qparams(cv.hint, scale, zero_point)]
     if cv.args.int("global_pooling", 0):
         y = cv.ctx.node("QLinearGlobalAveragePool", qinputs, cv.hint, domain=MS_DOMAIN, channels_last=0)
     else:
@@ -617,7 +621,7 @@ def convert_nets(init_net: Any, predict_net: Any, input_size: int = 224) -> onnx
             raise Caffe2ImportError(f"external output {name!r} is not produced by the predict net")
         onnx_name = blob.onnx_name
         if blob.dtype == "uint8":
-            onnx_name = ctx.node("DequantizeLinear", [onnx_name, ctx.scale(name, blob.scale), ctx.zero_point(name, blob.zero_point)], name)
+            onnx_name = ctx.node("DequantizeLinear", [onnx_name, *ctx.qparams(name, blob.scale, blob.zero_point)], name)
         elif blob.dtype != "float":
             raise Caffe2ImportError(f"external output {name!r} is not a tensor")
         if onnx_name != name:
