@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -166,10 +167,12 @@ class LocalCluster:
         """Alive nodes as the cluster's GCS sees them (asked from a subprocess: this process may
         already be a driver of another Ray)."""
         probe = ("import ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-                 "print(sum(n['Alive'] for n in ray.nodes()))" % self.address)
+                 "print('alive nodes:', sum(n['Alive'] for n in ray.nodes()))" % self.address)
         result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                                 env=self.env)
-        return int(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 and result.stdout.strip() else 0
+        # Ray prints its own warnings (lagging heartbeats on a busy machine...) on the same stdout
+        counts = re.findall(r"^alive nodes: (\d+)$", result.stdout, re.M)
+        return int(counts[-1]) if result.returncode == 0 and counts else 0
 
     def wait_for_nodes(self, count: int, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
