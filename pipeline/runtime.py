@@ -31,6 +31,9 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
         common = dict(runtime_env={"env_vars": WORKER_ENV}, logging_level=logging.WARNING,
                       log_to_driver=True)
         if address is None:
+            # a new local cluster gets token authentication (Ray 2.60's default) and Ray warns on
+            # every start that it did; joining a cluster keeps Ray's messages about its settings
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             cores = num_cpus or local_cores()
             ray.init(address="local", num_cpus=cores, resources={INFERENCE_RESOURCE: cores},
                      include_dashboard=False, **common)

@@ -169,6 +169,7 @@ def test_cli_evaluate_writes_metrics_and_table(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["images"] == metrics["evaluated"] == 40
     assert "top-1" in result.stdout and f"{100 * metrics['top1']:.2f}%" in result.stdout
+    assert "Token authentication is enabled" not in result.stderr  # Ray's notice on every local start
 
 
 def test_a_damaged_parquet_shard_is_named_before_the_run(tmp_path):
