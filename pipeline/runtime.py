@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Optional
 
 INFERENCE_RESOURCE = "inference_core"
@@ -45,6 +46,9 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     # it warns that the progress bars we switched off above are off
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # an input of fewer read blocks than inference actors (a small folder, --limit) keeps some
+    # actors idle; Ray Data's advice to set override_num_blocks is not the user's to follow
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
 
 
 def inference_slots() -> int:
