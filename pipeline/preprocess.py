@@ -74,7 +74,8 @@ def decode_image(data: bytes) -> np.ndarray:
     if data.startswith(JPEG_MAGIC):
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-            if height * width <= Image.MAX_IMAGE_PIXELS:
+            # the decompression-bomb limit Pillow applies to other formats (None: switched off)
+            if Image.MAX_IMAGE_PIXELS is None or height * width <= Image.MAX_IMAGE_PIXELS:
                 return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
         except ValueError:
             pass

@@ -90,6 +90,15 @@ def test_jpeg_fast_path_gives_pillows_pixels():
     assert len(files) > 150 and greyscale  # full-size photos, pre-resized ones and greyscale JPEGs
 
 
+def test_jpegs_over_pillows_pixel_limit_are_refused_unless_it_is_switched_off(monkeypatch):
+    data = jpeg_bytes(size=(200, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200 * 100 // 2)
+    with pytest.raises(ImageError, match="too large to decode safely"):
+        decode_image(data)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # how users allow huge images in Pillow
+    assert decode_image(data).shape == (100, 200, 3)
+
+
 @pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("RGBA", "PNG"), ("RGB", "PNG")])
 def test_every_image_mode_becomes_three_channels(mode, fmt):
     pixels = decode_image(jpeg_bytes(mode=mode, fmt=fmt))
