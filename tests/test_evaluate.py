@@ -62,6 +62,21 @@ def test_folder_and_parquet_shards_give_identical_predictions(ray_local, tmp_pat
     assert from_folder["top1_correct"] == from_parquet["top1_correct"]
 
 
+def test_shards_with_and_without_a_label_column_keep_every_label(ray_local, tmp_path):
+    from pipeline.sources import NO_LABEL
+    from pipeline.sources.parquet import read_parquet_shards
+
+    write_parquet_shards(str(subset_folder(need(VAL_1300), tmp_path / "images", 6)), str(tmp_path / "shards"),
+                         shard_size=3)
+    first, second = sorted((tmp_path / "shards").glob("*.parquet"))
+    pq.write_table(pq.read_table(first).drop_columns(["label"]), first)  # the first shard has none
+    rows = read_parquet_shards(str(tmp_path / "shards")).dataset.take_all()
+    labels = {row["key"]: row["label"] for row in rows}
+    expected = {row["key"]: row["label"] for row in pq.read_table(second).to_pylist()}
+    assert len(rows) == 6 and sum(label == NO_LABEL for label in labels.values()) == 3
+    assert {key: labels[key] for key in expected} == expected
+
+
 def test_resnet50_int8_with_caffe2_preset(ray_local, tmp_path):
     metrics = evaluate(str(need(RESNET50_INT8)), str(need(VAL_1300)), "caffe2", str(tmp_path), limit=24)
     assert metrics["preset"] == "caffe2" and metrics["evaluated"] == 24

@@ -40,9 +40,10 @@ def _shard_metadata(file: str) -> pq.FileMetaData:
     return metadata
 
 
-def source_columns(metadata: pq.FileMetaData) -> list[str]:
-    """The columns of a shard that make source rows."""
-    return [c for c in ("key", "image", "label", "error") if c in metadata.schema.names]
+def source_columns(*shards: pq.FileMetaData) -> list[str]:
+    """The columns that make source rows, held by any of SHARDS (one without `label` gets NO_LABEL
+    for its rows; the other shards' labels are still read)."""
+    return [c for c in ("key", "image", "label", "error") if any(c in m.schema.names for m in shards)]
 
 
 def to_source_rows(table: pa.Table) -> pa.Table:
@@ -64,7 +65,7 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
         raise SourceError("Parquet shards carry their labels in the `label` column; --labels is for image folders")
     files = parquet_files(path)
     metadata = [_shard_metadata(f) for f in files]
-    columns = source_columns(metadata[0])
+    columns = source_columns(*metadata)
     num_records = sum(m.num_rows for m in metadata)
     ds = ray.data.read_parquet(files).select_columns(columns)
     if limit is not None:
