@@ -18,10 +18,9 @@ from pipeline.config import Preset, load_preset
 from pipeline.inference import Classifier, ModelError, ModelInfo
 from pipeline.metrics import AccuracyCounter
 from pipeline.preprocess import Preprocessor
-from pipeline.runtime import INFERENCE_RESOURCE, inference_actor_options, inference_slots, init_ray
+from pipeline.runtime import (INFERENCE_RESOURCE, inference_actor_options, inference_slots, init_ray,
+                              map_fused_with_read)
 from pipeline.sources import Source, read_source
-
-PREPROCESS_BATCH = 32
 
 
 def check_preset_fits(info: ModelInfo, preset: Preset) -> None:
@@ -35,10 +34,8 @@ def predict(source: Source, info: ModelInfo, preset: Preset, *, require_label: b
     """The Ray Dataset of prediction rows (`key, label, top_ids, top_probs, error, node, core`, and the
     source columns named in CARRY)."""
     actors = inference_slots()
-    preprocessed = source.dataset.map_batches(
-        Preprocessor(preset, require_label=require_label, carry=carry), batch_size=PREPROCESS_BATCH,
-        batch_format="numpy",
-    )
+    preprocessed = map_fused_with_read(source.dataset, Preprocessor(preset, require_label=require_label, carry=carry),
+                                       batch_size=None, batch_format="numpy")
     return preprocessed.map_batches(
         Classifier,
         fn_constructor_kwargs={"model_path": os.path.abspath(info.path), "top_k": top_k,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -182,10 +183,16 @@ class Preprocessor:
     A row whose read, decode or label fails keeps its key and gets the reason in `error` and an
     all-zero input, so every record reaches the output exactly once. Columns named in CARRY are
     copied through unchanged (the labelling job's work-unit tags).
+
+    Called on a whole read block (map_batches with batch_size=None, which lets Ray Data fuse it
+    into the read task), it yields the rows CHUNK records at a time: the float32 inputs are 4x
+    the decoded crops, and a block of any size never has all of them in memory at once.
     """
 
-    def __init__(self, preset: Preset, require_label: bool = True, carry: tuple[str, ...] = ()):
+    def __init__(self, preset: Preset, require_label: bool = True, carry: tuple[str, ...] = (),
+                 chunk: int = 32):
         self.preset = preset
+        self.chunk = chunk
         self.require_label = require_label
         self.carry = carry
         self.normalize = Normalizer(preset)
@@ -201,7 +208,11 @@ class Preprocessor:
                 pixels = crop_to_box(pixels, *box)
         return pixels
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, block: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(block["key"]), self.chunk):
+            yield self.preprocess({column: values[start:start + self.chunk] for column, values in block.items()})
+
+    def preprocess(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
         crop = self.preset.crop
         crops = np.zeros((n, crop, crop, 3), dtype=np.uint8)

@@ -23,6 +23,7 @@ from pipeline.config import Preset
 from pipeline.evaluate import evaluate
 from pipeline.inference import ModelInfo
 from pipeline.preprocess import Preprocessor
+from pipeline.runtime import map_fused_with_read
 from pipeline.sources import read_source
 
 METHODS = ("l2", "minmax", "entropy", "percentile")
@@ -127,8 +128,8 @@ def read_calibration_set(
     """Calibration inputs read and preprocessed by the evaluation pipeline itself (any input
     format, the preset's exact preprocessing); labels are not needed. Ray must be running."""
     source = read_source(data, fmt=fmt, limit=images)
-    rows = source.dataset.map_batches(Preprocessor(preset, require_label=False), batch_size=batch_size,
-                                      batch_format="numpy")
+    rows = map_fused_with_read(source.dataset, Preprocessor(preset, require_label=False), batch_size=None,
+                               batch_format="numpy")
     keys, batches, errors = [], [], 0
     for batch in rows.iter_batches(batch_size=batch_size, batch_format="numpy"):
         good = batch["error"] == ""

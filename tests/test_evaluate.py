@@ -77,6 +77,26 @@ def test_shards_with_and_without_a_label_column_keep_every_label(ray_local, tmp_
     assert {key: labels[key] for key in expected} == expected
 
 
+@pytest.mark.parametrize("fmt,read", [("folder", "ReadImageFolder"), ("lmdb", "ReadLMDB")])
+def test_preprocessing_runs_inside_the_read_tasks(ray_local, tmp_path, fmt, read):
+    """Read and preprocessing fuse into one task per block (no second task, no trip through the
+    object store for the encoded bytes); inference stays in its actors."""
+    from pipeline.evaluate import predict
+    from pipeline.sources import read_source
+    from pipeline.sources.lmdb_writer import write_lmdb
+
+    data = subset_folder(need(VAL_1300), tmp_path / "images", 150)
+    if fmt == "lmdb":
+        write_lmdb(str(data), str(tmp_path / "lmdb"))
+        data = tmp_path / "lmdb"
+    info = ModelInfo.from_path(need(MOBILENET_INT8))
+    rows = predict(read_source(str(data)), info, load_preset("torch"), require_label=True, top_k=5,
+                   batch_size=32).materialize()
+    operators = [line.split(":")[0] for line in rows.stats().splitlines() if line.startswith("Operator")]
+    assert operators == [f"Operator 1 {read}->MapBatches(Preprocessor)", "Operator 2 MapBatches(Classifier)"]
+    assert rows.count() == 150
+
+
 def test_resnet50_int8_with_caffe2_preset(ray_local, tmp_path):
     metrics = evaluate(str(need(RESNET50_INT8)), str(need(VAL_1300)), "caffe2", str(tmp_path), limit=24)
     assert metrics["preset"] == "caffe2" and metrics["evaluated"] == 24

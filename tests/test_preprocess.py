@@ -132,11 +132,11 @@ def test_preprocessor_turns_bad_rows_into_error_rows():
         "image": np.array([good, b"", good, good, b""], dtype=object),
         "error": np.array(["", "", "", "", "file not found"], dtype=object),
     }
-    out = Preprocessor(load_preset("torch"))(batch)
+    out = Preprocessor(load_preset("torch")).preprocess(batch)
     assert list(out["error"]) == ["", "empty image (0 bytes)", "no label for this image",
                                   "label 1000 out of range 0..999", "file not found"]
     assert out["input"].shape == (5, 3, 224, 224)
     assert np.abs(out["input"][0]).sum() > 0 and not out["input"][1:].any()
     # labelling needs no labels
-    unlabelled = Preprocessor(load_preset("torch"), require_label=False)(batch)
+    unlabelled = Preprocessor(load_preset("torch"), require_label=False).preprocess(batch)
     assert unlabelled["error"][2] == ""

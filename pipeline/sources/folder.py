@@ -90,7 +90,8 @@ def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[i
     if not datasource.records:
         raise SourceError(f"{root}: no files to read")
     tasks = -(-len(datasource.records) // FILES_PER_BLOCK)
-    # one block per ReadTask: Ray would otherwise split each small block to reach its default parallelism
+    # one block per ReadTask: Ray would otherwise split each small block to reach its default
+    # parallelism, and a split read is not fused with the preprocessing
     return Source(ray.data.read_datasource(datasource, override_num_blocks=tasks), len(datasource.records))
 
 

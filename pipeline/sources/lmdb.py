@@ -211,7 +211,10 @@ def read_lmdb(path: str, labels: Optional[str] = None, limit: Optional[int] = No
     if labels:
         raise SourceError("LMDB records carry their labels; --labels is for image folders")
     datasource = LmdbDatasource(path)
-    dataset = ray.data.read_datasource(datasource)
+    # as many ReadTasks as key ranges of RECORDS_PER_TASK records: Ray would otherwise split their
+    # blocks to reach its default parallelism, and a split read is not fused with the preprocessing
+    tasks = max(1, math.ceil(datasource.info.entries / RECORDS_PER_TASK))
+    dataset = ray.data.read_datasource(datasource, override_num_blocks=tasks)
     if limit is not None:
         return Source(dataset.limit(limit), min(limit, datasource.info.entries))
     return Source(dataset, datasource.info.entries)

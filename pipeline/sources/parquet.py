@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
 
+from pipeline.runtime import map_fused_with_read
 from pipeline.sources import NO_LABEL, SOURCE_SCHEMA, Source, SourceError, is_glob
 
 
@@ -70,7 +71,7 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
     ds = ray.data.read_parquet(files).select_columns(columns)
     if limit is not None:
         ds, num_records = ds.limit(limit), min(limit, num_records)
-    return Source(ds.map_batches(to_source_rows, batch_format="pyarrow", batch_size=None), num_records)
+    return Source(map_fused_with_read(ds, to_source_rows, batch_format="pyarrow", batch_size=None), num_records)
 
 
 ROWS_PER_BLOCK = 256

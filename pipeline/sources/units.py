@@ -28,6 +28,7 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from pipeline.runtime import map_fused_with_read
 from pipeline.sources import Source, detect_format, read_source
 
 UNIT_COLUMNS = ("unit", "unit_rows")
@@ -129,8 +130,8 @@ def read_work_units(path: str, fmt: Optional[str], done: set[str], unit_size: in
         source = read_source(path, fmt=fmt)
         if WHOLE_SOURCE_UNIT in done:
             return Source(source.dataset.limit(0), 0)
-        dataset = source.dataset.map_batches(
-            lambda block: with_unit(block, WHOLE_SOURCE_UNIT, -1), batch_format="pyarrow", batch_size=None)
+        dataset = map_fused_with_read(source.dataset, lambda block: with_unit(block, WHOLE_SOURCE_UNIT, -1),
+                                      batch_format="pyarrow", batch_size=None)
         return Source(dataset, source.num_records)
     readers = PARTITIONERS[fmt](path, done, unit_size)
     return Source(ray.data.read_datasource(WorkUnitDatasource(readers), override_num_blocks=max(len(readers), 1)))
