@@ -14,10 +14,9 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import NO_LABEL, Source, SourceError, source_table
+from pipeline.sources import NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, records_per_task, source_table
 from pipeline.sources.labels import LABELS_FILE, read_labels_file
 
-FILES_PER_BLOCK = 64  # files read into one block (one ReadTask when evaluating)
 
 
 def list_folder_records(root: str | Path, labels: Optional[str | Path] = None) -> list[tuple[str, int]]:
@@ -58,11 +57,12 @@ def read_folder_records(root: str | Path, records: list[tuple[str, int]]):
 
 
 class ImageFolderDatasource(Datasource):
-    """Reads an image folder's files in ReadTasks of FILES_PER_BLOCK files each."""
+    """Reads an image folder's files in ReadTasks of `records_per_task` files each, one block each."""
 
     def __init__(self, root: str | Path, labels: Optional[str | Path] = None, limit: Optional[int] = None):
         self.root = Path(root).resolve()
         self.records = list_folder_records(self.root, labels)[:limit]
+        self.per_task = records_per_task(len(self.records))
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
         return None
@@ -81,7 +81,7 @@ class ImageFolderDatasource(Datasource):
                                      input_files=None)
             return ReadTask(read, metadata)
 
-        return [make_task(chunk) for chunk in chunked(self.records, FILES_PER_BLOCK)]
+        return [make_task(chunk) for chunk in chunked(self.records, self.per_task)]
 
 
 def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[int] = None) -> Source:
@@ -89,7 +89,7 @@ def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[i
     datasource = ImageFolderDatasource(root, labels, limit)
     if not datasource.records:
         raise SourceError(f"{root}: no files to read")
-    tasks = -(-len(datasource.records) // FILES_PER_BLOCK)
+    tasks = -(-len(datasource.records) // datasource.per_task)
     # one block per ReadTask: Ray would otherwise split each small block to reach its default
     # parallelism, and a split read is not fused with the preprocessing
     return Source(ray.data.read_datasource(datasource, override_num_blocks=tasks), len(datasource.records))
@@ -135,7 +135,7 @@ def folder_unit_readers(root: str | Path, done: set[str], unit_size: int, tasks:
                 unit = f"files-{number:08d}"
                 if number % tasks == task and unit not in done:
                     yield unit, (read_folder_records(root, [(key, NO_LABEL) for key in block])
-                                 for block in chunked(keys, FILES_PER_BLOCK))
+                                 for block in chunked(keys, RECORDS_PER_BLOCK))
 
         return units
 

@@ -31,12 +31,10 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import (BBOX_COLUMNS, LMDB_DATA_FILE, NO_LABEL, RAW_COLUMNS, SOURCE_SCHEMA, Source,
-                              SourceError)
+from pipeline.sources import (BBOX_COLUMNS, LMDB_DATA_FILE, NO_LABEL, RAW_COLUMNS, RECORDS_PER_BLOCK,
+                              SOURCE_SCHEMA, Source, SourceError, records_per_task)
 from pipeline.sources.lmdb_records import DECODERS, KIND_NAMES, ImageRecord, RecordError, detect_record_kind
 
-RECORDS_PER_TASK = 64  # fewest records worth a ReadTask of its own
-ROWS_PER_BLOCK = 256
 RECORDS_PROBED = 16  # records looked at to tell Datum from TensorProtos
 INTERPOLATED_BYTES = 8
 LMDB_SCHEMA = pa.schema(list(SOURCE_SCHEMA) + [(name, pa.int32()) for name in RAW_COLUMNS + BBOX_COLUMNS])
@@ -163,7 +161,7 @@ def read_key_range(path: str, record_kind: str, lo: Optional[bytes], hi: Optiona
                 keys.append(key_text(key))
                 records.append(record)
                 errors.append(error)
-                if len(keys) == ROWS_PER_BLOCK:
+                if len(keys) == RECORDS_PER_BLOCK:
                     yield records_table(keys, records, errors)
                     keys, records, errors = [], [], []
     except lmdb.Error as exc:
@@ -190,7 +188,7 @@ class LmdbDatasource(Datasource):
         return self.info.size_bytes
 
     def key_ranges(self, parallelism: int) -> list[tuple[Optional[bytes], Optional[bytes]]]:
-        parts = max(1, min(parallelism, math.ceil(self.info.entries / RECORDS_PER_TASK)))
+        parts = max(1, min(parallelism, self.info.entries))
         bounds = [None] + split_key_range(self.info.first_key, self.info.last_key, parts) + [None]
         return list(zip(bounds[:-1], bounds[1:]))
 
@@ -211,9 +209,9 @@ def read_lmdb(path: str, labels: Optional[str] = None, limit: Optional[int] = No
     if labels:
         raise SourceError("LMDB records carry their labels; --labels is for image folders")
     datasource = LmdbDatasource(path)
-    # as many ReadTasks as key ranges of RECORDS_PER_TASK records: Ray would otherwise split their
+    # one ReadTask per key range of about `records_per_task` records: Ray would otherwise split their
     # blocks to reach its default parallelism, and a split read is not fused with the preprocessing
-    tasks = max(1, math.ceil(datasource.info.entries / RECORDS_PER_TASK))
+    tasks = max(1, math.ceil(datasource.info.entries / records_per_task(datasource.info.entries)))
     dataset = ray.data.read_datasource(datasource, override_num_blocks=tasks)
     if limit is not None:
         return Source(dataset.limit(limit), min(limit, datasource.info.entries))

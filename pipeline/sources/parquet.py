@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from pipeline.runtime import map_fused_with_read
-from pipeline.sources import NO_LABEL, SOURCE_SCHEMA, Source, SourceError, is_glob
+from pipeline.sources import NO_LABEL, RECORDS_PER_BLOCK, SOURCE_SCHEMA, Source, SourceError, is_glob
 
 
 def parquet_files(path: str) -> list[str]:
@@ -74,7 +74,6 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
     return Source(map_fused_with_read(ds, to_source_rows, batch_format="pyarrow", batch_size=None), num_records)
 
 
-ROWS_PER_BLOCK = 256
 
 
 def parquet_unit_readers(path: str, done: set[str]) -> list:
@@ -84,7 +83,7 @@ def parquet_unit_readers(path: str, done: set[str]) -> list:
 
     def reader_for(unit: str, file: str, columns: list[str]):
         def units():
-            batches = pq.ParquetFile(file).iter_batches(batch_size=ROWS_PER_BLOCK, columns=columns)
+            batches = pq.ParquetFile(file).iter_batches(batch_size=RECORDS_PER_BLOCK, columns=columns)
             yield unit, (to_source_rows(pa.Table.from_batches([batch])) for batch in batches)
 
         return units

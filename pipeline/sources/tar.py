@@ -21,10 +21,9 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import NO_LABEL, Source, SourceError, is_glob, is_tar_name, source_table
+from pipeline.sources import NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, is_glob, is_tar_name, source_table
 from pipeline.sources.labels import read_labels_file
 
-MEMBERS_PER_BLOCK = 64
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
 
 
@@ -82,11 +81,11 @@ def tar_records(file: str, prefix: str) -> Iterator[tuple[str, bytes, str]]:
 
 
 def read_tar_blocks(file: str, prefix: str, label_of: Optional[dict[str, int]] = None) -> Iterator:
-    """Source-row blocks of MEMBERS_PER_BLOCK members of one shard."""
+    """Source-row blocks of RECORDS_PER_BLOCK members of one shard."""
     from pipeline.sources.units import chunked
 
     label_of = label_of or {}
-    for chunk in chunked(tar_records(file, prefix), MEMBERS_PER_BLOCK):
+    for chunk in chunked(tar_records(file, prefix), RECORDS_PER_BLOCK):
         keys, images, errors = (list(column) for column in zip(*chunk))
         yield source_table(keys, [label_of.get(k, NO_LABEL) for k in keys], images, errors)
 
