@@ -8,6 +8,8 @@ keep a sensible range through all 16 blocks: for structure, quantisation and spe
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import onnx
 
@@ -19,21 +21,27 @@ LAYERS = [(3, 64), (4, 128), (6, 256), (3, 512)]  # (blocks, bottleneck width) p
 EXPANSION = 4
 
 
-def _convolutions() -> list[tuple[str, str, tuple[int, int, int, int]]]:
-    """(conv name, batch norm name, weight shape) of every convolution, in graph order."""
-    convs = [("conv1", "bn1", (64, 3, 7, 7))]
+def _bottlenecks() -> Iterator[tuple[str, int, int, int, bool]]:
+    """(name prefix, input channels, bottleneck width, stride, has a downsample branch) of every
+    bottleneck block, in graph order: the first block of a stage downsamples (stride 2 from stage 2)."""
     in_ch = 64
     for layer, (blocks, width) in enumerate(LAYERS, start=1):
         for block in range(blocks):
-            p = f"layer{layer}.{block}"
-            convs += [
-                (f"{p}.conv1", f"{p}.bn1", (width, in_ch, 1, 1)),
-                (f"{p}.conv2", f"{p}.bn2", (width, width, 3, 3)),
-                (f"{p}.conv3", f"{p}.bn3", (width * EXPANSION, width, 1, 1)),
-            ]
-            if block == 0:
-                convs.append((f"{p}.downsample.0", f"{p}.downsample.1", (width * EXPANSION, in_ch, 1, 1)))
+            yield f"layer{layer}.{block}", in_ch, width, 2 if block == 0 and layer > 1 else 1, block == 0
             in_ch = width * EXPANSION
+
+
+def _convolutions() -> list[tuple[str, str, tuple[int, int, int, int]]]:
+    """(conv name, batch norm name, weight shape) of every convolution, in graph order."""
+    convs = [("conv1", "bn1", (64, 3, 7, 7))]
+    for p, in_ch, width, _, downsample in _bottlenecks():
+        convs += [
+            (f"{p}.conv1", f"{p}.bn1", (width, in_ch, 1, 1)),
+            (f"{p}.conv2", f"{p}.bn2", (width, width, 3, 3)),
+            (f"{p}.conv3", f"{p}.bn3", (width * EXPANSION, width, 1, 1)),
+        ]
+        if downsample:
+            convs.append((f"{p}.downsample.0", f"{p}.downsample.1", (width * EXPANSION, in_ch, 1, 1)))
     return convs
 
 
@@ -48,20 +56,17 @@ def build(weights: StateDict, classes: int = 1000, size: int = 224) -> onnx.Mode
 
     x = g.relu(conv_bn(INPUT_NAME, "conv1", "bn1", 64, 3, 7, 2), "relu")
     x = g.node("MaxPool", [x], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
-    in_ch = 64
-    for layer, (blocks, width) in enumerate(LAYERS, start=1):
-        for block in range(blocks):
-            p = f"layer{layer}.{block}"
-            stride = 2 if block == 0 and layer > 1 else 1
-            h = g.relu(conv_bn(x, f"{p}.conv1", f"{p}.bn1", width, in_ch, 1, 1), f"{p}.relu1")
-            h = g.relu(conv_bn(h, f"{p}.conv2", f"{p}.bn2", width, width, 3, stride), f"{p}.relu2")
-            h = conv_bn(h, f"{p}.conv3", f"{p}.bn3", width * EXPANSION, width, 1, 1)
-            shortcut = x
-            if block == 0:
-                shortcut = conv_bn(x, f"{p}.downsample.0", f"{p}.downsample.1", width * EXPANSION, in_ch, 1, stride)
-            x = g.relu(g.add(h, shortcut, f"{p}.add"), f"{p}.relu3")
-            in_ch = width * EXPANSION
-    out = g.classifier_head(x, weights.tensor("fc.weight", (classes, in_ch)), weights.tensor("fc.bias", (classes,)))
+    for p, in_ch, width, stride, downsample in _bottlenecks():
+        h = g.relu(conv_bn(x, f"{p}.conv1", f"{p}.bn1", width, in_ch, 1, 1), f"{p}.relu1")
+        h = g.relu(conv_bn(h, f"{p}.conv2", f"{p}.bn2", width, width, 3, stride), f"{p}.relu2")
+        h = conv_bn(h, f"{p}.conv3", f"{p}.bn3", width * EXPANSION, width, 1, 1)
+        shortcut = x
+        if downsample:
+            shortcut = conv_bn(x, f"{p}.downsample.0", f"{p}.downsample.1", width * EXPANSION, in_ch, 1, stride)
+        x = g.relu(g.add(h, shortcut, f"{p}.add"), f"{p}.relu3")
+    features = LAYERS[-1][1] * EXPANSION
+    out = g.classifier_head(x, weights.tensor("fc.weight", (classes, features)),
+                            weights.tensor("fc.bias", (classes,)))
     weights.check_all_used()
     return g.model(out, classes, size)
 
