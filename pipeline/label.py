@@ -258,6 +258,10 @@ def count_records(data: str, fmt: str) -> Optional[int]:
         from pipeline.sources.parquet import parquet_files
 
         return sum(pq.read_metadata(f).num_rows for f in parquet_files(data))
+    if fmt == "lmdb":
+        from pipeline.sources.lmdb import inspect_lmdb
+
+        return inspect_lmdb(data).entries
     return None
 
 

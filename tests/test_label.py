@@ -247,6 +247,20 @@ def test_a_format_without_a_partitioner_lmdb_is_labelled_whole_as_one_unit(ray_l
     (output / "manifest.json").unlink()
     assert label(model, str(tmp_path / "db"), str(output), resume=True)["this_run_images"] == 0
 
+def test_the_progress_total_is_known_for_every_format_that_counts_cheaply(sample_40, tmp_path):
+    from pipeline.label import count_records
+    from pipeline.sources.lmdb_writer import write_lmdb
+
+    files = sorted(sample_40.glob("*.JPEG"))
+    write_parquet_shards(str(sample_40), str(tmp_path / "shards"), shard_size=15)
+    write_tar_shards(tmp_path / "tars", files, per_shard=15)
+    write_lmdb(str(sample_40), str(tmp_path / "db"))
+    counts = {fmt: count_records(str(path), fmt) for fmt, path in
+              [("folder", sample_40), ("parquet", tmp_path / "shards"), ("tar", tmp_path / "tars"),
+               ("lmdb", tmp_path / "db")]}
+    assert counts == {"folder": 40, "parquet": 40, "tar": 40, "lmdb": 40}
+
+
 def test_folder_units_cover_every_file_once_across_read_tasks(tmp_path):
     from pipeline.sources.folder import folder_unit_readers, walk_files
 
