@@ -177,6 +177,9 @@ def label_error(label: int) -> str:
     return ""
 
 
+PREPROCESS_CHUNK = 32
+
+
 class Preprocessor:
     """Ray Data map_batches callable: source rows -> `key, label, input, error` rows.
 
@@ -185,14 +188,12 @@ class Preprocessor:
     copied through unchanged (the labelling job's work-unit tags).
 
     Called on a whole read block (map_batches with batch_size=None, which lets Ray Data fuse it
-    into the read task), it yields the rows CHUNK records at a time: the float32 inputs are 4x
-    the decoded crops, and a block of any size never has all of them in memory at once.
+    into the read task), it yields the rows PREPROCESS_CHUNK records at a time: the float32 inputs
+    are 4x the decoded crops, and a block of any size never has all of them in memory at once.
     """
 
-    def __init__(self, preset: Preset, require_label: bool = True, carry: tuple[str, ...] = (),
-                 chunk: int = 32):
+    def __init__(self, preset: Preset, require_label: bool = True, carry: tuple[str, ...] = ()):
         self.preset = preset
-        self.chunk = chunk
         self.require_label = require_label
         self.carry = carry
         self.normalize = Normalizer(preset)
@@ -209,8 +210,9 @@ class Preprocessor:
         return pixels
 
     def __call__(self, block: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, len(block["key"]), self.chunk):
-            yield self.preprocess({column: values[start:start + self.chunk] for column, values in block.items()})
+        for start in range(0, len(block["key"]), PREPROCESS_CHUNK):
+            yield self.preprocess({column: values[start:start + PREPROCESS_CHUNK]
+                                   for column, values in block.items()})
 
     def preprocess(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
