@@ -140,3 +140,20 @@ def test_preprocessor_turns_bad_rows_into_error_rows():
     # labelling needs no labels
     unlabelled = Preprocessor(load_preset("torch"), require_label=False).preprocess(batch)
     assert unlabelled["error"][2] == ""
+
+
+def test_a_whole_block_is_preprocessed_in_chunks_in_order():
+    """Ray Data hands the Preprocessor whole read blocks; it yields bounded chunks, every row once."""
+    from pipeline.preprocess import PREPROCESS_CHUNK
+
+    n = 2 * PREPROCESS_CHUNK + 6
+    block = {
+        "key": np.array([f"{i}.jpg" for i in range(n)], dtype=object),
+        "label": np.arange(n) % 1000,
+        "image": np.array([jpeg_bytes(seed=i % 3, size=(40, 30)) for i in range(n)], dtype=object),
+        "error": np.array([""] * n, dtype=object),
+    }
+    chunks = list(Preprocessor(load_preset("torch"))(block))
+    assert [len(c["key"]) for c in chunks] == [PREPROCESS_CHUNK, PREPROCESS_CHUNK, 6]
+    assert [k for c in chunks for k in c["key"]] == list(block["key"])
+    assert all(c["input"].shape[1:] == (3, 224, 224) and not (c["error"] != "").any() for c in chunks)
