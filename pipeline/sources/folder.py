@@ -14,9 +14,8 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, records_per_task, source_table
+from pipeline.sources import NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, read_task_split, source_table
 from pipeline.sources.labels import LABELS_FILE, read_labels_file
-
 
 
 def list_folder_records(root: str | Path, labels: Optional[str | Path] = None) -> list[tuple[str, int]]:
@@ -57,12 +56,12 @@ def read_folder_records(root: str | Path, records: list[tuple[str, int]]):
 
 
 class ImageFolderDatasource(Datasource):
-    """Reads an image folder's files in ReadTasks of `records_per_task` files each, one block each."""
+    """Reads an image folder's files in `read_task_split` ReadTasks, one block each."""
 
     def __init__(self, root: str | Path, labels: Optional[str | Path] = None, limit: Optional[int] = None):
         self.root = Path(root).resolve()
         self.records = list_folder_records(self.root, labels)[:limit]
-        self.per_task = records_per_task(len(self.records))
+        self.per_task, self.tasks = read_task_split(len(self.records))
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
         return None
@@ -89,10 +88,10 @@ def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[i
     datasource = ImageFolderDatasource(root, labels, limit)
     if not datasource.records:
         raise SourceError(f"{root}: no files to read")
-    tasks = -(-len(datasource.records) // datasource.per_task)
     # one block per ReadTask: Ray would otherwise split each small block to reach its default
     # parallelism, and a split read is not fused with the preprocessing
-    return Source(ray.data.read_datasource(datasource, override_num_blocks=tasks), len(datasource.records))
+    return Source(ray.data.read_datasource(datasource, override_num_blocks=datasource.tasks),
+                  len(datasource.records))
 
 
 # Labelling archives of millions of files: the driver never lists the folder. Each ReadTask walks

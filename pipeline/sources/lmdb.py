@@ -18,7 +18,6 @@ are placed only affects how evenly the work is shared:
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from functools import partial
@@ -32,7 +31,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.sources import (BBOX_COLUMNS, LMDB_DATA_FILE, NO_LABEL, RAW_COLUMNS, RECORDS_PER_BLOCK,
-                              SOURCE_SCHEMA, Source, SourceError, records_per_task)
+                              SOURCE_SCHEMA, Source, SourceError, read_task_split)
 from pipeline.sources.lmdb_records import DECODERS, KIND_NAMES, ImageRecord, RecordError, detect_record_kind
 
 RECORDS_PROBED = 16  # records looked at to tell Datum from TensorProtos
@@ -209,9 +208,10 @@ def read_lmdb(path: str, labels: Optional[str] = None, limit: Optional[int] = No
     if labels:
         raise SourceError("LMDB records carry their labels; --labels is for image folders")
     datasource = LmdbDatasource(path)
-    # one ReadTask per key range of about `records_per_task` records: Ray would otherwise split their
-    # blocks to reach its default parallelism, and a split read is not fused with the preprocessing
-    tasks = max(1, math.ceil(datasource.info.entries / records_per_task(datasource.info.entries)))
+    # one ReadTask per key range of about the records `read_task_split` gives a task: Ray would
+    # otherwise split their blocks to reach its default parallelism, and a split read is not fused
+    # with the preprocessing
+    _, tasks = read_task_split(datasource.info.entries)
     dataset = ray.data.read_datasource(datasource, override_num_blocks=tasks)
     if limit is not None:
         return Source(dataset.limit(limit), min(limit, datasource.info.entries))

@@ -74,8 +74,6 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
     return Source(map_fused_with_read(ds, to_source_rows, batch_format="pyarrow", batch_size=None), num_records)
 
 
-
-
 def parquet_unit_readers(path: str, done: set[str]) -> list:
     """Readers for `pipeline.sources.units`: one unit per shard, read a few row groups at a time.
     Every shard's footer is checked up front, so a damaged shard is named before anything runs."""
