@@ -106,13 +106,6 @@ def wait_mid_run(process: subprocess.Popen, output: Path, nodes, written: int, t
     raise TimeoutError("the run did not start producing predictions")
 
 
-def wait_for_alive_nodes(cluster: LocalCluster, count: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while cluster.alive_nodes() != count:
-        assert time.monotonic() < deadline, f"Ray still does not see {count} nodes alive"
-        time.sleep(0.5)
-
-
 def cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
@@ -241,7 +234,7 @@ def test_a_worker_node_that_leaves_mid_run_loses_no_image(cluster, images, singl
     try:
         worker.kill_raylet()
         assert not (tmp_path / "predictions.parquet").exists(), "the run had already finished"
-        wait_for_alive_nodes(cluster, 1)
+        cluster.wait_for_nodes(1, timeout=120, expect_exits=True)
     finally:
         os.kill(process.pid, signal.SIGCONT)
     metrics = finished(process, tmp_path, images)
