@@ -1,9 +1,9 @@
 """Activation ranges for int8 quantisation by L2 error minimisation (the seed's method, after
 Caffe2 DNNLOWP's norm minimisation).
 
-For each activation we keep a 2,048-bin histogram of every value seen during calibration, then
-choose the clipping range [lo, hi] that minimises the expected squared error of quantising that
-histogram to 8 bits: rounding error for the values inside the range (a step of
+For each activation we keep a 2,048-bin histogram, over its range, of every value seen during
+calibration, then choose the clipping range [lo, hi] that minimises the expected squared error of
+quantising that histogram to 8 bits: rounding error for the values inside the range (a step of
 (hi - lo) / 255 gives step^2 / 12 per value) plus clipping error for the values outside it
 (their squared distance to lo or hi). A few outliers then no longer stretch the range and
 coarsen the step for everyone else, which is what plain min/max calibration suffers from.
@@ -15,7 +15,7 @@ closed forms in prefix sums of the histogram, so every candidate range is scored
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -45,34 +45,46 @@ def _grid(low: float, high: float, bins: int) -> tuple[float, float]:
 
 @dataclass
 class Histogram:
-    """A streaming histogram with a fixed number of bins whose range grows with the data:
-    when a batch falls outside, the counts so far are spread onto the wider grid (in proportion
-    to overlap, i.e. by interpolating their cumulative distribution)."""
+    """A histogram of `bins` equal bins over a range fixed in advance (from a first pass over the
+    data), with 0 on a bin edge. Fixing the range makes the histogram depend only on the values
+    seen, not on the order the calibration batches arrive in (Ray streams them in no set order),
+    so the same images always give the same int8 model. Values outside the range count in the
+    outermost bins."""
 
-    bins: int = HISTOGRAM_BINS
-    start: float = 0.0
-    width: float = 0.0
-    counts: np.ndarray | None = None
+    start: float
+    width: float
+    counts: np.ndarray
+
+    @classmethod
+    def spanning(cls, low: float, high: float, bins: int = HISTOGRAM_BINS) -> "Histogram":
+        start, width = _grid(low, high, bins)
+        return cls(start, width, np.zeros(bins, np.float64))
+
+    @property
+    def bins(self) -> int:
+        return self.counts.size
 
     @property
     def edges(self) -> np.ndarray:
         return self.start + self.width * np.arange(self.bins + 1)
 
     def add(self, values: np.ndarray) -> None:
-        values = np.asarray(values, dtype=np.float32).ravel()
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            return
-        low, high = float(values.min()), float(values.max())
-        if self.counts is None:
-            self.start, self.width = _grid(low, high, self.bins)
-            self.counts = np.zeros(self.bins, np.float64)
-        elif low < self.start or high > self.start + self.width * self.bins:
-            old_edges, old_cdf = self.edges, np.concatenate([[0.0], np.cumsum(self.counts)])
-            self.start, self.width = _grid(min(low, self.start), max(high, old_edges[-1]), self.bins)
-            self.counts = np.diff(np.interp(self.edges, old_edges, old_cdf))
-        index = np.clip(((values - self.start) / self.width).astype(np.int64), 0, self.bins - 1)
+        values = _finite_values(values)
+        index = np.clip((values - self.start) * (1.0 / self.width), 0, self.bins - 1).astype(np.intp)
         self.counts += np.bincount(index, minlength=self.bins)
+
+
+def _finite_values(values: np.ndarray) -> np.ndarray:
+    """VALUES as one float32 row, without NaNs and infinities (copied only when there are some)."""
+    values = np.asarray(values, dtype=np.float32).ravel()
+    finite = np.isfinite(values)
+    return values if finite.all() else values[finite]
+
+
+def finite_range(values: np.ndarray) -> tuple[float, float]:
+    """(min, max) of the finite values; (0, 0) when there are none."""
+    values = _finite_values(values)
+    return (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
 
 
 def expected_l2_errors(
@@ -99,7 +111,7 @@ def expected_l2_errors(
 def l2_optimal_range(histogram: Histogram, levels: int = LEVELS) -> tuple[float, float]:
     """The clipping range (lo <= 0 <= hi, on histogram edges) with the least expected L2
     quantisation error for this histogram."""
-    if histogram.counts is None or histogram.counts.sum() == 0:
+    if histogram.counts.sum() == 0:
         return 0.0, 0.0
     edges = histogram.edges
     zero = int(round(-histogram.start / histogram.width))
@@ -123,9 +135,26 @@ def float_tensors(model: onnx.ModelProto) -> list[str]:
     return [n for n in names if n and n not in weights and types.get(n) == onnx.TensorProto.FLOAT]
 
 
-def collect_histograms(model_path: str, batches: Iterable[np.ndarray], bins: int = HISTOGRAM_BINS) -> dict[str, Histogram]:
-    """Run the fp32 model over calibration batches and histogram every float activation, one
-    batch at a time (the intermediate tensors of a whole calibration set would not fit in memory)."""
+def collect_histograms(model_path: str, batches: Sequence[np.ndarray], bins: int = HISTOGRAM_BINS) -> dict[str, Histogram]:
+    """Run the fp32 model over the calibration batches twice: once for each float activation's
+    range, then to histogram it over that range. One batch at a time: the intermediate tensors of
+    a whole calibration set would not fit in memory."""
+    ranges: dict[str, tuple[float, float]] = {}
+    for activations in _activations(model_path, batches):
+        for name, value in activations.items():
+            low, high = finite_range(value)
+            if name in ranges:
+                low, high = min(low, ranges[name][0]), max(high, ranges[name][1])
+            ranges[name] = low, high
+    histograms = {name: Histogram.spanning(low, high, bins) for name, (low, high) in ranges.items()}
+    for activations in _activations(model_path, batches):
+        for name, value in activations.items():
+            histograms[name].add(value)
+    return histograms
+
+
+def _activations(model_path: str, batches: Sequence[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """For each batch, every float activation of the model (the input included), by name."""
     model = onnx.load(model_path)
     tensors = float_tensors(model)
     outputs = {o.name for o in model.graph.output}
@@ -136,13 +165,10 @@ def collect_histograms(model_path: str, batches: Iterable[np.ndarray], bins: int
     )
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     output_names = [o.name for o in session.get_outputs()]
-    histograms = {name: Histogram(bins) for name in tensors}
+    wanted = set(tensors)
     for batch in batches:
-        histograms[input_name].add(batch)
-        for name, value in zip(output_names, session.run(output_names, {input_name: batch})):
-            if name in histograms:
-                histograms[name].add(value)
-    return histograms
+        values = session.run(output_names, {input_name: batch})
+        yield {input_name: batch, **{name: value for name, value in zip(output_names, values) if name in wanted}}
 
 
 class BatchReader(CalibrationDataReader):

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO, SAMPLE_1000, VAL_1300, need, subset_folder
-from pipeline.calibration import Histogram, expected_l2_errors, l2_optimal_range
+from pipeline.calibration import Histogram, collect_histograms, expected_l2_errors, l2_optimal_range
 from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.models import build_model
@@ -35,12 +35,16 @@ def laplacian_with_outliers() -> np.ndarray:
     return x
 
 
+def histogram_of(values: np.ndarray, bins: int = 2048) -> Histogram:
+    histogram = Histogram.spanning(values.min(), values.max(), bins)
+    histogram.add(values)
+    return histogram
+
+
 def test_l2_clips_outliers_and_beats_minmax(laplacian_with_outliers):
     x = laplacian_with_outliers
-    histogram = Histogram()
-    for chunk in np.array_split(x, 7):  # streamed, the range growing as outliers arrive
-        histogram.add(chunk)
-    assert histogram.counts.sum() == pytest.approx(x.size)
+    histogram = histogram_of(x)
+    assert histogram.counts.sum() == x.size
     lo, hi = l2_optimal_range(histogram)
     assert x.min() < lo < 0 < hi < x.max()
     assert -40 < lo and hi < 35  # the far outliers are clipped
@@ -54,8 +58,7 @@ def test_l2_clips_outliers_and_beats_minmax(laplacian_with_outliers):
 
 
 def test_l2_range_is_no_worse_than_any_other_on_the_grid(laplacian_with_outliers):
-    histogram = Histogram()
-    histogram.add(laplacian_with_outliers)
+    histogram = histogram_of(laplacian_with_outliers)
     lo, hi = l2_optimal_range(histogram)
     best = quantised_squared_error(laplacian_with_outliers, lo, hi)
     for other_lo, other_hi in ((lo * 0.8, hi * 0.8), (lo * 1.25, hi * 1.25), (lo, hi * 1.5), (lo * 1.5, hi)):
@@ -64,8 +67,7 @@ def test_l2_range_is_no_worse_than_any_other_on_the_grid(laplacian_with_outliers
 
 def test_l2_range_of_non_negative_activations_starts_at_zero():
     rng = np.random.default_rng(1)
-    histogram = Histogram()
-    histogram.add(np.maximum(rng.standard_normal(100_000), 0.0))  # after a ReLU
+    histogram = histogram_of(np.maximum(rng.standard_normal(100_000), 0.0))  # after a ReLU
     lo, hi = l2_optimal_range(histogram)
     assert lo == 0.0 and 2.0 < hi <= histogram.edges[-1]
 
@@ -97,8 +99,7 @@ def test_l2_range_is_near_caffe2s_optimum_under_its_own_score(distribution, lapl
     x = {"laplacian_with_outliers": laplacian_with_outliers[:200_000],
          "relu6": np.clip(rng.normal(1.0, 2.0, 200_000), 0.0, 6.0),
          "skewed": rng.gamma(2.0, 1.0, 200_000) - 1.0}[distribution]
-    histogram = Histogram(bins=256)
-    histogram.add(x)
+    histogram = histogram_of(x, bins=256)
     start, selected = np.triu_indices(histogram.bins + 1, 1)  # every [start, end) with end > start
     selected = selected - start
     scores = np.concatenate([caffe2_l2_norms(histogram.counts, histogram.width, start[i:i + 4096], selected[i:i + 4096])
@@ -122,6 +123,18 @@ def calibration(ray_local):
 def top1(model: Path, inputs: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     return session.run(None, {"input": inputs})[0].argmax(axis=1)
+
+
+def test_activation_histograms_do_not_depend_on_the_order_of_the_batches(efficientnet_fp32: Path, calibration):
+    """Ray streams calibration images in no set order: the same images must give the same ranges."""
+    images = np.concatenate(calibration.batches)[:24]
+    in_order = collect_histograms(str(efficientnet_fp32), [images[:16], images[16:]])
+    shuffled = images[np.random.default_rng(0).permutation(len(images))]
+    other_order = collect_histograms(str(efficientnet_fp32), [shuffled[:8], shuffled[8:]])
+    assert in_order.keys() == other_order.keys()
+    for name, histogram in in_order.items():
+        assert (histogram.start, histogram.width) == (other_order[name].start, other_order[name].width), name
+        assert np.array_equal(histogram.counts, other_order[name].counts), name
 
 
 def test_l2_int8_efficientnet_agrees_with_fp32(efficientnet_fp32: Path, calibration, tmp_path: Path):
