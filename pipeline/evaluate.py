@@ -17,7 +17,7 @@ import ray.data
 from pipeline.config import Preset, load_preset
 from pipeline.inference import Classifier, ModelError, ModelInfo
 from pipeline.metrics import AccuracyCounter
-from pipeline.preprocess import Preprocessor
+from pipeline.preprocess import NUM_CLASSES, Preprocessor
 from pipeline.runtime import (INFERENCE_RESOURCE, inference_actor_options, inference_slots, init_ray,
                               map_fused_with_read)
 from pipeline.sources import Source, read_source
@@ -30,16 +30,17 @@ def check_preset_fits(info: ModelInfo, preset: Preset) -> None:
 
 
 def predict(source: Source, info: ModelInfo, preset: Preset, *, require_label: bool, top_k: int,
-            batch_size: int, run_id: Optional[str] = None, carry: tuple[str, ...] = ()):
-    """The Ray Dataset of prediction rows (`key, label, top_ids, top_probs, error, node, core`, and the
-    source columns named in CARRY)."""
+            batch_size: int, run_id: Optional[str] = None, carry: tuple[str, ...] = (), probabilities: bool = False):
+    """The Ray Dataset of prediction rows (`key, label, top_ids, top_probs, error, node, core`, the
+    source columns named in CARRY, and with PROBABILITIES the class distribution `probs`)."""
     actors = inference_slots()
     preprocessed = map_fused_with_read(source.dataset, Preprocessor(preset, require_label=require_label, carry=carry),
                                        batch_size=None, batch_format="numpy")
     return preprocessed.map_batches(
         Classifier,
         fn_constructor_kwargs={"model_path": os.path.abspath(info.path), "top_k": top_k,
-                               "run_id": run_id or uuid.uuid4().hex, "carry": carry},
+                               "run_id": run_id or uuid.uuid4().hex, "carry": carry,
+                               "probabilities": probabilities},
         batch_size=info.batch_size or batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -52,6 +53,8 @@ PREDICTION_SCHEMA = pa.schema([
     ("top5_ids", pa.list_(pa.int32(), 5)), ("top5_probs", pa.list_(pa.float32(), 5)),
     ("error", pa.string()),
 ])
+# the whole distribution, when asked for: 4 KB per image
+PROBABILITIES_FIELD = pa.field("probs", pa.list_(pa.float32(), NUM_CLASSES))
 
 
 def fixed_size_lists(rows: np.ndarray, type_: pa.DataType) -> pa.Array:
@@ -59,23 +62,32 @@ def fixed_size_lists(rows: np.ndarray, type_: pa.DataType) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type_), rows.shape[1])
 
 
+def prediction_schema(probabilities: bool) -> pa.Schema:
+    return PREDICTION_SCHEMA.append(PROBABILITIES_FIELD) if probabilities else PREDICTION_SCHEMA
+
+
 def prediction_table(batch: dict[str, np.ndarray]) -> pa.Table:
-    n = len(batch["key"])
+    probabilities = "probs" in batch
+    schema = prediction_schema(probabilities)
+    if not len(batch["key"]):
+        return schema.empty_table()
     return pa.Table.from_arrays([
         pa.array(batch["key"].tolist(), pa.string()),
         pa.array(batch["label"], pa.int64()),
         fixed_size_lists(batch["top_ids"], pa.int32()),
         fixed_size_lists(batch["top_probs"], pa.float32()),
         pa.array([str(e) for e in batch["error"]], pa.string()),
-    ], schema=PREDICTION_SCHEMA) if n else PREDICTION_SCHEMA.empty_table()
+        *([fixed_size_lists(batch["probs"], pa.float32())] if probabilities else []),
+    ], schema=schema)
 
 
 def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str] = None, *,
              fmt: Optional[str] = None, labels: Optional[str] = None, limit: Optional[int] = None,
-             batch_size: int = 32, address: Optional[str] = None,
+             batch_size: int = 32, address: Optional[str] = None, probabilities: bool = False,
              on_progress: Optional[Callable[[int, Optional[int]], None]] = None) -> dict:
     """Evaluate MODEL on DATA; write OUTPUT/metrics.json and OUTPUT/predictions.parquet when OUTPUT
-    is given, and return the metrics. ON_PROGRESS(records_done, records_total) follows the stream."""
+    is given (with PROBABILITIES, each image's whole class distribution too, column `probs`), and
+    return the metrics. ON_PROGRESS(records_done, records_total) follows the stream."""
     started = time.perf_counter()
     preset_obj = load_preset(preset)
     info = ModelInfo.from_path(model)
@@ -83,14 +95,15 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
     init_ray(address)
     nodes_at_start = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
     source = read_source(data, fmt=fmt, labels=labels, limit=limit)
-    predictions = predict(source, info, preset_obj, require_label=True, top_k=5, batch_size=batch_size)
+    predictions = predict(source, info, preset_obj, require_label=True, top_k=5, batch_size=batch_size,
+                          probabilities=probabilities)
 
     counter = AccuracyCounter()
     writer = None
     if output:
         Path(output).mkdir(parents=True, exist_ok=True)
         partial = Path(output) / "predictions.parquet.partial"
-        writer = pq.ParquetWriter(partial, PREDICTION_SCHEMA)
+        writer = pq.ParquetWriter(partial, prediction_schema(probabilities))
     execution_started = time.perf_counter()
     try:
         for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):

@@ -179,17 +179,20 @@ class CorePin:
 
 
 class Classifier:
-    """Ray actor: input rows -> `key, label, top_ids, top_probs, error` (+ where it ran).
+    """Ray actor: input rows -> `key, label, top_ids, top_probs, error` (+ where it ran, and with
+    PROBABILITIES the whole distribution over the classes as `probs`).
 
     Rows that arrive with an error are passed through with ids -1 and probabilities 0; columns named
     in CARRY are copied through unchanged."""
 
-    def __init__(self, model_path: str, top_k: int = 5, run_id: str = "default", carry: tuple[str, ...] = ()):
+    def __init__(self, model_path: str, top_k: int = 5, run_id: str = "default", carry: tuple[str, ...] = (),
+                 probabilities: bool = False):
         self.pin = CorePin(run_id)
         self.info = ModelInfo.from_path(model_path)
         self.session = make_session(model_path, threads=1)
         self.k = top_k
         self.carry = carry
+        self.probabilities = probabilities
         self.node = _ray_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -197,16 +200,18 @@ class Classifier:
         ok = errors == ""
         n = len(errors)
         if ok.all():  # the usual case: no copy of the whole input batch
-            ids, probs = top_k(run_model(self.session, self.info, batch["input"]), self.k)
+            class_probs = run_model(self.session, self.info, batch["input"])
         else:
-            ids = np.full((n, self.k), -1, dtype=np.int32)
-            probs = np.zeros((n, self.k), dtype=np.float32)
+            class_probs = np.zeros((n, NUM_CLASSES), dtype=np.float32)
             if ok.any():
-                ids[ok], probs[ok] = top_k(run_model(self.session, self.info, batch["input"][ok]), self.k)
+                class_probs[ok] = run_model(self.session, self.info, batch["input"][ok])
+        ids, probs = top_k(class_probs, self.k)
+        ids[~ok] = -1
         return {
             "key": batch["key"], "label": batch["label"], "top_ids": ids, "top_probs": probs,
             "error": errors, "node": np.full(n, self.node, dtype=object),
             "core": np.full(n, -1 if self.pin.core is None else self.pin.core, dtype=np.int32),
+            **({"probs": class_probs} if self.probabilities else {}),
             **{column: batch[column] for column in self.carry},
         }
 

@@ -116,9 +116,16 @@ def test_bad_inputs_become_error_rows_and_everything_is_counted(ray_local, tmp_p
     labels = (folder / "labels.txt").read_text() + "empty.jpg 1\nnotes.txt 2\ntruncated.jpg 3\nrange.jpg 1000\nmissing.jpg 4\n"
     (folder / "labels.txt").write_text(labels)
     (folder / "unlabelled.jpg").write_bytes(jpeg_bytes(seed=4))
-    metrics = evaluate(str(need(MOBILENET_INT8)), str(folder), "torch", str(tmp_path / "out"))
+    metrics = evaluate(str(need(MOBILENET_INT8)), str(folder), "torch", str(tmp_path / "out"), probabilities=True)
     predictions = read_predictions(tmp_path / "out")
     errors = {key: row["error"] for key, row in predictions.items() if row["error"]}
+    for key, row in predictions.items():  # each image's whole class distribution, nothing for an error row
+        probs = np.array(row["probs"])
+        if key in errors:
+            assert not probs.any() and row["top5_ids"] == [-1] * 5
+        else:
+            assert probs.sum() == pytest.approx(1, abs=1e-4) and probs.argmax() == row["top5_ids"][0]
+            assert probs[row["top5_ids"]].tolist() == pytest.approx(row["top5_probs"])
     assert errors == {
         "empty.jpg": "empty image (0 bytes)",
         "notes.txt": "not a recognised image format (12 bytes)",

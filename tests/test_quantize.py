@@ -17,7 +17,7 @@ from pipeline.calibration import Histogram, collect_histograms, expected_l2_erro
 from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.models import build_model
-from pipeline.quantize import QuantizeError, quantize_model, read_calibration_set
+from pipeline.quantize import QuantizeError, kl_divergence, quantize_model, read_calibration_set
 
 
 def quantised_squared_error(x: np.ndarray, lo: float, hi: float) -> float:
@@ -169,6 +169,13 @@ def test_l2_int8_efficientnet_agrees_with_fp32(efficientnet_fp32: Path, calibrat
     assert agreement >= 0.9, agreement
 
 
+def test_kl_divergence_of_class_distributions():
+    reference = np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    other = np.array([[0.9, 0.1, 0.0], [0.2, 0.3, 0.5]])
+    expected = 0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1)  # a class fp32 gives 0 adds nothing
+    assert kl_divergence(reference, other) == pytest.approx([expected, 0.0])
+
+
 def test_unknown_method_and_empty_calibration_fail(efficientnet_fp32: Path, tmp_path: Path):
     with pytest.raises(QuantizeError, match="unknown calibration method"):
         quantize_model(efficientnet_fp32, [np.zeros((1, 3, 224, 224), np.float32)], tmp_path / "x.onnx", "kl")
@@ -193,7 +200,8 @@ def test_cli_quantize_resnet50_generated_end_to_end(ray_local, tmp_path: Path):
     for method in ("l2", "minmax"):
         assert (tmp_path / f"int8-{method}.onnx").is_file()
         assert 0.0 <= report["int8"][method]["top1_agreement"] <= 1.0
-    assert "int8 l2" in result.output
+        assert report["int8"][method]["kl_from_fp32"] > 0  # int8 moves the distribution, a little
+    assert "int8 l2" in result.output and "KL from fp32" in result.output
 
 
 def test_cli_quantize_rejects_unknown_method(tmp_path: Path):
