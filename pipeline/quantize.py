@@ -131,6 +131,9 @@ def read_calibration_set(
     source = read_source(data, fmt=fmt, limit=images)
     rows = map_fused_with_read(source.dataset, Preprocessor(preset, require_label=False), batch_size=None,
                                batch_format="numpy")
+    # in the source's order: onnxruntime's histogram calibrators (entropy, percentile) depend on the
+    # order of the batches, and the same images must give the same model
+    rows.context.execution_options.preserve_order = True
     keys, batches, errors = [], [], 0
     for batch in rows.iter_batches(batch_size=batch_size, batch_format="numpy"):
         good = batch["error"] == ""
