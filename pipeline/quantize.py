@@ -8,6 +8,9 @@ channel; activations uint8 (or int8); Softmax stays float.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,26 @@ FLOAT_OPS = ("Softmax",)  # left in float: probabilities need the precision, and
 
 class QuantizeError(ValueError):
     """Quantisation cannot proceed; the message says why."""
+
+
+class _PreProcessingAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _onnxruntime_quietly():
+    """onnxruntime's quantiser prints a line per calibration batch and its calibrators' settings on
+    stdout, and advises twice per model, on the root logger, to run its graph pre-processing first
+    (README: when that matters). Both go; failures still raise."""
+    root = logging.getLogger()
+    advice = _PreProcessingAdvice()
+    root.addFilter(advice)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.removeFilter(advice)
 
 
 def check_options(methods: list[str], activations: str) -> None:
@@ -93,7 +116,7 @@ def quantize_model(
         nodes_to_exclude=[n.name for n in model.graph.node if n.op_type in FLOAT_OPS],
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
     )
-    with tempfile.TemporaryDirectory(prefix="pipeline-quantize-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pipeline-quantize-") as tmp, _onnxruntime_quietly():
         named_path = str(Path(tmp) / "model.onnx")
         onnx.save(model, named_path)
         if method == "l2":

@@ -177,6 +177,14 @@ def test_kl_divergence_of_class_distributions():
     assert kl_divergence(reference, other) == pytest.approx([expected, 0.0])
 
 
+def test_onnxruntime_calibrators_do_not_flood_the_terminal(efficientnet_fp32: Path, calibration, tmp_path: Path,
+                                                          capfd):
+    quantize_model(efficientnet_fp32, [calibration.batches[0][:4]], tmp_path / "int8.onnx", "percentile")
+    out, err = capfd.readouterr()
+    assert "Collecting tensor data" not in out + err and "pre-processing" not in out + err, out + err
+    assert (tmp_path / "int8.onnx").is_file()
+
+
 def test_unknown_method_and_empty_calibration_fail(efficientnet_fp32: Path, tmp_path: Path):
     with pytest.raises(QuantizeError, match="unknown calibration method"):
         quantize_model(efficientnet_fp32, [np.zeros((1, 3, 224, 224), np.float32)], tmp_path / "x.onnx", "kl")
