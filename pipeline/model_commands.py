@@ -88,6 +88,7 @@ def quantize_command(
             typer.echo(f"wrote {path} (int8, {name} calibration)")
         if eval:
             report_path = report or out.parent / "quantize-report.json"
+            typer.echo(f"evaluating fp32 and {len(outputs)} int8 model{'s' * (len(outputs) > 1)} on {eval}")
             result = accuracy_report(str(model), outputs, eval, preset, report_path.parent / "quantize-eval",
                                      labels=str(labels) if labels else None, limit=eval_limit,
                                      calibration_keys=set(calib.keys))

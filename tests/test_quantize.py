@@ -211,6 +211,7 @@ def test_cli_quantize_resnet50_generated_end_to_end(ray_local, tmp_path: Path):
         assert 0.0 <= report["int8"][method]["top1_agreement"] <= 1.0
         assert report["int8"][method]["kl_from_fp32"] > 0  # int8 moves the distribution, a little
     assert "int8 l2" in result.output and "KL from fp32" in result.output
+    assert f"evaluating fp32 and 2 int8 models on {val}" in result.output
 
 
 def test_cli_quantize_rejects_unknown_method(tmp_path: Path):
