@@ -15,7 +15,7 @@ closed forms in prefix sums of the histogram, so every candidate range is scored
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -139,22 +139,24 @@ def collect_histograms(model_path: str, batches: Sequence[np.ndarray], bins: int
     """Run the fp32 model over the calibration batches twice: once for each float activation's
     range, then to histogram it over that range. One batch at a time: the intermediate tensors of
     a whole calibration set would not fit in memory."""
+    activations = _activation_reader(model_path)
     ranges: dict[str, tuple[float, float]] = {}
-    for activations in _activations(model_path, batches):
-        for name, value in activations.items():
+    for batch in batches:
+        for name, value in activations(batch).items():
             low, high = finite_range(value)
             if name in ranges:
                 low, high = min(low, ranges[name][0]), max(high, ranges[name][1])
             ranges[name] = low, high
     histograms = {name: Histogram.spanning(low, high, bins) for name, (low, high) in ranges.items()}
-    for activations in _activations(model_path, batches):
-        for name, value in activations.items():
+    for batch in batches:
+        for name, value in activations(batch).items():
             histograms[name].add(value)
     return histograms
 
 
-def _activations(model_path: str, batches: Sequence[np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-    """For each batch, every float activation of the model (the input included), by name."""
+def _activation_reader(model_path: str) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """A function from a batch to every float activation of the model on it (the input included),
+    by name; the model is loaded and its session made once, for both passes."""
     model = onnx.load(model_path)
     tensors = float_tensors(model)
     outputs = {o.name for o in model.graph.output}
@@ -166,9 +168,12 @@ def _activations(model_path: str, batches: Sequence[np.ndarray]) -> Iterator[dic
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     output_names = [o.name for o in session.get_outputs()]
     wanted = set(tensors)
-    for batch in batches:
+
+    def activations(batch: np.ndarray) -> dict[str, np.ndarray]:
         values = session.run(output_names, {input_name: batch})
-        yield {input_name: batch, **{name: value for name, value in zip(output_names, values) if name in wanted}}
+        return {input_name: batch, **{name: value for name, value in zip(output_names, values) if name in wanted}}
+
+    return activations
 
 
 class BatchReader(CalibrationDataReader):
