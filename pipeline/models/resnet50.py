@@ -19,6 +19,7 @@ from pipeline.models.state_dict import StateDict
 BN_EPS = 1e-5
 LAYERS = [(3, 64), (4, 128), (6, 256), (3, 512)]  # (blocks, bottleneck width) per stage
 EXPANSION = 4
+FEATURES = LAYERS[-1][1] * EXPANSION  # channels into the classifier
 
 
 def _bottlenecks() -> Iterator[tuple[str, int, int, int, bool]]:
@@ -64,8 +65,7 @@ def build(weights: StateDict, classes: int = 1000, size: int = 224) -> onnx.Mode
         if downsample:
             shortcut = conv_bn(x, f"{p}.downsample.0", f"{p}.downsample.1", width * EXPANSION, in_ch, 1, stride)
         x = g.relu(g.add(h, shortcut, f"{p}.add"), f"{p}.relu3")
-    features = LAYERS[-1][1] * EXPANSION
-    out = g.classifier_head(x, weights.tensor("fc.weight", (classes, features)),
+    out = g.classifier_head(x, weights.tensor("fc.weight", (classes, FEATURES)),
                             weights.tensor("fc.bias", (classes,)))
     weights.check_all_used()
     return g.model(out, classes, size)
@@ -86,7 +86,6 @@ def generated_weights(seed: int = 0, classes: int = 1000) -> dict[str, np.ndarra
         tensors[f"{bn}.bias"] = rng.normal(0.0, 0.1, out_ch).astype(np.float32)
         tensors[f"{bn}.running_mean"] = rng.normal(0.0, 0.1, out_ch).astype(np.float32)
         tensors[f"{bn}.running_var"] = rng.uniform(0.5, 1.5, out_ch).astype(np.float32)
-    features = LAYERS[-1][1] * EXPANSION
-    tensors["fc.weight"] = (rng.standard_normal((classes, features)) * np.sqrt(1.0 / features)).astype(np.float32)
+    tensors["fc.weight"] = (rng.standard_normal((classes, FEATURES)) * np.sqrt(1.0 / FEATURES)).astype(np.float32)
     tensors["fc.bias"] = np.zeros(classes, np.float32)
     return tensors
