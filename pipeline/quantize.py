@@ -3,7 +3,7 @@
 onnxruntime rewrites the graph; the activation ranges come from one of four calibration
 methods: `l2` (ours, pipeline.calibration: the seed's L2-optimal histogram clipping) or
 onnxruntime's own `minmax`, `entropy` and `percentile`. Weights are symmetric int8 per output
-channel; activations uint8 (or int8); Softmax stays float.
+channel; activations uint8 (or int8); Softmax, and the logits it reads, stay float.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ ORT_METHODS = {
 ACTIVATION_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 CALIBRATION_BATCH = 16
 FLOAT_OPS = ("Softmax",)  # left in float: probabilities need the precision, and it is cheap
+# A Gemm or MatMul output that no quantised op reads (the logits before the float Softmax, or the
+# graph's output) is left float: onnxruntime's int8 kernels for them (QGemm, MatMulIntegerToFloat)
+# write float from the int32 accumulator, so rounding it to 8 bits first would only add error, in
+# the very values the top-1 and top-5 classes are read from.
+FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")
 
 
 class QuantizeError(ValueError):
@@ -114,7 +119,8 @@ def quantize_model(
         activation_type=ACTIVATION_TYPES[activations],
         weight_type=QuantType.QInt8,
         nodes_to_exclude=[n.name for n in model.graph.node if n.op_type in FLOAT_OPS],
-        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                       "OpTypesToExcludeOutputQuantization": list(FLOAT_OUTPUT_OPS)},
     )
     with tempfile.TemporaryDirectory(prefix="pipeline-quantize-") as tmp, _onnxruntime_quietly():
         named_path = str(Path(tmp) / "model.onnx")

@@ -156,10 +156,13 @@ def test_l2_int8_efficientnet_agrees_with_fp32(efficientnet_fp32: Path, calibrat
     activation_zero_points = [onnx.numpy_helper.to_array(initializers[n.input[2]])
                               for n in model.graph.node if n.op_type == "QuantizeLinear"]
     assert activation_zero_points and all(z.dtype == np.uint8 for z in activation_zero_points)
-    # softmax stays float: fed by a DequantizeLinear, its output the float graph output
+    # softmax stays float, and so do the logits it reads: straight from the int8 Gemm (dequantised
+    # inputs, float output), its output the float graph output
     (softmax,) = [n for n in model.graph.node if n.op_type == "Softmax"]
     producer = next(n for n in model.graph.node if softmax.input[0] in n.output)
-    assert producer.op_type == "DequantizeLinear"
+    assert producer.op_type == "Gemm"
+    assert all(next(n for n in model.graph.node if name in n.output).op_type == "DequantizeLinear"
+               for name in producer.input)
     assert not any(softmax.output[0] in n.input for n in model.graph.node)
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
