@@ -41,7 +41,7 @@ def print_report(report: dict) -> None:
 
     table = Table(title=f"fp32 vs int8 on {report['images']} images of {report['data']} (preset {report['preset']})")
     for column in ("model", "top-1", "top-5", "top-1 change", "top-1 agreement", "KL from fp32"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=column == "model")  # "int8 percentile" on one line
     table.add_row("fp32", f"{100 * report['fp32']['top1']:.2f}%", f"{100 * report['fp32']['top5']:.2f}%", "", "", "")
     for method, row in report["int8"].items():
         table.add_row(f"int8 {method}", f"{100 * row['top1']:.2f}%", f"{100 * row['top5']:.2f}%",
