@@ -39,7 +39,7 @@ from pipeline.evaluate import check_preset_fits, fixed_size_lists, predict
 from pipeline.inference import ModelInfo
 from pipeline.preprocess import NUM_CLASSES
 from pipeline.runtime import init_ray
-from pipeline.sources import detect_format
+from pipeline.sources import SourceError, detect_format
 from pipeline.sources.units import PARTITIONERS, UNIT_COLUMNS, read_work_units
 
 LABELS_DIR = "labels"
@@ -258,6 +258,13 @@ def claim_output(output: Path, run: dict, overwrite: bool) -> None:
     write_json(output / RUN_FILE, run)
 
 
+def release_output(output: Path) -> None:
+    """Undo claim_output after a run that committed no unit: OUTPUT then takes a fresh run again."""
+    for name in (LABELS_DIR, ERRORS_DIR):
+        (output / name).rmdir()  # empty: a unit's files exist only once one of its rows has arrived
+    (output / RUN_FILE).unlink()
+
+
 def shard_counts(output: Path) -> dict[str, dict[str, int]]:
     """labelled and error rows of every committed unit, from the shards' footers."""
     counts = {}
@@ -310,7 +317,7 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "
           on_progress: Optional[Callable[[int, Optional[int]], None]] = None) -> dict:
     """Label every image of DATA into OUTPUT and return the manifest. Raises AlreadyFinished when
     OUTPUT holds a finished run of the same settings (unless OVERWRITE), OutputDirError when it holds
-    something else.
+    something else, and SourceError (recording no run in OUTPUT) when DATA holds no record.
     ON_PROGRESS(records_done, records_total) follows the stream, counting units done before."""
     if not 1 <= top_k <= NUM_CLASSES:
         raise OutputDirError(f"--top-k must be between 1 and {NUM_CLASSES}, got {top_k}")
@@ -354,6 +361,9 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "
 
     wall = time.perf_counter() - started
     shards = shard_counts(out)
+    if not shards:  # a finished run of 0 images would make a later run over the filled input "nothing to do"
+        release_output(out)
+        raise SourceError(f"{data}: no {'files' if fmt == 'folder' else 'records'} to read")
     labelled = sum(c["labelled"] for c in shards.values())
     errors = sum(c["errors"] for c in shards.values())
     manifest = {

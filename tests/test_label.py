@@ -22,6 +22,7 @@ from pipeline.classes import imagenet_classes
 from pipeline.evaluate import evaluate
 from pipeline.label import AlreadyFinished, OutputDirError, label
 from pipeline.prepare import write_parquet_shards
+from pipeline.sources import SourceError
 
 TENCH = "n01440764_tench.JPEG"
 
@@ -238,6 +239,26 @@ def test_a_finished_or_interrupted_run_refuses_other_settings_and_resumes_the_sa
 
     resumed = label(str(model), str(tars), str(output), resume=True)
     assert resumed["this_run_images"] == 0 and resumed["images"] == 6 and len(resumed["shards"]) == 2
+
+
+def test_an_empty_folder_fails_as_in_evaluate_and_records_no_run(ray_local, tmp_path):
+    model, folder, output = str(need(MOBILENET_INT8)), tmp_path / "images", tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(SourceError, match="no files to read"):
+        evaluate(model, str(folder), "torch")
+    failed = run_cli("--model", model, "--data", str(folder), "--output", str(output))
+    message = " ".join(failed.communicate(timeout=120)[0].split())
+    assert failed.returncode == 2 and f"{folder}: no files to read" in message
+    assert not output.exists() or not any(output.iterdir())
+    empty_tar = write_tar(tmp_path / "tars" / "empty.tar", [])
+    with pytest.raises(SourceError, match="no records to read"):
+        label(model, str(empty_tar.parent), str(output))
+    assert not any(output.iterdir())
+
+    for name in sorted(line.split()[0] for line in (need(SAMPLE_1000) / "labels.txt").read_text().splitlines())[:3]:
+        (folder / name).symlink_to(SAMPLE_1000 / name)
+    manifest = label(model, str(folder), str(output))
+    assert manifest["images"] == manifest["labelled"] == manifest["this_run_images"] == 3
 
 
 def test_sigkill_part_way_then_resume_gives_exactly_the_uninterrupted_output(ray_local, tmp_path):
