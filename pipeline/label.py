@@ -12,11 +12,14 @@ from the shards' footers, marks the run finished.
 
 DIR layout: labels/*.parquet (`key`, `class_ids`, `synsets`, `names`, `probs`: the top K, best
 first; probabilities from a softmax over all 1,000 classes), errors/*.parquet (`key`, `reason`),
-run.json (what the run was asked to do), manifest.json (counts, once finished).
+run.json (what the run was asked to do: model and the sha256 of its bytes, data, format, preset, top-k,
+unit size), manifest.json (those settings and the counts, once finished). A resume or a re-run into a
+DIR whose recorded settings differ is refused: its labels would mix two runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -36,7 +39,7 @@ from pipeline.evaluate import check_preset_fits, fixed_size_lists, predict
 from pipeline.inference import ModelInfo
 from pipeline.preprocess import NUM_CLASSES
 from pipeline.runtime import init_ray
-from pipeline.sources import detect_format
+from pipeline.sources import SourceError, detect_format
 from pipeline.sources.units import PARTITIONERS, UNIT_COLUMNS, read_work_units
 
 LABELS_DIR = "labels"
@@ -182,9 +185,27 @@ def fsync_dir(path: Path) -> None:
         os.close(handle)
 
 
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def run_description(model: str, data: str, fmt: str, preset: str, top_k: int, unit_size: int) -> dict:
-    return {"model": os.path.abspath(model), "data": os.path.abspath(data) if os.path.exists(data) else data,
+    # the model's bytes, not only its path: a model rebuilt or replaced in place labels differently
+    return {"model": os.path.abspath(model), "model_sha256": file_sha256(model),
+            "data": os.path.abspath(data) if os.path.exists(data) else data,
             "format": fmt, "preset": preset, "top_k": top_k, "unit_size": unit_size}
+
+
+def changed_settings(previous: dict, run: dict) -> list[str]:
+    """What RUN sets differently from the PREVIOUS run's record. A setting the record lacks (a run
+    of a version that did not record the model's sha256) counts as changed: the outputs could not
+    be told apart from a mix of two models, so the user decides, with --overwrite or a new DIR."""
+    return [f"{name} was {previous[name]!r}, now {value!r}" if name in previous else f"{name} was not recorded"
+            for name, value in run.items() if previous.get(name) != value]
 
 
 def check_output(output: Path, run: dict, resume: bool, overwrite: bool) -> set[str]:
@@ -192,7 +213,12 @@ def check_output(output: Path, run: dict, resume: bool, overwrite: bool) -> set[
     if overwrite:
         return set()
     if (output / MANIFEST_FILE).is_file():
-        raise AlreadyFinished(output, json.loads((output / MANIFEST_FILE).read_text()))
+        manifest = json.loads((output / MANIFEST_FILE).read_text())
+        changed = changed_settings(manifest, run)
+        if changed:
+            raise OutputDirError(f"{output} holds a finished labelling run with other settings ({'; '.join(changed)}): "
+                                 "pass a new --output, or --overwrite to label again")
+        raise AlreadyFinished(output, manifest)
     if not (output.is_dir() and any(output.iterdir())):
         return set()
     if not resume:
@@ -201,12 +227,10 @@ def check_output(output: Path, run: dict, resume: bool, overwrite: bool) -> set[
     if not (output / RUN_FILE).is_file():
         raise OutputDirError(f"{output} holds no labelling run to resume (no {RUN_FILE}); "
                              "pass --overwrite to label into it anyway")
-    previous = json.loads((output / RUN_FILE).read_text())
-    changed = [f"{name} was {previous.get(name)!r}, now {value!r}" for name, value in run.items()
-               if previous.get(name) != value]
+    changed = changed_settings(json.loads((output / RUN_FILE).read_text()), run)
     if changed:
         raise OutputDirError(f"{output} holds an interrupted run with other settings ({'; '.join(changed)}): "
-                             "resume it with the same options, or pass --overwrite")
+                             "resume it with the same options, pass a new --output, or --overwrite")
     return finished_units(output)
 
 
@@ -232,6 +256,13 @@ def claim_output(output: Path, run: dict, overwrite: bool) -> None:
         if orphan.stem not in done:  # killed between the two renames: that unit is read again
             orphan.unlink()
     write_json(output / RUN_FILE, run)
+
+
+def release_output(output: Path) -> None:
+    """Undo claim_output after a run that committed no unit: OUTPUT then takes a fresh run again."""
+    for name in (LABELS_DIR, ERRORS_DIR):
+        (output / name).rmdir()  # empty: a unit's files exist only once one of its rows has arrived
+    (output / RUN_FILE).unlink()
 
 
 def shard_counts(output: Path) -> dict[str, dict[str, int]]:
@@ -285,7 +316,8 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "
           unit_size: int = UNIT_SIZE, batch_size: int = 32, address: Optional[str] = None,
           on_progress: Optional[Callable[[int, Optional[int]], None]] = None) -> dict:
     """Label every image of DATA into OUTPUT and return the manifest. Raises AlreadyFinished when
-    OUTPUT holds a finished run (unless OVERWRITE) and OutputDirError when it holds something else.
+    OUTPUT holds a finished run of the same settings (unless OVERWRITE), OutputDirError when it holds
+    something else, and SourceError (recording no run in OUTPUT) when DATA holds no record.
     ON_PROGRESS(records_done, records_total) follows the stream, counting units done before."""
     if not 1 <= top_k <= NUM_CLASSES:
         raise OutputDirError(f"--top-k must be between 1 and {NUM_CLASSES}, got {top_k}")
@@ -329,6 +361,9 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "
 
     wall = time.perf_counter() - started
     shards = shard_counts(out)
+    if not shards:  # a finished run of 0 images would make a later run over the filled input "nothing to do"
+        release_output(out)
+        raise SourceError(f"{data}: no {'files' if fmt == 'folder' else 'records'} to read")
     labelled = sum(c["labelled"] for c in shards.values())
     errors = sum(c["errors"] for c in shards.values())
     manifest = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,11 +17,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, jpeg_bytes, need, subset_folder
+from conftest import MOBILENET_INT8, REPO, RESNET50_INT8, SAMPLE_1000, jpeg_bytes, need, subset_folder
 from pipeline.classes import imagenet_classes
 from pipeline.evaluate import evaluate
 from pipeline.label import AlreadyFinished, OutputDirError, label
 from pipeline.prepare import write_parquet_shards
+from pipeline.sources import SourceError
 
 TENCH = "n01440764_tench.JPEG"
 
@@ -192,6 +194,71 @@ def test_a_finished_dir_is_left_alone_and_a_foreign_one_refused(ray_local, tmp_p
     with pytest.raises(OutputDirError, match="no labelling run to resume"):
         label(model, str(folder), str(foreign), resume=True)
     assert [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+
+
+
+def test_a_finished_or_interrupted_run_refuses_other_settings_and_resumes_the_same(ray_local, tmp_path):
+    images = subset_folder(need(SAMPLE_1000), tmp_path / "images", 6)
+    tars = write_tar_shards(tmp_path / "tars", sorted(images.glob("*.JPEG")), per_shard=4)
+    model = tmp_path / "model.onnx"  # a copy, so that the test can replace it in place
+    shutil.copyfile(need(MOBILENET_INT8), model)
+    other_model, output = str(need(RESNET50_INT8)), tmp_path / "out"
+    label(str(model), str(tars), str(output))
+    written = {p: p.stat().st_mtime_ns for p in output.rglob("*") if p.is_file()}
+
+    refused = run_cli("--model", other_model, "--data", str(tars), "--output", str(output),
+                      "--top-k", "3", "--preset", "caffe2")
+    message = " ".join(refused.communicate(timeout=120)[0].split())
+    assert refused.returncode == 2 and "holds a finished labelling run with other settings" in message
+    for changed in (f"model was '{model}', now '{other_model}'", "top_k was 5, now 3",
+                    "preset was 'torch', now 'caffe2'", "pass a new --output, or --overwrite"):
+        assert changed in message
+    with pytest.raises(OutputDirError, match="finished labelling run with other settings .*top_k was 5, now 3"):
+        label(str(model), str(tars), str(output), top_k=3)
+    with pytest.raises(OutputDirError, match=f"data was '{tars}', now '{images}'"):
+        label(str(model), str(images), str(output))
+    with pytest.raises(AlreadyFinished):
+        label(str(model), str(tars), str(output))
+
+    (output / "manifest.json").unlink()  # as if killed after the last shard, before the manifest
+    with pytest.raises(OutputDirError, match="interrupted run with other settings .*top_k was 5, now 3"):
+        label(str(model), str(tars), str(output), top_k=3, resume=True)
+    with pytest.raises(OutputDirError, match="interrupted run with other settings .*model was"):
+        label(other_model, str(tars), str(output), resume=True)
+    shutil.copyfile(other_model, model)  # another model under the same path: its bytes tell them apart
+    with pytest.raises(OutputDirError, match="interrupted run with other settings .*model_sha256 was"):
+        label(str(model), str(tars), str(output), resume=True)
+    assert {p: p.stat().st_mtime_ns for p in output.rglob("*") if p.is_file()} == \
+        {p: t for p, t in written.items() if p.name != "manifest.json"}
+    shutil.copyfile(need(MOBILENET_INT8), model)
+    run = json.loads((output / "run.json").read_text())
+    (output / "run.json").write_text(json.dumps({k: v for k, v in run.items() if k != "model_sha256"}))
+    with pytest.raises(OutputDirError, match="model_sha256 was not recorded"):  # a run of an older version
+        label(str(model), str(tars), str(output), resume=True)
+    (output / "run.json").write_text(json.dumps(run))
+
+    resumed = label(str(model), str(tars), str(output), resume=True)
+    assert resumed["this_run_images"] == 0 and resumed["images"] == 6 and len(resumed["shards"]) == 2
+
+
+def test_an_empty_folder_fails_as_in_evaluate_and_records_no_run(ray_local, tmp_path):
+    model, folder, output = str(need(MOBILENET_INT8)), tmp_path / "images", tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(SourceError, match="no files to read"):
+        evaluate(model, str(folder), "torch")
+    failed = run_cli("--model", model, "--data", str(folder), "--output", str(output))
+    message = " ".join(failed.communicate(timeout=120)[0].split())
+    assert failed.returncode == 2 and f"{folder}: no files to read" in message
+    assert not output.exists() or not any(output.iterdir())
+    empty_tar = write_tar(tmp_path / "tars" / "empty.tar", [])
+    with pytest.raises(SourceError, match="no records to read"):
+        label(model, str(empty_tar.parent), str(output))
+    assert not any(output.iterdir())
+
+    for name in sorted(line.split()[0] for line in (need(SAMPLE_1000) / "labels.txt").read_text().splitlines())[:3]:
+        (folder / name).symlink_to(SAMPLE_1000 / name)
+    manifest = label(model, str(folder), str(output))
+    assert manifest["images"] == manifest["labelled"] == manifest["this_run_images"] == 3
 
 
 def test_sigkill_part_way_then_resume_gives_exactly_the_uninterrupted_output(ray_local, tmp_path):
