@@ -2,7 +2,8 @@
 searched recursively, or a glob), every regular member one record, read in stream order with no
 index and no seeking, one ReadTask per shard.
 
-Keys are member paths inside the shard, prefixed with the shard's path relative to the input folder
+Keys are member paths inside the shard (normalised: `./x.jpg` is `x.jpg`), prefixed with the shard's
+path relative to the input folder
 when the input is a folder or glob of shards (`shard-0001.tar/n01440764_tench.JPEG`). Nothing is
 dropped: a member that is not an image is passed on as it is and fails decoding with the decoder's
 reason; a member that is not a regular file, a member cut short, an archive corrupt part-way or a
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import posixpath
 import tarfile
 from pathlib import Path
 from typing import Iterator, Optional
@@ -65,7 +67,7 @@ def tar_records(file: str, prefix: str) -> Iterator[tuple[str, bytes, str]]:
                 if member.isdir():
                     continue
                 members += 1
-                key = prefix + member.name
+                key = prefix + posixpath.normpath(member.name)
                 if not member.isfile():
                     yield key, b"", f"tar member is a {_member_kind(member)}, not a file"
                     continue
