@@ -1,18 +1,22 @@
-"""Input detection and labels files: real files in tmp_path, real
+"""Input detection, labels files and the checks made before Ray starts: real files in tmp_path, real
 ImageNet JPEGs, real Ray and the real int8 MobileNetV2 where records are read."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import MOBILENET_INT8, SAMPLE_1000, need, subset_folder
+from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, need, subset_folder
 from pipeline.evaluate import evaluate
 from pipeline.label import label
-from pipeline.sources import SourceError, detect_format
+from pipeline.sources import SourceError, check_source, detect_format
 from pipeline.sources.labels import read_labels_file
 from pipeline.sources.tar import TarShardDatasource, count_tar_members, tar_shards
 
@@ -107,3 +111,61 @@ def test_labels_file_keys_are_normalised_as_the_keys_of_the_sources(ray_local, s
     with pytest.raises(SourceError, match=rf"labels.txt:2: {lines[0].split()[0]} is listed twice "
                                           rf"\(here as \./{lines[0].split()[0]}\)"):
         read_labels_file(folder / "labels.txt")
+
+
+def test_a_single_image_is_told_what_inputs_are_accepted(sample_8):
+    image = str(sorted(sample_8.glob("*.JPEG"))[0])
+    with pytest.raises(SourceError, match=r"--data takes a folder of images, a .parquet file, a "
+                                          r".tar/.tar.gz/.tgz shard.*an LMDB folder.*put a single image in a folder"):
+        check_source(image)
+    with pytest.raises(SourceError, match="not a directory: --format folder reads a folder of images"):
+        check_source(image, "folder")
+
+
+BEFORE_RAY = """
+import json, sys
+import ray
+from pipeline.evaluate import evaluate
+from pipeline.label import label
+from pipeline.sources import SourceError
+
+model, folder, out = sys.argv[1:4]
+calls = {
+    "missing data": lambda: evaluate(model, folder + "/absent", output=out),
+    "unknown format": lambda: evaluate(model, folder, fmt="zip", output=out),
+    "missing labels": lambda: evaluate(model, folder, labels=folder + "/absent.txt", output=out),
+    "malformed labels": lambda: evaluate(model, folder, labels=folder + "/bad.txt", output=out),
+    "malformed labels.txt": lambda: evaluate(model, folder + "/bad", output=out),
+    "label: unknown format": lambda: label(model, folder, out, fmt="zip"),
+}
+errors = {}
+for name, call in calls.items():
+    try:
+        call()
+    except SourceError as exc:
+        errors[name] = str(exc)
+print(json.dumps({"errors": errors, "ray_started": ray.is_initialized()}))
+"""
+
+
+def test_bad_inputs_are_reported_before_ray_starts(sample_8, tmp_path):
+    (tmp_path / "bad.txt").write_text("a.jpg one\n")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "labels.txt").write_text("a.jpg 1\nb.jpg\n")
+    for name in ("labels.txt", *(p.name for p in sorted(sample_8.glob("*.JPEG"))[:2])):
+        (tmp_path / name).symlink_to(sample_8 / name)
+    result = subprocess.run([sys.executable, "-c", BEFORE_RAY, str(need(MOBILENET_INT8)), str(tmp_path),
+                             str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["ray_started"] is False
+    assert report["errors"] == {
+        "missing data": f"{tmp_path}/absent: no such file or directory",
+        "unknown format": "unknown input format 'zip': known formats are folder, lmdb, parquet, tar",
+        "missing labels": f"{tmp_path}/absent.txt: labels file not found",
+        "malformed labels": f"{tmp_path}/bad.txt:1: expected 'FILE CLASS_INDEX', got 'a.jpg one'",
+        "malformed labels.txt": f"{tmp_path}/bad/labels.txt:2: expected 'FILE CLASS_INDEX', got 'b.jpg'",
+        "label: unknown format": "unknown input format 'zip': known formats are folder, lmdb, parquet, tar",
+    }
+    assert not (tmp_path / "out").exists()

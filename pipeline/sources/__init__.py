@@ -113,6 +113,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
                   ".pbm", ".pnm")
 LMDB_DATA_FILE = "data.mdb"  # what makes a folder an LMDB database
+ACCEPTED_INPUTS = ("a folder of images, a .parquet file, a .tar/.tar.gz/.tgz shard, a folder or glob of "
+                   f"those, or an LMDB folder (holding {LMDB_DATA_FILE})")
 
 
 def is_glob(path: str) -> bool:
@@ -145,7 +147,9 @@ def detect_format(path: str) -> str:
             return "parquet"
         if is_tar_name(p.name):
             return "tar"
-        raise SourceError(f"{path}: cannot tell the input format of this file; pass --format")
+        # --format cannot help here: no format reads a lone image or an unknown file
+        raise SourceError(f"{path}: not an input the pipeline reads: --data takes {ACCEPTED_INPUTS}; "
+                          "put a single image in a folder")
     if (p / LMDB_DATA_FILE).is_file():
         return "lmdb"
     with os.scandir(p) as entries:
@@ -173,10 +177,29 @@ def folder_tree_format(path: str) -> str:
     return "tar" if shard else "folder"
 
 
-def read_source(path: str, fmt: Optional[str] = None, labels: Optional[str] = None,
-                limit: Optional[int] = None) -> Source:
-    """Source rows from PATH in format FMT (detected when None)."""
+def check_source(path: str, fmt: Optional[str] = None, labels: Optional[str] = None) -> str:
+    """The input format of PATH (FMT, or detected), once the checks that need neither Ray nor the
+    records have passed: PATH exists, the format is known, the labels file parses. Cheap, so that a
+    bad input is reported before Ray takes seconds to start; SourceError otherwise."""
+    from pipeline.sources.labels import read_labels_file
+
     fmt = fmt or detect_format(path)
     if fmt not in FORMATS:
         raise SourceError(f"unknown input format {fmt!r}: known formats are {', '.join(sorted(FORMATS))}")
+    if not (is_glob(path) or os.path.exists(path)):
+        raise SourceError(f"{path}: no such file or directory")
+    labels_file = labels
+    if fmt == "folder":  # an image folder's own labels.txt is read too
+        from pipeline.sources.folder import folder_labels_file, folder_root
+
+        labels_file = folder_labels_file(folder_root(path), labels)
+    if labels_file:
+        read_labels_file(labels_file)
+    return fmt
+
+
+def read_source(path: str, fmt: Optional[str] = None, labels: Optional[str] = None,
+                limit: Optional[int] = None) -> Source:
+    """Source rows from PATH in format FMT (detected when None)."""
+    fmt = check_source(path, fmt, labels)
     return FORMATS[fmt](path, labels, limit)
