@@ -20,7 +20,7 @@ from pipeline.metrics import AccuracyCounter
 from pipeline.preprocess import NUM_CLASSES, Preprocessor
 from pipeline.runtime import (INFERENCE_RESOURCE, inference_actor_options, inference_slots, init_ray,
                               map_fused_with_read)
-from pipeline.sources import Source, read_source
+from pipeline.sources import Source, check_source, read_source
 
 
 def check_preset_fits(info: ModelInfo, preset: Preset) -> None:
@@ -92,6 +92,7 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
     preset_obj = load_preset(preset)
     info = ModelInfo.from_path(model)
     check_preset_fits(info, preset_obj)
+    fmt = check_source(data, fmt, labels)  # before Ray starts: a bad input is reported at once
     init_ray(address)
     nodes_at_start = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
     source = read_source(data, fmt=fmt, labels=labels, limit=limit)

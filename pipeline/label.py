@@ -39,7 +39,7 @@ from pipeline.evaluate import check_preset_fits, fixed_size_lists, predict
 from pipeline.inference import ModelInfo
 from pipeline.preprocess import NUM_CLASSES
 from pipeline.runtime import init_ray
-from pipeline.sources import SourceError, detect_format
+from pipeline.sources import SourceError, check_source
 from pipeline.sources.units import PARTITIONERS, UNIT_COLUMNS, read_work_units
 
 LABELS_DIR = "labels"
@@ -327,7 +327,7 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "
     preset_obj = load_preset(preset)
     info = ModelInfo.from_path(model)
     check_preset_fits(info, preset_obj)
-    fmt = fmt or detect_format(data)
+    fmt = check_source(data, fmt)  # before Ray starts: a bad input is reported at once
     out = Path(output)
     run = run_description(model, data, fmt, preset_obj.name, top_k, unit_size)
     done = check_output(out, run, resume, overwrite)

@@ -109,7 +109,12 @@ FORMATS: dict[str, Callable] = {
     "lmdb": _read_lmdb,
 }
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# what makes a file in a folder tree an image, for telling an image folder from a folder of tar shards
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+                  ".pbm", ".pnm")
 LMDB_DATA_FILE = "data.mdb"  # what makes a folder an LMDB database
+ACCEPTED_INPUTS = ("a folder of images, a .parquet file, a .tar/.tar.gz/.tgz shard, a folder or glob of "
+                   f"those, or an LMDB folder (holding {LMDB_DATA_FILE})")
 
 
 def is_glob(path: str) -> bool:
@@ -120,9 +125,13 @@ def is_tar_name(name: str) -> bool:
     return name.endswith(TAR_SUFFIXES)
 
 
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
 def detect_format(path: str) -> str:
-    """The input format of PATH: a folder or glob of .parquet files or of .tar shards, an LMDB
-    database (a folder holding data.mdb), or an image folder."""
+    """The input format of PATH: a folder or glob of .parquet files or of .tar shards (a folder tree
+    of shards at any depth), an LMDB database (a folder holding data.mdb), or an image folder."""
     if is_glob(path):
         matches = glob.glob(path)
         if matches and all(m.endswith(".parquet") for m in matches):
@@ -138,22 +147,59 @@ def detect_format(path: str) -> str:
             return "parquet"
         if is_tar_name(p.name):
             return "tar"
-        raise SourceError(f"{path}: cannot tell the input format of this file; pass --format")
+        # --format cannot help here: no format reads a lone image or an unknown file
+        raise SourceError(f"{path}: not an input the pipeline reads: --data takes {ACCEPTED_INPUTS}; "
+                          "put a single image in a folder")
     if (p / LMDB_DATA_FILE).is_file():
         return "lmdb"
     with os.scandir(p) as entries:
-        names = [e.name for e in entries if e.is_file()]
-    if names and all(n.endswith(".parquet") for n in names if not n.startswith(".")):
+        names = [e.name for e in entries if e.is_file() and not e.name.startswith(".")]
+    if names and all(n.endswith(".parquet") for n in names):
         return "parquet"
-    if names and all(is_tar_name(n) for n in names if not n.startswith(".")):
-        return "tar"
-    return "folder"
+    return folder_tree_format(path)
+
+
+def folder_tree_format(path: str) -> str:
+    """"tar" for a folder tree holding .tar shards and no image files, "folder" otherwise; a
+    SourceError when it holds both. Other files (a README) decide nothing: either reader makes each
+    of them an error row."""
+    from pipeline.sources.folder import walk_files  # the walk of the image folder reader itself
+
+    shard = image = None
+    for key in walk_files(path):
+        if is_tar_name(key):
+            shard = shard or key
+        elif is_image_name(key):
+            image = image or key
+        if shard and image:  # the answer is known: no need to walk the rest of a large tree
+            raise SourceError(f"{path}: holds both image files ({image}) and .tar shards ({shard}); "
+                              "pass --format folder or --format tar")
+    return "tar" if shard else "folder"
+
+
+def check_source(path: str, fmt: Optional[str] = None, labels: Optional[str] = None) -> str:
+    """The input format of PATH (FMT, or detected), once the checks that need neither Ray nor the
+    records have passed: PATH exists, the format is known, the labels file parses. Cheap, so that a
+    bad input is reported before Ray takes seconds to start; SourceError otherwise."""
+    from pipeline.sources.labels import read_labels_file
+
+    fmt = fmt or detect_format(path)
+    if fmt not in FORMATS:
+        raise SourceError(f"unknown input format {fmt!r}: known formats are {', '.join(sorted(FORMATS))}")
+    if not (is_glob(path) or os.path.exists(path)):
+        raise SourceError(f"{path}: no such file or directory")
+    labels_file = labels
+    if fmt == "folder":  # an image folder's own labels.txt is read too
+        from pipeline.sources.folder import folder_labels_file, folder_root
+
+        labels_file = folder_labels_file(folder_root(path), labels)
+    if labels_file:
+        read_labels_file(labels_file)
+    return fmt
 
 
 def read_source(path: str, fmt: Optional[str] = None, labels: Optional[str] = None,
                 limit: Optional[int] = None) -> Source:
     """Source rows from PATH in format FMT (detected when None)."""
-    fmt = fmt or detect_format(path)
-    if fmt not in FORMATS:
-        raise SourceError(f"unknown input format {fmt!r}: known formats are {', '.join(sorted(FORMATS))}")
+    fmt = check_source(path, fmt, labels)
     return FORMATS[fmt](path, labels, limit)

@@ -25,16 +25,31 @@ def list_folder_records(root: str | Path, labels: Optional[str | Path] = None) -
     A file without a label gets NO_LABEL; a labelled file that is absent is still a record (its read
     fails with a clear reason), so nothing the user listed disappears silently.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise SourceError(f"{root}: not a directory")
-    labels_path = Path(labels) if labels else root / LABELS_FILE
-    # a labels file the user named must exist; the folder's own labels.txt is optional
-    label_of = read_labels_file(labels_path) if labels or labels_path.is_file() else {}
+    root = folder_root(root)
+    labels_path = folder_labels_file(root, labels)
+    label_of = read_labels_file(labels_path) if labels_path else {}
     keys = set(label_of) | set(walk_files(root))
-    if labels_path.resolve().is_relative_to(root.resolve()):
+    if labels_path and labels_path.resolve().is_relative_to(root.resolve()):
         keys.discard(labels_path.resolve().relative_to(root.resolve()).as_posix())
     return [(key, label_of.get(key, NO_LABEL)) for key in sorted(keys)]
+
+
+def folder_root(root: str | Path) -> Path:
+    """ROOT as a Path, once it is known to be a folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a directory: --format folder reads a folder of images "
+                          "(put a single image in a folder)")
+    return root
+
+
+def folder_labels_file(root: str | Path, labels: Optional[str | Path] = None) -> Optional[Path]:
+    """The labels file of image folder ROOT: LABELS when given (it must exist), else the folder's
+    own labels.txt when it has one (it is optional)."""
+    if labels:
+        return Path(labels)
+    own = Path(root) / LABELS_FILE
+    return own if own.is_file() else None
 
 
 def read_file(root: Path, key: str) -> tuple[bytes, str]:
@@ -124,9 +139,7 @@ def folder_unit_readers(root: str | Path, done: set[str], unit_size: int, tasks:
     """Readers for `pipeline.sources.units`: unit N is files [N*unit_size, (N+1)*unit_size) of the walk."""
     from pipeline.sources.units import chunked
 
-    root = Path(root).resolve()
-    if not root.is_dir():
-        raise SourceError(f"{root}: not a directory")
+    root = folder_root(root).resolve()
 
     def reader_for(task: int):
         def units():

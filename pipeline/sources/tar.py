@@ -2,17 +2,19 @@
 searched recursively, or a glob), every regular member one record, read in stream order with no
 index and no seeking, one ReadTask per shard.
 
-Keys are member paths inside the shard, prefixed with the shard's path relative to the input folder
-when the input is a folder or glob of shards (`shard-0001.tar/n01440764_tench.JPEG`). Nothing is
-dropped: a member that is not an image is passed on as it is and fails decoding with the decoder's
-reason; a member that is not a regular file, a member cut short, an archive corrupt part-way or a
-shard that is not a tar at all becomes an error row.
+Keys are member paths inside the shard (normalised: `./x.jpg` is `x.jpg`), prefixed with the shard's
+path relative to the input folder when the input is a folder or glob of shards
+(`shard-0001.tar/n01440764_tench.JPEG`). Nothing is dropped: a member that is not an image is passed
+on as it is and fails decoding with the decoder's reason; a member that is not a regular file, a
+member cut short, an archive corrupt part-way, a shard that is not a tar at all, and a file of the
+folder or glob that is not named as a tar shard (a README) each become an error row.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import posixpath
 import tarfile
 from pathlib import Path
 from typing import Iterator, Optional
@@ -28,20 +30,31 @@ TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
 
 
 def tar_shards(path: str) -> list[tuple[str, str]]:
-    """(shard file, key prefix) for every shard PATH names, sorted by path."""
+    """(file, key prefix) for every file PATH names, in a fixed order: a shard file, every file of a
+    glob, or every file below a folder as the image folder reader walks it (hidden files and the
+    top-level labels.txt left out). A file not named as a shard is listed too: it is an error row
+    (see `is_misplaced`), never skipped silently."""
+    from pipeline.sources.folder import walk_files
+
     if is_glob(path):
-        files = sorted(f for f in glob.glob(path) if is_tar_name(f))
+        files = sorted(f for f in glob.glob(path) if os.path.isfile(f))
         base = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
     elif Path(path).is_dir():
-        files = sorted(str(p) for p in Path(path).rglob("*") if is_tar_name(p.name) and p.is_file())
+        files = [os.path.join(path, key) for key in walk_files(path)]
         base = path
     elif Path(path).is_file():
         return [(path, "")]
     else:
         raise SourceError(f"{path}: no such file or directory")
-    if not files:
+    if not any(is_tar_name(file) for file in files):
         raise SourceError(f"{path}: no .tar shards")
     return [(file, Path(os.path.relpath(file, base)).as_posix() + "/") for file in files]
+
+
+def is_misplaced(file: str, prefix: str) -> bool:
+    """Whether FILE, listed by `tar_shards` with PREFIX, is a file of a folder or glob of shards that is
+    not named as a shard (a lone file the user named is read as a tar whatever its name)."""
+    return bool(prefix) and not is_tar_name(file)
 
 
 def _member_kind(member: tarfile.TarInfo) -> str:
@@ -53,6 +66,9 @@ def _member_kind(member: tarfile.TarInfo) -> str:
 def tar_records(file: str, prefix: str) -> Iterator[tuple[str, bytes, str]]:
     """(key, bytes, error) for every member of the shard, in stream order."""
     shard_key = prefix.rstrip("/") or Path(file).name
+    if is_misplaced(file, prefix):
+        yield shard_key, b"", "not a tar shard (its name does not end in .tar, .tar.gz or .tgz)"
+        return
     members = 0
     try:
         archive = tarfile.open(file, mode="r|*")
@@ -65,7 +81,7 @@ def tar_records(file: str, prefix: str) -> Iterator[tuple[str, bytes, str]]:
                 if member.isdir():
                     continue
                 members += 1
-                key = prefix + member.name
+                key = prefix + posixpath.normpath(member.name)
                 if not member.isfile():
                     yield key, b"", f"tar member is a {_member_kind(member)}, not a file"
                     continue
@@ -94,7 +110,9 @@ class TarShardDatasource(Datasource):
     """One ReadTask per shard, streaming its members."""
 
     def __init__(self, path: str, labels: Optional[str] = None):
-        self.shards = tar_shards(path)
+        labels_file = Path(labels).resolve() if labels else None
+        # the labels file may lie among the shards: it is not a record
+        self.shards = [(file, prefix) for file, prefix in tar_shards(path) if Path(file).resolve() != labels_file]
         self.label_of = read_labels_file(labels) if labels else None
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
@@ -122,10 +140,13 @@ def count_tar_members(path: str) -> Optional[int]:
     """How many records the shards hold, from their headers, seeking past the data; None when a
     shard is compressed (counting it would mean decompressing it all once more, for a progress bar)."""
     shards = tar_shards(path)
-    if not all(file.endswith(".tar") for file, _ in shards):
+    if any(is_tar_name(file) and not file.endswith(".tar") for file, _ in shards):  # a compressed shard
         return None
     total = 0
-    for file, _ in shards:
+    for file, prefix in shards:
+        if is_misplaced(file, prefix):
+            total += 1  # read as one error row
+            continue
         try:
             with tarfile.open(file) as archive:
                 while (member := archive.next()) is not None:

@@ -29,7 +29,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.runtime import map_fused_with_read
-from pipeline.sources import Source, detect_format, read_source
+from pipeline.sources import Source, check_source, read_source
 
 UNIT_COLUMNS = ("unit", "unit_rows")
 WHOLE_SOURCE_UNIT = "all"
@@ -125,7 +125,7 @@ PARTITIONERS: dict[str, Callable[[str, set[str], int], list[UnitReader]]] = {
 
 def read_work_units(path: str, fmt: Optional[str], done: set[str], unit_size: int) -> Source:
     """Unit-tagged source rows of every unit of PATH not in DONE."""
-    fmt = fmt or detect_format(path)
+    fmt = check_source(path, fmt)
     if fmt not in PARTITIONERS:
         source = read_source(path, fmt=fmt)
         if WHOLE_SOURCE_UNIT in done:

@@ -1,0 +1,171 @@
+"""Input detection, labels files and the checks made before Ray starts: real files in tmp_path, real
+ImageNet JPEGs, real Ray and the real int8 MobileNetV2 where records are read."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, need, subset_folder
+from pipeline.evaluate import evaluate
+from pipeline.label import label
+from pipeline.sources import SourceError, check_source, detect_format
+from pipeline.sources.labels import read_labels_file
+from pipeline.sources.tar import TarShardDatasource, count_tar_members, tar_shards
+
+NOT_A_SHARD = "not a tar shard (its name does not end in .tar, .tar.gz or .tgz)"
+
+
+def tar_of(path: Path, images: list[Path]) -> Path:
+    """A shard of IMAGES as `tar -C DIR -cf PATH .` writes it: member names start with `./`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as archive:
+        for image in images:
+            archive.add(image.resolve(), f"./{image.name}")  # the JPEG, not subset_folder's link
+    return path
+
+
+@pytest.fixture(scope="module")
+def sample_8(tmp_path_factory) -> Path:
+    return subset_folder(need(SAMPLE_1000), tmp_path_factory.mktemp("sample") / "images", 8)
+
+
+@pytest.fixture
+def nested_shards(sample_8, tmp_path) -> Path:
+    """Two shards in subfolders, a README next to them, a hidden file and a labels.txt keyed by shard."""
+    images = sorted(sample_8.glob("*.JPEG"))
+    root = tmp_path / "nested"
+    tar_of(root / "part1" / "shard-aa.tar", images[:5])
+    tar_of(root / "part2" / "shard-ab.tar", images[5:])
+    (root / "README.txt").write_text("shards of the sample\n")
+    (root / ".DS_Store").write_bytes(b"\0" * 8)
+    labels = dict(line.split() for line in (sample_8 / "labels.txt").read_text().splitlines())
+    (root / "labels.txt").write_text("".join(
+        f"{'part1/shard-aa.tar' if i < 5 else 'part2/shard-ab.tar'}/{image.name} {labels[image.name]}\n"
+        for i, image in enumerate(images)))
+    return root
+
+
+def test_a_tree_of_tar_shards_is_tar_and_a_tree_with_images_too_is_refused(nested_shards, sample_8, tmp_path):
+    assert detect_format(str(nested_shards)) == "tar"
+    flat = tmp_path / "flat"
+    tar_of(flat / "shard-0.tar", sorted(sample_8.glob("*.JPEG"))[:2])
+    (flat / "README.txt").write_text("two images\n")
+    assert detect_format(str(flat)) == "tar"
+    (flat / ".hidden.tar").write_bytes(b"")  # hidden files decide nothing
+    assert detect_format(str(sample_8)) == "folder"
+    (flat / "deeper").mkdir()
+    (flat / "deeper" / "stray.jpg").write_bytes((sample_8 / "labels.txt").read_bytes())
+    with pytest.raises(SourceError, match=r"holds both image files \(deeper/stray.jpg\) and .tar shards "
+                                          r"\(shard-0.tar\); pass --format folder or --format tar"):
+        detect_format(str(flat))
+    # with --format tar the image is one error row like the README, and the count agrees
+    assert [prefix for _, prefix in tar_shards(str(flat))] == ["README.txt/", "deeper/stray.jpg/", "shard-0.tar/"]
+    assert count_tar_members(str(flat)) == 4
+
+
+def test_a_labels_file_among_the_shards_is_not_a_record(nested_shards):
+    labels = nested_shards / "part1" / "val.txt"
+    labels.write_text((nested_shards / "labels.txt").read_text())
+    shards = [prefix for _, prefix in TarShardDatasource(str(nested_shards), str(labels)).shards]
+    assert shards == ["README.txt/", "part1/shard-aa.tar/", "part2/shard-ab.tar/"]
+
+
+def test_nested_shards_are_evaluated_and_labelled_with_every_file_accounted_for(ray_local, nested_shards, tmp_path):
+    model = str(need(MOBILENET_INT8))
+    expected = {line.split()[0] for line in (nested_shards / "labels.txt").read_text().splitlines()}
+    metrics = evaluate(model, str(nested_shards), "torch", str(tmp_path / "eval"),
+                       labels=str(nested_shards / "labels.txt"))
+    assert (metrics["images"], metrics["evaluated"], metrics["errors"]) == (9, 8, 1)
+    rows = pq.read_table(tmp_path / "eval" / "predictions.parquet").to_pylist()
+    assert {r["key"] for r in rows if not r["error"]} == expected
+    assert {r["key"]: r["error"] for r in rows if r["error"]} == {"README.txt": NOT_A_SHARD}
+
+    manifest = label(model, str(nested_shards), str(tmp_path / "labels"))
+    assert manifest["format"] == "tar" and (manifest["images"], manifest["labelled"], manifest["errors"]) == (9, 8, 1)
+    assert count_tar_members(str(nested_shards)) == manifest["images"]
+    labelled = pq.read_table(tmp_path / "labels" / "labels").column("key").to_pylist()
+    assert sorted(labelled) == sorted(expected)
+    assert pq.read_table(tmp_path / "labels" / "errors").to_pylist() == [{"key": "README.txt", "reason": NOT_A_SHARD}]
+
+
+def test_labels_file_keys_are_normalised_as_the_keys_of_the_sources(ray_local, sample_8, tmp_path):
+    folder = subset_folder(sample_8, tmp_path / "images", 3)
+    lines = (folder / "labels.txt").read_text().splitlines()
+    # as `find .` writes them, one name with a doubled slash and one without a prefix; and a missing file
+    (folder / "labels.txt").write_text(f"./{lines[0]}\n.//{lines[1]}\n{lines[2]}\n./gone/../missing.JPEG 7\n")
+    metrics = evaluate(str(need(MOBILENET_INT8)), str(folder), "torch", str(tmp_path / "out"))
+    assert (metrics["images"], metrics["evaluated"], metrics["errors"]) == (4, 3, 1)
+    rows = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted([line.split()[0] for line in lines] + ["missing.JPEG"])
+    assert {r["key"]: r["error"] for r in rows if r["error"]} == {"missing.JPEG": "file not found"}
+
+    (folder / "labels.txt").write_text(f"{lines[0]}\n./{lines[0]}\n")
+    with pytest.raises(SourceError, match=rf"labels.txt:2: {lines[0].split()[0]} is listed twice "
+                                          rf"\(here as \./{lines[0].split()[0]}\)"):
+        read_labels_file(folder / "labels.txt")
+
+
+def test_a_single_image_is_told_what_inputs_are_accepted(sample_8):
+    image = str(sorted(sample_8.glob("*.JPEG"))[0])
+    with pytest.raises(SourceError, match=r"--data takes a folder of images, a .parquet file, a "
+                                          r".tar/.tar.gz/.tgz shard.*an LMDB folder.*put a single image in a folder"):
+        check_source(image)
+    with pytest.raises(SourceError, match="not a directory: --format folder reads a folder of images"):
+        check_source(image, "folder")
+
+
+BEFORE_RAY = """
+import json, sys
+import ray
+from pipeline.evaluate import evaluate
+from pipeline.label import label
+from pipeline.sources import SourceError
+
+model, folder, out = sys.argv[1:4]
+calls = {
+    "missing data": lambda: evaluate(model, folder + "/absent", output=out),
+    "unknown format": lambda: evaluate(model, folder, fmt="zip", output=out),
+    "missing labels": lambda: evaluate(model, folder, labels=folder + "/absent.txt", output=out),
+    "malformed labels": lambda: evaluate(model, folder, labels=folder + "/bad.txt", output=out),
+    "malformed labels.txt": lambda: evaluate(model, folder + "/bad", output=out),
+    "label: unknown format": lambda: label(model, folder, out, fmt="zip"),
+}
+errors = {}
+for name, call in calls.items():
+    try:
+        call()
+    except SourceError as exc:
+        errors[name] = str(exc)
+print(json.dumps({"errors": errors, "ray_started": ray.is_initialized()}))
+"""
+
+
+def test_bad_inputs_are_reported_before_ray_starts(sample_8, tmp_path):
+    (tmp_path / "bad.txt").write_text("a.jpg one\n")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "labels.txt").write_text("a.jpg 1\nb.jpg\n")
+    for name in ("labels.txt", *(p.name for p in sorted(sample_8.glob("*.JPEG"))[:2])):
+        (tmp_path / name).symlink_to(sample_8 / name)
+    result = subprocess.run([sys.executable, "-c", BEFORE_RAY, str(need(MOBILENET_INT8)), str(tmp_path),
+                             str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["ray_started"] is False
+    assert report["errors"] == {
+        "missing data": f"{tmp_path}/absent: no such file or directory",
+        "unknown format": "unknown input format 'zip': known formats are folder, lmdb, parquet, tar",
+        "missing labels": f"{tmp_path}/absent.txt: labels file not found",
+        "malformed labels": f"{tmp_path}/bad.txt:1: expected 'FILE CLASS_INDEX', got 'a.jpg one'",
+        "malformed labels.txt": f"{tmp_path}/bad/labels.txt:2: expected 'FILE CLASS_INDEX', got 'b.jpg'",
+        "label: unknown format": "unknown input format 'zip': known formats are folder, lmdb, parquet, tar",
+    }
+    assert not (tmp_path / "out").exists()
