@@ -71,13 +71,16 @@ def quantize_command(
     from pipeline.config import load_preset
     from pipeline.evaluate import check_preset_fits
     from pipeline.inference import ModelInfo
-    from pipeline.quantize import QuantizeError, accuracy_report, check_options, quantize_model, read_calibration_set
+    from pipeline.quantize import (QuantizeError, accuracy_report, check_float_model, check_options, quantize_model,
+                                   read_calibration_set)
     from pipeline.runtime import init_ray
 
     try:
         check_options(method, activations)
         preset_obj = load_preset(preset)
-        check_preset_fits(ModelInfo.from_path(model), preset_obj)  # before Ray starts and images are read
+        info = ModelInfo.from_path(model)  # the model and the preset are checked before Ray starts and images are read
+        check_float_model(model)
+        check_preset_fits(info, preset_obj)
         init_ray(address)
         calib = read_calibration_set(calibration, preset_obj, images, fmt=format)
         typer.echo(f"calibrating on {calib.images} images of {calibration}"
