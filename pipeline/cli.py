@@ -12,7 +12,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from ray.exceptions import RayError
 
-from pipeline.console import USER_ERRORS, console, fail
+from pipeline.config import ConfigError, load_preset
+from pipeline.console import (PRESET_HELP, USER_ERRORS, InputFormat, console, fail, format_help, format_name,
+                              model_and_preset)
 
 app = typer.Typer(
     help="Evaluate and run int8 ONNX ImageNet classifiers with Ray Data.",
@@ -30,15 +32,16 @@ def ray_failure_reason(exc: Exception) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def model_and_preset(model: Optional[Path], preset: Optional[str]) -> tuple[Path, str]:
-    """The user's model and preset, or the default model with its own preset where none is given."""
-    if model is None:
-        from pipeline.models import default_model
-
-        model, own_preset = default_model()
-        console.print(f"no --model given: using {model}", highlight=False)
-        return model, preset or own_preset
-    return model, preset or "torch"
+def preset_or_config(preset: Optional[str], config: Optional[Path]) -> Optional[str]:
+    """The preset asked for. --config FILE.yaml is the old spelling of --preset FILE.yaml, kept
+    (hidden) for existing scripts; given both, they must name the same preset, as neither can be
+    known to be the one meant."""
+    if config is None:
+        return preset
+    if preset is not None and load_preset(preset) != load_preset(str(config)):
+        raise ConfigError(f"--preset {preset} and --config {config} are different presets: give one "
+                          "(--preset takes a name in conf/ or a preset YAML file)")
+    return str(config)
 
 
 def progress_bar() -> Progress:
@@ -79,15 +82,16 @@ class ProgressReporter:
 def evaluate(
     model: Optional[Path] = typer.Option(None, help="int8 (or fp32) ONNX classifier, input [N,3,H,W]; "
                                                      "default: EfficientNet-Lite0 from its real checkpoint"),
-    data: str = typer.Option(..., help="image folder with labels.txt, Parquet shards (folder or glob)"),
-    preset: Optional[str] = typer.Option(None, help="preprocessing preset name in conf/ (caffe2, torch, tf127); "
-                                                    "default: torch, or the default model's own"),
-    config: Optional[Path] = typer.Option(None, help="preprocessing preset YAML file (instead of --preset)"),
+    data: str = typer.Option(..., help="image folder (labels.txt or --labels), Parquet shards (folder or glob), "
+                                       "Caffe/Caffe2 LMDB database, or .tar shards (file, folder or glob)"),
+    preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+    config: Optional[Path] = typer.Option(None, hidden=True, help="old spelling of --preset FILE.yaml"),
     output: Path = typer.Option(Path("results"), help="folder for metrics.json and predictions.parquet"),
     address: Optional[str] = typer.Option(None, help="Ray cluster: 'auto', HOST:PORT or ray://HOST:PORT; "
                                                      "default: start a local single-node Ray"),
-    format: Optional[str] = typer.Option(None, "--format", help="input format; detected from --data if absent"),
-    labels: Optional[Path] = typer.Option(None, help="labels file (FILE CLASS_INDEX) for an image folder"),
+    format: Optional[InputFormat] = typer.Option(None, "--format", help=format_help("--data")),
+    labels: Optional[Path] = typer.Option(None, help="labels file (KEY CLASS_INDEX, KEY as the records are "
+                                                     "named) for an image folder or .tar shards"),
     limit: Optional[int] = typer.Option(None, min=1, help="evaluate only the first N records"),
     batch_size: int = typer.Option(32, min=1, help="images per inference call (dynamic-batch models)"),
 ) -> None:
@@ -95,10 +99,10 @@ def evaluate(
     from pipeline.evaluate import evaluate as run_evaluation
 
     try:
-        model, preset = model_and_preset(model, preset)
+        model, preset = model_and_preset(model, preset_or_config(preset, config))
         with progress_bar() as progress:
             metrics = run_evaluation(
-                str(model), data, str(config) if config else preset, str(output), fmt=format,
+                str(model), data, preset, str(output), fmt=format_name(format),
                 labels=str(labels) if labels else None, limit=limit, batch_size=batch_size, address=address,
                 on_progress=ProgressReporter(progress, "evaluating"),
             )
@@ -160,9 +164,8 @@ def label(
                                        "Parquet shards, or any other --format"),
     output: Path = typer.Option(..., help="folder for labels/, errors/ and manifest.json"),
     top_k: int = typer.Option(5, min=1, max=1000, help="classes kept per image, best first"),
-    preset: Optional[str] = typer.Option(None, help="preprocessing preset name in conf/, or a preset YAML file; "
-                                                    "default: torch, or the default model's own"),
-    format: Optional[str] = typer.Option(None, "--format", help="input format; detected from --data if absent"),
+    preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+    format: Optional[InputFormat] = typer.Option(None, "--format", help=format_help("--data")),
     resume: bool = typer.Option(False, help="finish an interrupted run into OUTPUT, skipping the shards it wrote"),
     overwrite: bool = typer.Option(False, help="discard what OUTPUT holds and label again"),
     shard_size: int = typer.Option(1000, min=1, help="images per output shard for image folders "
@@ -178,7 +181,7 @@ def label(
         model, preset = model_and_preset(model, preset)
         with progress_bar() as progress:
             manifest = run_labelling(
-                str(model), data, str(output), top_k=top_k, preset=preset, fmt=format, resume=resume,
+                str(model), data, str(output), top_k=top_k, preset=preset, fmt=format_name(format), resume=resume,
                 overwrite=overwrite, unit_size=shard_size, batch_size=batch_size, address=address,
                 on_progress=ProgressReporter(progress, "labelling", start_on_first_call=True),
             )
