@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -14,7 +16,7 @@ from ray.exceptions import RayError
 
 from pipeline.config import ConfigError, load_preset
 from pipeline.console import (PRESET_HELP, USER_ERRORS, InputFormat, console, fail, format_help, format_name,
-                              model_and_preset)
+                              model_and_preset, say)
 
 app = typer.Typer(
     help="Evaluate and run int8 ONNX ImageNet classifiers with Ray Data.",
@@ -44,10 +46,23 @@ def preset_or_config(preset: Optional[str], config: Optional[Path]) -> Optional[
     return str(config)
 
 
-def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TextColumn("eta"),
-                    TimeRemainingColumn(), console=console, transient=False)
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Progress]:
+    """A progress bar on stderr that stays after a finished run and is cleared when the run fails,
+    so that the error line does not follow a bar stopped part-way."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), console=console, transient=False)
+    progress.start()
+    try:
+        yield progress
+    except BaseException:
+        # erased from a terminal and never printed to a file or pipe (Progress.stop would also add
+        # a blank line there)
+        progress.live.transient = True
+        progress.live.stop()
+        raise
+    progress.stop()
 
 
 class ProgressReporter:
@@ -111,10 +126,32 @@ def evaluate(
     except RayError as exc:
         fail(f"the Ray pipeline failed: {ray_failure_reason(exc)}")
     print_summary(metrics, output)
+    if not metrics["evaluated"]:
+        fail(nothing_scored(metrics, output))
+
+
+def nothing_scored(metrics: dict, output: Path) -> str:
+    """Why a run scored no image: its most common error reason, and what to do about a missing label."""
+    from pyarrow import parquet
+
+    from pipeline.preprocess import label_error
+    from pipeline.sources import NO_LABEL
+
+    if not metrics["errors"]:
+        return f"no image could be scored: {metrics['data']} holds no records"
+    errors = parquet.read_table(output / "predictions.parquet", columns=["error"])["error"].to_pylist()
+    reason, count = Counter(errors).most_common(1)[0]
+    hint = ("; labels come with the input or from --labels, and a labels file must name each record by its key, "
+            "as the error rows above do"
+            if reason == label_error(NO_LABEL) else "")
+    return f"no image could be scored: {metrics['errors']} error rows, {count} of them {reason!r}{hint}"
 
 
 def print_summary(metrics: dict, output: Path) -> None:
-    table = Table(title=f"{Path(metrics['model']).name} on {metrics['data']} ({metrics['preset']})")
+    # the title on a line of its own: a table wraps its title, and this one holds the data's path
+    Console(soft_wrap=True).print(f"{Path(metrics['model']).name} on {metrics['data']} ({metrics['preset']})",
+                                  markup=False, highlight=False)
+    table = Table()
     for column in ("images", "evaluated", "errors", "top-1", "top-5", "wall s", "images/s"):
         table.add_column(column, justify="right")
     table.add_row(str(metrics["images"]), str(metrics["evaluated"]), str(metrics["errors"]),
@@ -122,9 +159,8 @@ def print_summary(metrics: dict, output: Path) -> None:
                   f"{metrics['wall_s']:.1f}", f"{metrics['images_per_s']:.1f}")
     Console().print(table)
     for sample in metrics["error_samples"][:5]:
-        console.print(f"  error row: {sample['key']}: {sample['reason']}", highlight=False)
-    console.print(f"metrics: {output / 'metrics.json'}  predictions: {output / 'predictions.parquet'}",
-                  highlight=False)
+        say(f"  error row: {sample['key']}: {sample['reason']}")
+    say(f"metrics: {output / 'metrics.json'}  predictions: {output / 'predictions.parquet'}")
 
 
 @app.command()
@@ -153,7 +189,7 @@ def prepare(
             report = prepare_lmdb(str(images), str(out), labels_file, format, encoded, resize)
     except USER_ERRORS as exc:
         fail(str(exc))
-    console.print(report, highlight=False)
+    say(report)
 
 
 @app.command()
@@ -186,13 +222,13 @@ def label(
                 on_progress=ProgressReporter(progress, "labelling", start_on_first_call=True),
             )
     except AlreadyFinished as finished:
-        console.print(str(finished), highlight=False)
+        say(str(finished))
         return
     except (OutputDirError, *USER_ERRORS) as exc:
         fail(str(exc))
-    console.print(f"{manifest['images']} images: {manifest['labelled']} labelled, {manifest['errors']} errors "
-                  f"({manifest['this_run_images']} in this run, {manifest['images_per_s']:.1f} images/s); "
-                  f"{len(manifest['shards'])} shards in {output}", highlight=False)
+    say(f"{manifest['images']} images: {manifest['labelled']} labelled, {manifest['errors']} errors "
+        f"({manifest['this_run_images']} in this run, {manifest['images_per_s']:.1f} images/s); "
+        f"{len(manifest['shards'])} shards in {output}")
 
 
 from pipeline.caffe2.command import import_caffe2_command  # noqa: E402
