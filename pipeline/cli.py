@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -12,7 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from ray.exceptions import RayError
 
-from pipeline.console import USER_ERRORS, console, fail
+from pipeline.config import ConfigError, load_preset
+from pipeline.console import (PRESET_HELP, USER_ERRORS, InputFormat, console, fail, format_help, format_name,
+                              model_and_preset, say)
 
 app = typer.Typer(
     help="Evaluate and run int8 ONNX ImageNet classifiers with Ray Data.",
@@ -30,21 +34,35 @@ def ray_failure_reason(exc: Exception) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def model_and_preset(model: Optional[Path], preset: Optional[str]) -> tuple[Path, str]:
-    """The user's model and preset, or the default model with its own preset where none is given."""
-    if model is None:
-        from pipeline.models import default_model
+def preset_or_config(preset: Optional[str], config: Optional[Path]) -> Optional[str]:
+    """The preset asked for. --config FILE.yaml is the old spelling of --preset FILE.yaml, kept
+    (hidden) for existing scripts; given both, they must name the same preset, as neither can be
+    known to be the one meant."""
+    if config is None:
+        return preset
+    if preset is not None and load_preset(preset) != load_preset(str(config)):
+        raise ConfigError(f"--preset {preset} and --config {config} are different presets: give one "
+                          "(--preset takes a name in conf/ or a preset YAML file)")
+    return str(config)
 
-        model, own_preset = default_model()
-        console.print(f"no --model given: using {model}", highlight=False)
-        return model, preset or own_preset
-    return model, preset or "torch"
 
-
-def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TextColumn("eta"),
-                    TimeRemainingColumn(), console=console, transient=False)
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Progress]:
+    """A progress bar on stderr that stays after a finished run and is cleared when the run fails,
+    so that the error line does not follow a bar stopped part-way."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), console=console, transient=False)
+    progress.start()
+    try:
+        yield progress
+    except BaseException:
+        # erased from a terminal and never printed to a file or pipe (Progress.stop would also add
+        # a blank line there)
+        progress.live.transient = True
+        progress.live.stop()
+        raise
+    progress.stop()
 
 
 class ProgressReporter:
@@ -79,15 +97,16 @@ class ProgressReporter:
 def evaluate(
     model: Optional[Path] = typer.Option(None, help="int8 (or fp32) ONNX classifier, input [N,3,H,W]; "
                                                      "default: EfficientNet-Lite0 from its real checkpoint"),
-    data: str = typer.Option(..., help="image folder with labels.txt, Parquet shards (folder or glob)"),
-    preset: Optional[str] = typer.Option(None, help="preprocessing preset name in conf/ (caffe2, torch, tf127); "
-                                                    "default: torch, or the default model's own"),
-    config: Optional[Path] = typer.Option(None, help="preprocessing preset YAML file (instead of --preset)"),
+    data: str = typer.Option(..., help="image folder (labels.txt or --labels), Parquet shards (folder or glob), "
+                                       "Caffe/Caffe2 LMDB database, or .tar shards (file, folder or glob)"),
+    preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+    config: Optional[Path] = typer.Option(None, hidden=True, help="old spelling of --preset FILE.yaml"),
     output: Path = typer.Option(Path("results"), help="folder for metrics.json and predictions.parquet"),
     address: Optional[str] = typer.Option(None, help="Ray cluster: 'auto', HOST:PORT or ray://HOST:PORT; "
                                                      "default: start a local single-node Ray"),
-    format: Optional[str] = typer.Option(None, "--format", help="input format; detected from --data if absent"),
-    labels: Optional[Path] = typer.Option(None, help="labels file (FILE CLASS_INDEX) for an image folder"),
+    format: Optional[InputFormat] = typer.Option(None, "--format", help=format_help("--data")),
+    labels: Optional[Path] = typer.Option(None, help="labels file (KEY CLASS_INDEX, KEY as the records are "
+                                                     "named) for an image folder or .tar shards"),
     limit: Optional[int] = typer.Option(None, min=1, help="evaluate only the first N records"),
     batch_size: int = typer.Option(32, min=1, help="images per inference call (dynamic-batch models)"),
 ) -> None:
@@ -95,10 +114,10 @@ def evaluate(
     from pipeline.evaluate import evaluate as run_evaluation
 
     try:
-        model, preset = model_and_preset(model, preset)
+        model, preset = model_and_preset(model, preset_or_config(preset, config))
         with progress_bar() as progress:
             metrics = run_evaluation(
-                str(model), data, str(config) if config else preset, str(output), fmt=format,
+                str(model), data, preset, str(output), fmt=format_name(format),
                 labels=str(labels) if labels else None, limit=limit, batch_size=batch_size, address=address,
                 on_progress=ProgressReporter(progress, "evaluating"),
             )
@@ -107,10 +126,32 @@ def evaluate(
     except RayError as exc:
         fail(f"the Ray pipeline failed: {ray_failure_reason(exc)}")
     print_summary(metrics, output)
+    if not metrics["evaluated"]:
+        fail(nothing_scored(metrics, output))
+
+
+def nothing_scored(metrics: dict, output: Path) -> str:
+    """Why a run scored no image: its most common error reason, and what to do about a missing label."""
+    from pyarrow import parquet
+
+    from pipeline.preprocess import label_error
+    from pipeline.sources import NO_LABEL
+
+    if not metrics["errors"]:
+        return f"no image could be scored: {metrics['data']} holds no records"
+    errors = parquet.read_table(output / "predictions.parquet", columns=["error"])["error"].to_pylist()
+    reason, count = Counter(errors).most_common(1)[0]
+    hint = ("; labels come with the input or from --labels, and a labels file must name each record by its key, "
+            "as the error rows above do"
+            if reason == label_error(NO_LABEL) else "")
+    return f"no image could be scored: {metrics['errors']} error rows, {count} of them {reason!r}{hint}"
 
 
 def print_summary(metrics: dict, output: Path) -> None:
-    table = Table(title=f"{Path(metrics['model']).name} on {metrics['data']} ({metrics['preset']})")
+    # the title on a line of its own: a table wraps its title, and this one holds the data's path
+    Console(soft_wrap=True).print(f"{Path(metrics['model']).name} on {metrics['data']} ({metrics['preset']})",
+                                  markup=False, highlight=False)
+    table = Table()
     for column in ("images", "evaluated", "errors", "top-1", "top-5", "wall s", "images/s"):
         table.add_column(column, justify="right")
     table.add_row(str(metrics["images"]), str(metrics["evaluated"]), str(metrics["errors"]),
@@ -118,9 +159,8 @@ def print_summary(metrics: dict, output: Path) -> None:
                   f"{metrics['wall_s']:.1f}", f"{metrics['images_per_s']:.1f}")
     Console().print(table)
     for sample in metrics["error_samples"][:5]:
-        console.print(f"  error row: {sample['key']}: {sample['reason']}", highlight=False)
-    console.print(f"metrics: {output / 'metrics.json'}  predictions: {output / 'predictions.parquet'}",
-                  highlight=False)
+        say(f"  error row: {sample['key']}: {sample['reason']}")
+    say(f"metrics: {output / 'metrics.json'}  predictions: {output / 'predictions.parquet'}")
 
 
 @app.command()
@@ -149,7 +189,7 @@ def prepare(
             report = prepare_lmdb(str(images), str(out), labels_file, format, encoded, resize)
     except USER_ERRORS as exc:
         fail(str(exc))
-    console.print(report, highlight=False)
+    say(report)
 
 
 @app.command()
@@ -160,9 +200,8 @@ def label(
                                        "Parquet shards, or any other --format"),
     output: Path = typer.Option(..., help="folder for labels/, errors/ and manifest.json"),
     top_k: int = typer.Option(5, min=1, max=1000, help="classes kept per image, best first"),
-    preset: Optional[str] = typer.Option(None, help="preprocessing preset name in conf/, or a preset YAML file; "
-                                                    "default: torch, or the default model's own"),
-    format: Optional[str] = typer.Option(None, "--format", help="input format; detected from --data if absent"),
+    preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
+    format: Optional[InputFormat] = typer.Option(None, "--format", help=format_help("--data")),
     resume: bool = typer.Option(False, help="finish an interrupted run into OUTPUT, skipping the shards it wrote"),
     overwrite: bool = typer.Option(False, help="discard what OUTPUT holds and label again"),
     shard_size: int = typer.Option(1000, min=1, help="images per output shard for image folders "
@@ -178,18 +217,18 @@ def label(
         model, preset = model_and_preset(model, preset)
         with progress_bar() as progress:
             manifest = run_labelling(
-                str(model), data, str(output), top_k=top_k, preset=preset, fmt=format, resume=resume,
+                str(model), data, str(output), top_k=top_k, preset=preset, fmt=format_name(format), resume=resume,
                 overwrite=overwrite, unit_size=shard_size, batch_size=batch_size, address=address,
                 on_progress=ProgressReporter(progress, "labelling", start_on_first_call=True),
             )
     except AlreadyFinished as finished:
-        console.print(str(finished), highlight=False)
+        say(str(finished))
         return
     except (OutputDirError, *USER_ERRORS) as exc:
         fail(str(exc))
-    console.print(f"{manifest['images']} images: {manifest['labelled']} labelled, {manifest['errors']} errors "
-                  f"({manifest['this_run_images']} in this run, {manifest['images_per_s']:.1f} images/s); "
-                  f"{len(manifest['shards'])} shards in {output}", highlight=False)
+    say(f"{manifest['images']} images: {manifest['labelled']} labelled, {manifest['errors']} errors "
+        f"({manifest['this_run_images']} in this run, {manifest['images_per_s']:.1f} images/s); "
+        f"{len(manifest['shards'])} shards in {output}")
 
 
 from pipeline.caffe2.command import import_caffe2_command  # noqa: E402

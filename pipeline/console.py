@@ -1,21 +1,58 @@
-"""What every `pipeline` command shares to talk to the user: the stderr console and the one-line
-failure for bad input (imported by pipeline.cli and by the command modules it registers)."""
+"""What every `pipeline` command shares to talk to the user: the stderr console, the one-line
+failure for bad input, and the options that evaluate, label and quantize take alike (imported by
+pipeline.cli and by the command modules it registers)."""
 
 from __future__ import annotations
 
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, preset_names
 from pipeline.inference import ModelError
-from pipeline.sources import SourceError
+from pipeline.sources import FORMATS, SourceError
 
 console = Console(stderr=True)
 
 # errors that mean "this input cannot be used": reported in one sentence, never as a traceback
 USER_ERRORS = (ConfigError, ModelError, SourceError, FileNotFoundError)
 
+PRESET_HELP = (f"preprocessing preset: a name in conf/ ({', '.join(preset_names())}) or a preset YAML file; "
+               "default: torch, or the default model's own")
+
+# the values --format takes: Typer lists them in the help and refuses any other before the command runs
+InputFormat = Enum("InputFormat", {name: name for name in sorted(FORMATS)}, type=str)
+
+
+def format_help(data_option: str) -> str:
+    return f"input format: {', '.join(sorted(FORMATS))}; detected from {data_option} when omitted"
+
+
+def format_name(value: Optional[InputFormat]) -> Optional[str]:
+    return value.value if value else None
+
+
+def say(message: str) -> None:
+    """One line for the user on stderr, as written (a key or path may hold brackets) and never
+    wrapped: it often ends in a path to copy."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def model_and_preset(model: Optional[Path], preset: Optional[str]) -> tuple[Path, str]:
+    """The user's model and preset, or the default model with its own preset where none is given."""
+    if model is None:
+        from pipeline.models import default_model
+
+        model, own_preset = default_model()
+        say(f"no --model given: using {model}")
+        return model, preset or own_preset
+    return model, preset or "torch"

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.console import USER_ERRORS, fail
+from pipeline.console import PRESET_HELP, USER_ERRORS, InputFormat, fail, format_help, format_name, model_and_preset
 from pipeline.models import ARCHITECTURES, GENERATED, build_model
 from pipeline.weights import WeightsError
 
@@ -51,14 +51,15 @@ def print_report(report: dict) -> None:
 
 
 def quantize_command(
-    model: Path = typer.Option(..., help="fp32 ONNX classifier"),
+    model: Optional[Path] = typer.Option(None, help="fp32 ONNX classifier; default: EfficientNet-Lite0 from its "
+                                                     "real checkpoint"),
     calibration: str = typer.Option(..., help="calibration images: any input the pipeline reads"),
     out: Path = typer.Option(..., help="int8 ONNX model to write (OUT-METHOD.onnx when several methods)"),
     images: Optional[int] = typer.Option(500, min=1, help="calibrate on the first N records"),
     method: list[str] = typer.Option(["l2"], help="l2 (default), minmax, entropy or percentile; repeat for several"),
-    preset: str = typer.Option("torch", help="preprocessing preset (the one the model is evaluated with)"),
+    preset: Optional[str] = typer.Option(None, help=f"{PRESET_HELP} (the one the model is evaluated with)"),
     activations: str = typer.Option("uint8", help="activation type: uint8 or int8"),
-    format: Optional[str] = typer.Option(None, "--format", help="calibration input format; detected if absent"),
+    format: Optional[InputFormat] = typer.Option(None, "--format", help=format_help("--calibration")),
     labels: Optional[Path] = typer.Option(None, help="labels file for an --eval image folder"),
     eval: Optional[str] = typer.Option(None, "--eval", help="labelled images to compare fp32 and int8 on"),
     eval_limit: Optional[int] = typer.Option(None, min=1, help="evaluate only the first N records of --eval"),
@@ -71,15 +72,19 @@ def quantize_command(
     from pipeline.config import load_preset
     from pipeline.evaluate import check_preset_fits
     from pipeline.inference import ModelInfo
-    from pipeline.quantize import QuantizeError, accuracy_report, check_options, quantize_model, read_calibration_set
+    from pipeline.quantize import (QuantizeError, accuracy_report, check_float_model, check_options, quantize_model,
+                                   read_calibration_set)
     from pipeline.runtime import init_ray
 
     try:
         check_options(method, activations)
+        model, preset = model_and_preset(model, preset)
         preset_obj = load_preset(preset)
-        check_preset_fits(ModelInfo.from_path(model), preset_obj)  # before Ray starts and images are read
+        info = ModelInfo.from_path(model)  # the model and the preset are checked before Ray starts and images are read
+        check_float_model(model)
+        check_preset_fits(info, preset_obj)
         init_ray(address)
-        calib = read_calibration_set(calibration, preset_obj, images, fmt=format)
+        calib = read_calibration_set(calibration, preset_obj, images, fmt=format_name(format))
         typer.echo(f"calibrating on {calib.images} images of {calibration}"
                    + (f" ({calib.errors} unreadable, left out)" if calib.errors else ""))
         outputs = int8_paths(out, method)

@@ -79,6 +79,21 @@ def check_options(methods: list[str], activations: str) -> None:
         raise QuantizeError(f"activations must be uint8 or int8, not {activations!r}")
 
 
+# operators only a quantised model holds (ONNX's and onnxruntime's contrib ops): quantising such a
+# model again would quantise around its int8 arithmetic, and onnxruntime does so without a word
+QUANTISED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+                 "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "QAttention")
+
+
+def check_float_model(model_path: str | Path) -> None:
+    """The model holds no quantised operators (checked before any work starts)."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    quantised = sorted({n.op_type for n in graph.node if n.op_type in QUANTISED_OPS or n.op_type.startswith("QLinear")})
+    if quantised:
+        raise QuantizeError(f"{model_path}: the model already holds quantised operators ({', '.join(quantised)}); "
+                            "give the fp32 model")
+
+
 def l2_ranges(model_path: str, batches: list[np.ndarray]) -> TensorsData:
     histograms = collect_histograms(model_path, batches)
     ranges = {}
@@ -108,6 +123,7 @@ def quantize_model(
 ) -> Path:
     """Calibrate on `batches` (preprocessed float32 NCHW inputs) and write the int8 QDQ model."""
     check_options([method], activations)
+    check_float_model(model_path)
     if not batches:
         raise QuantizeError("no calibration images")
     model_path, out = str(model_path), Path(out)

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO, SAMPLE_1000, VAL_1300, need, subset_folder
+from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, VAL_1300, need, subset_folder
 from pipeline.calibration import Histogram, collect_histograms, expected_l2_errors, l2_optimal_range
 from pipeline.cli import app
 from pipeline.config import load_preset
@@ -231,3 +231,14 @@ def test_cli_quantize_refuses_a_preset_that_does_not_fit_the_model_before_readin
                                       str(tmp_path / "absent"), "--preset", str(small_crop),
                                       "--out", str(tmp_path / "x.onnx")])
     assert result.exit_code == 2 and "takes 224x224 images" in result.output, result.output
+
+
+def test_an_int8_model_is_refused_before_any_work(tmp_path: Path):
+    int8 = need(MOBILENET_INT8)
+    with pytest.raises(QuantizeError, match="already holds quantised operators"):
+        quantize_model(int8, [np.zeros((1, 3, 224, 224), np.float32)], tmp_path / "x.onnx")
+    result = CliRunner().invoke(app, ["quantize", "--model", str(int8), "--calibration", str(tmp_path / "absent"),
+                                      "--preset", "torch", "--out", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 2, result.output
+    assert "already holds quantised operators (" in result.output and "QLinearConv" in result.output
+    assert "give the fp32 model" in result.output and not (tmp_path / "x.onnx").exists()
