@@ -75,6 +75,7 @@ def quantize_command(
     from pipeline.quantize import (QuantizeError, accuracy_report, check_float_model, check_options, quantize_model,
                                    read_calibration_set)
     from pipeline.runtime import init_ray
+    from pipeline.sources import check_source
 
     try:
         check_options(method, activations)
@@ -83,6 +84,9 @@ def quantize_command(
         info = ModelInfo.from_path(model)  # the model and the preset are checked before Ray starts and images are read
         check_float_model(model)
         check_preset_fits(info, preset_obj)
+        check_source(calibration, format_name(format))  # and the inputs, before Ray starts
+        if eval:
+            check_source(eval, None, str(labels) if labels else None)
         init_ray(address)
         calib = read_calibration_set(calibration, preset_obj, images, fmt=format_name(format))
         typer.echo(f"calibrating on {calib.images} images of {calibration}"
