@@ -9,6 +9,7 @@ from typing import Optional
 
 import pyarrow.parquet as pq
 
+from pipeline.sources import RECORDS_PER_BLOCK
 from pipeline.sources.folder import list_folder_records, read_folder_records
 
 
@@ -26,7 +27,8 @@ def write_parquet_shards(images: str, out: str, labels: Optional[str] = None, sh
         errors += sum(1 for e in table.column("error").to_pylist() if e)
         final = Path(out) / f"part-{shard:05d}.parquet"
         partial = final.with_suffix(".parquet.partial")
-        pq.write_table(table, partial)
+        # row groups of a block each: the reader splits a shard into ReadTasks at row groups
+        pq.write_table(table, partial, row_group_size=RECORDS_PER_BLOCK)
         os.replace(partial, final)
         shards += 1
     return {"records": len(records), "shards": shards, "unreadable": errors}

@@ -62,6 +62,23 @@ def test_folder_and_parquet_shards_give_identical_predictions(ray_local, tmp_pat
     assert from_folder["top1_correct"] == from_parquet["top1_correct"]
 
 
+def test_a_parquet_shard_is_read_by_several_tasks_at_its_row_groups(ray_local, tmp_path):
+    """One shard of 150 images is split at its row groups (64 rows each, as prepare writes them), so
+    more than one core reads and preprocesses it; every row is read exactly once."""
+    from pipeline.sources.parquet import ParquetRowGroupDatasource, read_parquet_shards
+
+    write_parquet_shards(str(subset_folder(need(VAL_1300), tmp_path / "images", 150)), str(tmp_path / "shards"))
+    (shard,) = (tmp_path / "shards").glob("*.parquet")
+    metadata = pq.read_metadata(shard)
+    assert metadata.num_row_groups == 3
+    tasks = ParquetRowGroupDatasource([str(shard)], [metadata], ["key", "image", "label"]).get_read_tasks(1)
+    assert [task.metadata.num_rows for task in tasks] == [64, 64, 22]
+    rows = read_parquet_shards(str(tmp_path / "shards")).dataset.take_all()
+    expected = pq.read_table(shard, columns=["key", "label"]).to_pylist()
+    assert sorted((row["key"], row["label"]) for row in rows) == sorted((r["key"], r["label"]) for r in expected)
+    assert len(rows) == 150 and all(row["error"] == "" and row["image"] for row in rows)
+
+
 def test_shards_with_and_without_a_label_column_keep_every_label(ray_local, tmp_path):
     from pipeline.sources import NO_LABEL
     from pipeline.sources.parquet import read_parquet_shards
@@ -77,7 +94,8 @@ def test_shards_with_and_without_a_label_column_keep_every_label(ray_local, tmp_
     assert {key: labels[key] for key in expected} == expected
 
 
-@pytest.mark.parametrize("fmt,read", [("folder", "ReadImageFolder"), ("lmdb", "ReadLMDB")])
+@pytest.mark.parametrize("fmt,read", [("folder", "ReadImageFolder"), ("lmdb", "ReadLMDB"),
+                                      ("parquet", "ReadParquetRowGroup")])
 def test_preprocessing_runs_inside_the_read_tasks(ray_local, tmp_path, fmt, read):
     """Read and preprocessing fuse into one task per block (no second task, no trip through the
     object store for the encoded bytes); inference stays in its actors."""
@@ -89,6 +107,9 @@ def test_preprocessing_runs_inside_the_read_tasks(ray_local, tmp_path, fmt, read
     if fmt == "lmdb":
         write_lmdb(str(data), str(tmp_path / "lmdb"))
         data = tmp_path / "lmdb"
+    if fmt == "parquet":
+        write_parquet_shards(str(data), str(tmp_path / "shards"))
+        data = tmp_path / "shards"
     info = ModelInfo.from_path(need(MOBILENET_INT8))
     rows = predict(read_source(str(data)), info, load_preset("torch"), require_label=True, top_k=5,
                    batch_size=32).materialize()

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.runtime import map_fused_with_read
-from pipeline.sources import NO_LABEL, RECORDS_PER_BLOCK, SOURCE_SCHEMA, Source, SourceError, is_glob
+from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, SOURCE_SCHEMA, Source, SourceError, is_glob,
+                              read_task_split)
 
 
 def parquet_files(path: str) -> list[str]:
@@ -60,18 +62,65 @@ def to_source_rows(table: pa.Table) -> pa.Table:
     )
 
 
+def read_row_groups(file: str, row_groups: list[int], columns: list[str]) -> Iterator[pa.Table]:
+    """Source-row blocks of RECORDS_PER_BLOCK rows from ROW_GROUPS of one shard."""
+    batches = pq.ParquetFile(file).iter_batches(batch_size=RECORDS_PER_BLOCK, row_groups=row_groups,
+                                                columns=columns)
+    for batch in batches:
+        yield to_source_rows(pa.Table.from_batches([batch]))
+
+
+class ParquetRowGroupDatasource(Datasource):
+    """Parquet shards, a run of consecutive row groups of one shard per ReadTask, sized by
+    `read_task_split` as image folders and LMDB are. Ray's own Parquet reader makes one task per file
+    (per ~128 MB of files), so a few large shards, or one small input, would be read and preprocessed
+    on that many cores however many the cluster has. A row group is the smallest piece a Parquet file
+    can be read by: a shard written as one row group is still one task (`pipeline prepare` writes
+    row groups of RECORDS_PER_BLOCK rows)."""
+
+    def __init__(self, files: list[str], metadata: list[pq.FileMetaData], columns: list[str]):
+        self.columns = columns
+        per_task, _ = read_task_split(sum(m.num_rows for m in metadata))
+        self.runs: list[tuple[str, list[int], int]] = []  # (file, row groups, rows), a ReadTask each
+        for file, shard in zip(files, metadata):
+            row_groups, rows = [], 0
+            for index in range(shard.num_row_groups):
+                if row_groups and rows + shard.row_group(index).num_rows > per_task:
+                    self.runs.append((file, row_groups, rows))
+                    row_groups, rows = [], 0
+                row_groups.append(index)
+                rows += shard.row_group(index).num_rows
+            if row_groups:
+                self.runs.append((file, row_groups, rows))
+
+    def estimate_inmemory_data_size(self) -> Optional[int]:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
+                       data_context=None) -> list[ReadTask]:
+        columns = self.columns
+
+        def make_task(file: str, row_groups: list[int], rows: int) -> ReadTask:
+            return ReadTask(lambda: read_row_groups(file, row_groups, columns),
+                            BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=[file]))
+
+        return [make_task(*run) for run in self.runs]
+
+
 def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional[int] = None) -> Source:
     """Source rows from Parquet shards."""
     if labels:
         raise SourceError("Parquet shards carry their labels in the `label` column; --labels is for image folders")
     files = parquet_files(path)
     metadata = [_shard_metadata(f) for f in files]
-    columns = source_columns(*metadata)
+    datasource = ParquetRowGroupDatasource(files, metadata, source_columns(*metadata))
     num_records = sum(m.num_rows for m in metadata)
-    ds = ray.data.read_parquet(files).select_columns(columns)
+    # one block per ReadTask planned: Ray would otherwise split blocks to reach its default
+    # parallelism, and a split read is not fused with the preprocessing
+    ds = ray.data.read_datasource(datasource, override_num_blocks=max(1, len(datasource.runs)))
     if limit is not None:
         ds, num_records = ds.limit(limit), min(limit, num_records)
-    return Source(map_fused_with_read(ds, to_source_rows, batch_format="pyarrow", batch_size=None), num_records)
+    return Source(ds, num_records)
 
 
 def parquet_unit_readers(path: str, done: set[str]) -> list:
