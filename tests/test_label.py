@@ -109,6 +109,21 @@ def test_probabilities_are_a_softmax_over_all_1000_classes(ray_local, sample_40,
         assert abs(sum(row["probs"]) - 1.0) < 1e-4
 
 
+def test_a_large_parquet_shard_is_labelled_in_units_of_its_row_groups(ray_local, sample_40, tmp_path):
+    """A shard of 40 rows in row groups of 8 is cut into units of at most --shard-size (16) rows at its
+    row groups: three units, read in parallel and committed one by one; every image exactly once."""
+    write_parquet_shards(str(sample_40), str(tmp_path / "prepared"), shard_size=40)
+    (prepared,) = (tmp_path / "prepared").glob("*.parquet")
+    big = tmp_path / "shards" / "big.parquet"
+    big.parent.mkdir()
+    pq.write_table(pq.read_table(prepared), big, row_group_size=8)
+    manifest = label(str(need(MOBILENET_INT8)), str(big.parent), str(tmp_path / "out"), unit_size=16)
+    assert sorted(shard["labelled"] for shard in manifest["shards"].values()) == [8, 16, 16]
+    predictions, errors, _ = read_output(tmp_path / "out")
+    assert sorted(predictions) == sorted(pq.read_table(prepared, columns=["key"])["key"].to_pylist())
+    assert not errors and manifest["images"] == manifest["labelled"] == 40
+
+
 def bad_files() -> dict[str, bytes]:
     """Three decodable images and one file of every kind that cannot be labelled."""
     return {

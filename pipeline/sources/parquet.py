@@ -70,6 +70,20 @@ def read_row_groups(file: str, row_groups: list[int], columns: list[str]) -> Ite
         yield to_source_rows(pa.Table.from_batches([batch]))
 
 
+def row_group_runs(shard: pq.FileMetaData, max_rows: int) -> list[tuple[list[int], int]]:
+    """SHARD's row groups cut into runs of consecutive ones of at most MAX_ROWS rows (a larger row
+    group is a run of its own): (row group indices, rows) each."""
+    runs: list[tuple[list[int], int]] = []
+    row_groups, rows = [], 0
+    for index in range(shard.num_row_groups):
+        if row_groups and rows + shard.row_group(index).num_rows > max_rows:
+            runs.append((row_groups, rows))
+            row_groups, rows = [], 0
+        row_groups.append(index)
+        rows += shard.row_group(index).num_rows
+    return runs + [(row_groups, rows)] if row_groups else runs
+
+
 class ParquetRowGroupDatasource(Datasource):
     """Parquet shards, a run of consecutive row groups of one shard per ReadTask, sized by
     `read_task_split` as image folders and LMDB are. Ray's own Parquet reader makes one task per file
@@ -81,17 +95,9 @@ class ParquetRowGroupDatasource(Datasource):
     def __init__(self, files: list[str], metadata: list[pq.FileMetaData], columns: list[str]):
         self.columns = columns
         per_task, _ = read_task_split(sum(m.num_rows for m in metadata))
-        self.runs: list[tuple[str, list[int], int]] = []  # (file, row groups, rows), a ReadTask each
-        for file, shard in zip(files, metadata):
-            row_groups, rows = [], 0
-            for index in range(shard.num_row_groups):
-                if row_groups and rows + shard.row_group(index).num_rows > per_task:
-                    self.runs.append((file, row_groups, rows))
-                    row_groups, rows = [], 0
-                row_groups.append(index)
-                rows += shard.row_group(index).num_rows
-            if row_groups:
-                self.runs.append((file, row_groups, rows))
+        # (file, row groups, rows), a ReadTask each
+        self.runs = [(file, row_groups, rows) for file, shard in zip(files, metadata)
+                     for row_groups, rows in row_group_runs(shard, per_task)]
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
         return None
@@ -123,22 +129,23 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
     return Source(ds, num_records)
 
 
-def parquet_unit_readers(path: str, done: set[str]) -> list:
-    """Readers for `pipeline.sources.units`: one unit per shard, read a few row groups at a time.
-    Every shard's footer is checked up front, so a damaged shard is named before anything runs."""
+def parquet_unit_readers(path: str, done: set[str], unit_size: int) -> list:
+    """Readers for `pipeline.sources.units`: a unit, and a ReadTask, per run of a shard's row groups of
+    at most UNIT_SIZE rows, so that a few large shards still spread over the cluster and a resume
+    redoes at most a unit. A shard of one run is one unit with the shard's own id (what a shard of
+    `pipeline prepare`, at most UNIT_SIZE rows, always is). Every shard's footer is checked up front,
+    so a damaged shard is named before anything runs."""
     from pipeline.sources.units import shard_unit_id
 
-    def reader_for(unit: str, file: str, columns: list[str]):
-        def units():
-            batches = pq.ParquetFile(file).iter_batches(batch_size=RECORDS_PER_BLOCK, columns=columns)
-            yield unit, (to_source_rows(pa.Table.from_batches([batch])) for batch in batches)
-
-        return units
+    def reader_for(unit: str, file: str, row_groups: list[int], columns: list[str]):
+        return lambda: iter([(unit, read_row_groups(file, row_groups, columns))])
 
     readers = []
     for file in parquet_files(path):
-        columns = source_columns(_shard_metadata(file))
-        unit = shard_unit_id(file)
-        if unit not in done:
-            readers.append(reader_for(unit, file, columns))
+        shard = _shard_metadata(file)
+        runs = row_group_runs(shard, unit_size)
+        for row_groups, _ in runs:
+            unit = shard_unit_id(file) + (f"-rg{row_groups[0]:05d}" if len(runs) > 1 else "")
+            if unit not in done:
+                readers.append(reader_for(unit, file, row_groups, source_columns(shard)))
     return readers

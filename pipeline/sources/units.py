@@ -112,7 +112,7 @@ def _tar_readers(path: str, done: set[str], unit_size: int) -> list[UnitReader]:
 def _parquet_readers(path: str, done: set[str], unit_size: int) -> list[UnitReader]:
     from pipeline.sources.parquet import parquet_unit_readers
 
-    return parquet_unit_readers(path, done)
+    return parquet_unit_readers(path, done, unit_size)
 
 
 # format name -> partitioner(path, done, unit_size) -> readers
