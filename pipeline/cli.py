@@ -197,7 +197,7 @@ def label(
     model: Optional[Path] = typer.Option(None, help="int8 (or fp32) ONNX classifier, input [N,3,H,W]; "
                                                      "default: EfficientNet-Lite0 from its real checkpoint"),
     data: str = typer.Option(..., help="image folder (any depth), .tar shards (file, folder or glob), "
-                                       "Parquet shards, or any other --format"),
+                                       "Parquet shards, or a Caffe/Caffe2 LMDB database"),
     output: Path = typer.Option(..., help="folder for labels/, errors/ and manifest.json"),
     top_k: int = typer.Option(5, min=1, max=1000, help="classes kept per image, best first"),
     preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
