@@ -85,9 +85,10 @@ QUANTISED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", 
                  "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "QAttention")
 
 
-def check_float_model(model_path: str | Path) -> None:
-    """The model holds no quantised operators (checked before any work starts)."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+def check_float_model(model_path: str | Path, model: onnx.ModelProto | None = None) -> None:
+    """The model at MODEL_PATH (MODEL, when it is already loaded) holds no quantised operators
+    (checked before any work starts)."""
+    graph = (model or onnx.load(str(model_path), load_external_data=False)).graph
     quantised = sorted({n.op_type for n in graph.node if n.op_type in QUANTISED_OPS or n.op_type.startswith("QLinear")})
     if quantised:
         raise QuantizeError(f"{model_path}: the model already holds quantised operators ({', '.join(quantised)}); "
@@ -123,12 +124,12 @@ def quantize_model(
 ) -> Path:
     """Calibrate on `batches` (preprocessed float32 NCHW inputs) and write the int8 QDQ model."""
     check_options([method], activations)
-    check_float_model(model_path)
     if not batches:
         raise QuantizeError("no calibration images")
     model_path, out = str(model_path), Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     model = _named_model(model_path)
+    check_float_model(model_path, model)
+    out.parent.mkdir(parents=True, exist_ok=True)
     options = dict(
         quant_format=QuantFormat.QDQ,
         per_channel=True,
