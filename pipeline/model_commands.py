@@ -84,11 +84,11 @@ def quantize_command(
         info = ModelInfo.from_path(model)  # the model and the preset are checked before Ray starts and images are read
         check_float_model(model)
         check_preset_fits(info, preset_obj)
-        check_source(calibration, format_name(format))  # and the inputs, before Ray starts
+        calibration_format = check_source(calibration, format_name(format))  # and the inputs, before Ray starts
         if eval:
             check_source(eval, None, str(labels) if labels else None)
         init_ray(address)
-        calib = read_calibration_set(calibration, preset_obj, images, fmt=format_name(format))
+        calib = read_calibration_set(calibration, preset_obj, images, fmt=calibration_format)
         typer.echo(f"calibrating on {calib.images} images of {calibration}"
                    + (f" ({calib.errors} unreadable, left out)" if calib.errors else ""))
         outputs = int8_paths(out, method)
