@@ -132,9 +132,9 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
 def parquet_unit_readers(path: str, done: set[str], unit_size: int) -> list:
     """Readers for `pipeline.sources.units`: a unit, and a ReadTask, per run of a shard's row groups of
     at most UNIT_SIZE rows, so that a few large shards still spread over the cluster and a resume
-    redoes at most a unit. A shard of one run is one unit with the shard's own id (what a shard of
-    `pipeline prepare`, at most UNIT_SIZE rows, always is). Every shard's footer is checked up front,
-    so a damaged shard is named before anything runs."""
+    redoes at most a unit. A shard of one run is one unit with the shard's own id (a shard of
+    `pipeline prepare` is, when its --shard-size is at most UNIT_SIZE, both 1,000 by default). Every
+    shard's footer is checked up front, so a damaged shard is named before anything runs."""
     from pipeline.sources.units import shard_unit_id
 
     def reader_for(unit: str, file: str, row_groups: list[int], columns: list[str]):
