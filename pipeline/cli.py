@@ -205,8 +205,8 @@ def label(
     resume: bool = typer.Option(False, help="finish an interrupted run into OUTPUT, skipping the shards it wrote"),
     overwrite: bool = typer.Option(False, help="discard what OUTPUT holds and label again"),
     shard_size: int = typer.Option(1000, min=1, help="images per output shard for image folders, at most "
-                                                     "per output shard for Parquet (cut at row groups); "
-                                                     "tar inputs: one output shard per input shard"),
+                                                     "per output shard for Parquet (cut at row groups) "
+                                                     "and uncompressed tar (cut at members)"),
     batch_size: int = typer.Option(32, min=1, help="images per inference call (dynamic-batch models)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster: 'auto', HOST:PORT or ray://HOST:PORT; "
                                                      "default: start a local single-node Ray"),

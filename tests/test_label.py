@@ -124,6 +124,26 @@ def test_a_large_parquet_shard_is_labelled_in_units_of_its_row_groups(ray_local,
     assert not errors and manifest["images"] == manifest["labelled"] == 40
 
 
+def test_one_big_tar_is_labelled_in_units_of_its_members_and_resumed_by_unit(ray_local, sample_40, tmp_path):
+    """A tar of 40 images is cut into units of at most --shard-size (16) members at their headers:
+    three units, read in parallel and committed one by one, every image exactly once; a lost unit is
+    the only one a resume redoes."""
+    files = sorted(sample_40.glob("*.JPEG"))
+    big = write_tar(tmp_path / "big.tar", [(f.name, f.read_bytes()) for f in files])
+    model, output = str(need(MOBILENET_INT8)), tmp_path / "out"
+    manifest = label(model, str(big), str(output), unit_size=16)
+    assert {unit.rsplit("-", 1)[1]: shard["labelled"] for unit, shard in manifest["shards"].items()} == \
+        {"m000000000": 16, "m000000016": 16, "m000000032": 8}
+    before = read_output(output)[:2]
+    assert sorted(before[0]) == [f.name for f in files] and not before[1]
+    (output / "manifest.json").unlink()
+    (middle,) = (output / "labels").glob("*-m000000016.parquet")
+    middle.unlink()
+    resumed = label(model, str(big), str(output), unit_size=16, resume=True)
+    assert resumed["resumed_from"] == 24 and resumed["this_run_images"] == 16
+    assert read_output(output)[:2] == before
+
+
 def bad_files() -> dict[str, bytes]:
     """Three decodable images and one file of every kind that cannot be labelled."""
     return {

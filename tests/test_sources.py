@@ -3,6 +3,8 @@ ImageNet JPEGs, real Ray and the real int8 MobileNetV2 where records are read.""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 import subprocess
@@ -16,9 +18,10 @@ import pytest
 from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, need, subset_folder
 from pipeline.evaluate import evaluate
 from pipeline.label import label
-from pipeline.sources import SourceError, check_source, detect_format
+from pipeline.sources import NO_LABEL, SourceError, check_source, detect_format, read_task_split, read_task_target
 from pipeline.sources.labels import read_labels_file
-from pipeline.sources.tar import TarShardDatasource, count_tar_members, tar_shards
+from pipeline.sources.tar import (WHOLE_SHARD, TarShardDatasource, count_tar_members, scan_shard, tar_records,
+                                  tar_shards)
 
 NOT_A_SHARD = "not a tar shard (its name does not end in .tar, .tar.gz or .tgz)"
 
@@ -169,3 +172,86 @@ def test_bad_inputs_are_reported_before_ray_starts(sample_8, tmp_path):
         "label: unknown format": "unknown input format 'zip': known formats are folder, lmdb, parquet, tar",
     }
     assert not (tmp_path / "out").exists()
+
+
+# --- one big tar read by many tasks --------------------------------------------------------------
+
+def big_tar(path: Path, count: int) -> Path:
+    """COUNT small members, every fifth behind a GNU long-name header, with a directory and a symlink."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as archive:
+        for i in range(count):
+            if i == 3:
+                directory = tarfile.TarInfo("subdir")
+                directory.type = tarfile.DIRTYPE
+                archive.addfile(directory)
+            name = ("deep/" * 25 if i % 5 == 0 else "./") + f"member-{i:04d}.jpg"
+            data = bytes([i % 256]) * (100 + 37 * i)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("a-link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "member-0001.jpg"
+        archive.addfile(link)
+    return path
+
+
+def rows_of(tasks) -> list[tuple]:
+    """(key, label, image, error) of every row the read tasks give, in task order."""
+    return [row for task in tasks for block in task() for row in zip(*block.select(["key", "label", "image", "error"])
+                                                                     .to_pydict().values())]
+
+
+def test_one_big_tar_is_read_in_runs_of_its_members_each_exactly_once(tmp_path):
+    """An uncompressed tar is cut into runs at member headers (long names and a directory in between),
+    each run read by its own task from its first header: together they give exactly the rows of one
+    whole read, labels included; damaged, the last run still reports the damage once."""
+    shard = big_tar(tmp_path / "big.tar", 150)
+    labels = tmp_path / "labels.txt"
+    keys = [key for key, _, _ in tar_records(str(shard), "")]
+    labels.write_text("".join(f"{key} {i % 1000}\n" for i, key in enumerate(keys)))
+    whole = [(key, i % 1000, data, error) for i, (key, data, error) in enumerate(tar_records(str(shard), ""))]
+    assert len(whole) == 151 and whole[-1][3] == "tar member is a link, not a file"
+    assert whole[0][0] == "deep/" * 25 + "member-0000.jpg" and whole[1][0] == "member-0001.jpg"
+
+    datasource = TarShardDatasource(str(shard), str(labels))
+    assert datasource.records == 151  # counted by the scan: the progress bar's total
+    tasks = datasource.get_read_tasks(1)
+    assert len(tasks) == read_task_split(151)[1] > 1
+    assert rows_of(tasks) == whole
+
+    data = shard.read_bytes()
+    header_40, header_41 = scan_shard(str(shard), "")[0][40:42]
+    for damage, rows, reason in (
+            (data[:header_41 + 512 + 10], 42, "tar member cut short"),  # inside member 41's data
+            (data[:header_40] + b"\x07" * 512 + data[header_40 + 512:], 41, "no readable member header"),
+            (data + data, 152, "archives joined end to end")):  # the last two: silently dropped by tarfile alone
+        damaged = tmp_path / "damaged.tar"
+        damaged.write_bytes(damage)
+        whole = [(key, NO_LABEL, image, error) for key, image, error in tar_records(str(damaged), "")]
+        assert len(whole) == rows and reason in whole[-1][3]
+        assert not any(error for _, _, _, error in whole[:-1] if "link" not in error)
+        tasks = TarShardDatasource(str(damaged)).get_read_tasks(1)
+        assert len(tasks) > 1 and rows_of(tasks) == whole
+
+    compressed = tmp_path / "big.tar.gz"
+    compressed.write_bytes(gzip.compress(shard.read_bytes()))
+    tasks = TarShardDatasource(str(compressed)).get_read_tasks(1)
+    assert len(tasks) == 1  # cannot be entered part-way
+    assert [row[0] for row in rows_of(tasks)] == [key for key, _, _ in tar_records(str(shard), "")]
+
+
+def test_enough_shards_are_read_a_task_each_with_only_their_own_labels(sample_8, tmp_path):
+    """As many shards as the cluster wants tasks: no header scan, a task per shard, and each task
+    carries the labels of its own shard's members, not the whole labels file."""
+    images = sorted(sample_8.glob("*.JPEG"))
+    shards = {f"s{n:03d}.tar": images[n % 7:n % 7 + 2] for n in range(read_task_target())}
+    for name, members in shards.items():
+        tar_of(tmp_path / "shards" / name, members)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{name}/{image.name} {n}\n" for n, (name, members) in enumerate(shards.items())
+                              for image in members))
+    datasource = TarShardDatasource(str(tmp_path / "shards"), str(labels))
+    assert len(datasource.get_read_tasks(1)) == len(shards)
+    for n, (_, prefix, run, label_of) in enumerate(datasource.pieces):
+        assert run == WHOLE_SHARD
+        assert label_of == {f"{prefix}{image.name}": n for image in shards[prefix.rstrip("/")]}

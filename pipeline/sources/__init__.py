@@ -58,14 +58,19 @@ def source_table(keys: list[str], labels: list[int], images: list[bytes], errors
     )
 
 
-def read_task_split(records: int) -> tuple[int, int]:
-    """(records per ReadTask, ReadTasks) for an input of RECORDS records whose split is ours (image
-    folders, LMDB): RECORDS_PER_BLOCK records a task, or fewer for a small input (see
-    RECORDS_PER_BLOCK)."""
+def read_task_target() -> int:
+    """How many ReadTasks keep every CPU of the cluster busy (TASKS_PER_CPU each)."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1
-    per_task = max(1, min(RECORDS_PER_BLOCK, math.ceil(records / (TASKS_PER_CPU * max(cpus, 1)))))
+    return TASKS_PER_CPU * max(cpus, 1)
+
+
+def read_task_split(records: int) -> tuple[int, int]:
+    """(records per ReadTask, ReadTasks) for an input of RECORDS records whose split is ours (image
+    folders, LMDB, Parquet row groups, tar members): RECORDS_PER_BLOCK records a task, or fewer for a
+    small input (see RECORDS_PER_BLOCK)."""
+    per_task = max(1, min(RECORDS_PER_BLOCK, math.ceil(records / read_task_target())))
     return per_task, max(1, math.ceil(records / per_task))
 
 

@@ -1,6 +1,11 @@
 """Tar archives of images, WebDataset-style: one or many `.tar` shards (a file, a folder of shards
-searched recursively, or a glob), every regular member one record, read in stream order with no
-index and no seeking, one ReadTask per shard.
+searched recursively, or a glob), every regular member one record, read in stream order.
+
+An uncompressed shard can be cut into runs of consecutive members, each read by its own task from the
+offset of its first header: one big archive (ImageNet's 50,000 validation images in one `.tar`) then
+spreads over the cluster. Where the runs start is found by reading every member header once, seeking
+past the data (about 1 s per 50,000 members). A compressed shard (`.tar.gz`, `.tgz`) cannot be entered
+part-way and is one task.
 
 Keys are member paths inside the shard (normalised: `./x.jpg` is `x.jpg`), prefixed with the shard's
 path relative to the input folder when the input is a folder or glob of shards
@@ -16,14 +21,17 @@ import glob
 import os
 import posixpath
 import tarfile
+from array import array
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, is_glob, is_tar_name, source_table
+from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, is_glob, is_tar_name,
+                              read_task_split, read_task_target, source_table)
 from pipeline.sources.labels import read_labels_file
 
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
@@ -63,106 +71,248 @@ def _member_kind(member: tarfile.TarInfo) -> str:
     return "device or special file" if member.isdev() or member.isfifo() else "non-regular entry"
 
 
-def tar_records(file: str, prefix: str) -> Iterator[tuple[str, bytes, str]]:
-    """(key, bytes, error) for every member of the shard, in stream order."""
+def member_key(prefix: str, member: tarfile.TarInfo) -> str:
+    return prefix + posixpath.normpath(member.name)
+
+
+@dataclass(frozen=True)
+class MemberRun:
+    """Consecutive records (members that are not directories) of one shard: the byte offset of the
+    first one's header, how many to read from there (None: on to the end of the shard, so that
+    damage past the last member the scan saw is still read and reported), and how many records of
+    the shard come before it."""
+
+    offset: int = 0
+    records: Optional[int] = None
+    before: int = 0
+
+
+WHOLE_SHARD = MemberRun()
+
+
+def is_splittable(file: str, prefix: str) -> bool:
+    """Whether the shard is an uncompressed tar, which a reader can enter at any member's header."""
+    return not is_misplaced(file, prefix) and file.endswith(".tar")
+
+
+def scan_shard(file: str, prefix: str, with_keys: bool = False) -> Optional[tuple[array, list[str]]]:
+    """The header offset of every record of an uncompressed shard, in stream order, from its headers
+    alone (seeking past the data), and with WITH_KEYS their keys. None when the shard cannot be cut
+    into runs: compressed, not a tar from its start, or holding a pax global header (it applies to
+    every member after it, so a run starting later would read its members without it). A shard
+    damaged part-way gives the records before the damage: its last run reads on and reports the
+    damage, as a whole read does. Offsets take 8 bytes a record: a scan of millions is small."""
+    if not is_splittable(file, prefix):
+        return None
+    offsets, keys = array("q"), []
+    try:
+        with tarfile.open(file, mode="r:") as archive:
+            while (member := archive.next()) is not None:
+                archive.members.clear()  # TarFile keeps every header it has read
+                if not member.isdir():
+                    offsets.append(member.offset)
+                    if with_keys:
+                        keys.append(member_key(prefix, member))
+            if archive.pax_headers:
+                return None
+    except TAR_ERRORS:
+        if not offsets:
+            return None
+    return offsets, keys
+
+
+def member_runs(offsets: Optional[Sequence[int]], size: int) -> list[MemberRun]:
+    """A shard's records (their header OFFSETS, from `scan_shard`) cut into runs of SIZE; the whole
+    shard as one run when it holds at most SIZE records or cannot be cut. The first run starts at the
+    shard's start and the last one reads to its end, so together they read exactly what a whole read
+    does."""
+    if offsets is None or len(offsets) <= size:
+        return [WHOLE_SHARD]
+    firsts = range(0, len(offsets), size)
+    return [MemberRun(offsets[first] if first else 0, size if first != firsts[-1] else None, first)
+            for first in firsts]
+
+
+def tar_records(file: str, prefix: str, run: MemberRun = WHOLE_SHARD) -> Iterator[tuple[str, bytes, str]]:
+    """(key, bytes, error) for every record of RUN of the shard (all of it by default), in stream order."""
     shard_key = prefix.rstrip("/") or Path(file).name
     if is_misplaced(file, prefix):
         yield shard_key, b"", "not a tar shard (its name does not end in .tar, .tar.gz or .tgz)"
         return
-    members = 0
+    members = run.before
     try:
-        archive = tarfile.open(file, mode="r|*")
-    except TAR_ERRORS as exc:
+        stream = open(file, "rb")
+    except OSError as exc:
         yield shard_key, b"", f"not a readable tar archive: {exc}"
         return
-    with archive:
+    with stream:
         try:
-            for member in archive:
-                if member.isdir():
-                    continue
-                members += 1
-                key = prefix + posixpath.normpath(member.name)
-                if not member.isfile():
-                    yield key, b"", f"tar member is a {_member_kind(member)}, not a file"
-                    continue
-                try:
-                    data = archive.extractfile(member).read()
-                except TAR_ERRORS as exc:
-                    yield key, b"", f"tar member cut short (truncated archive): {exc}"
-                    return
-                yield key, data, ""
+            stream.seek(run.offset)
+            # a run part-way is of an uncompressed shard: not sniffed for compression, which a
+            # member name beginning like a compressed stream's magic bytes would fool
+            archive = tarfile.open(fileobj=stream, mode="r|*" if run.offset == 0 else "r|")
         except TAR_ERRORS as exc:
-            yield f"{shard_key}#after-{members}-members", b"", \
-                f"tar archive corrupt or truncated after {members} members: {exc}"
+            yield shard_key, b"", f"not a readable tar archive: {exc}"
+            return
+        with archive:
+            try:
+                for member in archive:
+                    if member.isdir():
+                        continue
+                    members += 1
+                    key = member_key(prefix, member)
+                    if not member.isfile():
+                        yield key, b"", f"tar member is a {_member_kind(member)}, not a file"
+                    else:
+                        try:
+                            data = archive.extractfile(member).read()
+                        except TAR_ERRORS as exc:
+                            yield key, b"", f"tar member cut short (truncated archive): {exc}"
+                            return
+                        yield key, data, ""
+                    if members - run.before == run.records:
+                        return  # before the next header: it is the next run's
+                damage = _damage_where_members_stopped(archive, run.offset)
+            except TAR_ERRORS as exc:
+                damage = str(exc)
+            if damage:
+                yield f"{shard_key}#after-{members}-members", b"", \
+                    f"tar archive corrupt or truncated after {members} members: {damage}"
 
 
-def read_tar_blocks(file: str, prefix: str, label_of: Optional[dict[str, int]] = None) -> Iterator:
-    """Source-row blocks of RECORDS_PER_BLOCK members of one shard."""
+def _damage_where_members_stopped(archive: tarfile.TarFile, start: int) -> Optional[str]:
+    """Why ARCHIVE's members stopped, when it was not the end of the archive. Past the first member,
+    tarfile ends the iteration without a word at a header it cannot parse or that is cut short, and
+    every member after it would be lost silently. At a true end the block read there was the zero
+    end-of-archive block and only zero padding follows, or the file ends right there. (START: the
+    stream's byte offset in the file.)"""
+    header = archive.offset
+    consumed = archive.fileobj.tell() - header
+    if 0 < consumed < tarfile.BLOCKSIZE:
+        return f"a member header cut short at byte {start + header}"
+    while chunk := archive.fileobj.read(1 << 16):
+        if chunk.strip(b"\0"):
+            return (f"no readable member header at byte {start + header}, and data after it "
+                    "(a damaged header, or archives joined end to end): the members after it cannot be read")
+    return None
+
+
+def read_tar_blocks(file: str, prefix: str, label_of: Optional[dict[str, int]] = None,
+                    run: MemberRun = WHOLE_SHARD) -> Iterator:
+    """Source-row blocks of RECORDS_PER_BLOCK records of RUN of one shard."""
     from pipeline.sources.units import chunked
 
     label_of = label_of or {}
-    for chunk in chunked(tar_records(file, prefix), RECORDS_PER_BLOCK):
+    for chunk in chunked(tar_records(file, prefix, run), RECORDS_PER_BLOCK):
         keys, images, errors = (list(column) for column in zip(*chunk))
         yield source_table(keys, [label_of.get(k, NO_LABEL) for k in keys], images, errors)
 
 
+def labels_by_shard(shards: list[tuple[str, str]], label_of: dict[str, int]) -> dict[str, dict[str, int]]:
+    """LABEL_OF split by the shard prefix its keys start with, so that a read task carries the labels
+    of its own shard only (not a 50,000-line labels file per task)."""
+    grouped: dict[str, dict[str, int]] = {prefix: {} for _, prefix in shards}
+    if "" in grouped:  # a single shard file: its keys are bare member paths
+        grouped[""] = label_of
+        return grouped
+    for key, label in label_of.items():
+        slash = key.find("/")
+        while slash >= 0 and key[:slash + 1] not in grouped:
+            slash = key.find("/", slash + 1)
+        if slash >= 0:
+            grouped[key[:slash + 1]][key] = label
+    return grouped
+
+
+# (shard file, key prefix, run, labels of the run's keys): what one ReadTask reads
+TarPiece = tuple[str, str, MemberRun, dict[str, int]]
+
+
+def tar_pieces(shards: list[tuple[str, str]], label_of: dict[str, int]) -> tuple[list[TarPiece], Optional[int]]:
+    """The ReadTasks' pieces of SHARDS: a shard each when there are enough shards to keep the cluster
+    busy (no header scan), otherwise runs of the shards' members sized by `read_task_split`; and the
+    records the shards hold when the scan counted them all (for the progress bar)."""
+    labels = labels_by_shard(shards, label_of)
+    if len(shards) >= read_task_target():
+        return [(file, prefix, WHOLE_SHARD, labels[prefix]) for file, prefix in shards], None
+    scans = [scan_shard(file, prefix, with_keys=bool(label_of)) for file, prefix in shards]
+    per_task, _ = read_task_split(sum(len(scan[0]) if scan else 1 for scan in scans))
+    pieces = []
+    for (file, prefix), scan in zip(shards, scans):
+        runs = member_runs(scan[0] if scan else None, per_task)
+        for run in runs:
+            run_labels = labels[prefix]
+            if len(runs) > 1 and run_labels:
+                run_keys = scan[1][run.before:run.before + run.records if run.records else None]
+                run_labels = {key: run_labels[key] for key in run_keys if key in run_labels}
+            pieces.append((file, prefix, run, run_labels))
+    return pieces, records_in(shards, scans)
+
+
 class TarShardDatasource(Datasource):
-    """One ReadTask per shard, streaming its members."""
+    """A ReadTask per shard, or per run of a shard's members (`tar_pieces`), streaming them."""
 
     def __init__(self, path: str, labels: Optional[str] = None):
         labels_file = Path(labels).resolve() if labels else None
         # the labels file may lie among the shards: it is not a record
         self.shards = [(file, prefix) for file, prefix in tar_shards(path) if Path(file).resolve() != labels_file]
-        self.label_of = read_labels_file(labels) if labels else None
+        self.pieces, self.records = tar_pieces(self.shards, read_labels_file(labels) if labels else {})
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
         return None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
                        data_context=None) -> list[ReadTask]:
-        label_of = self.label_of
-
-        def make_task(file: str, prefix: str) -> ReadTask:
-            return ReadTask(lambda: read_tar_blocks(file, prefix, label_of),
-                            BlockMetadata(num_rows=None, size_bytes=os.path.getsize(file), exec_stats=None,
+        def make_task(file: str, prefix: str, run: MemberRun, label_of: dict[str, int]) -> ReadTask:
+            return ReadTask(lambda: read_tar_blocks(file, prefix, label_of, run),
+                            BlockMetadata(num_rows=run.records, size_bytes=None, exec_stats=None,
                                           input_files=[file]))
 
-        return [make_task(file, prefix) for file, prefix in self.shards]
+        return [make_task(*piece) for piece in self.pieces]
 
 
 def read_tar_shards(path: str, labels: Optional[str] = None, limit: Optional[int] = None) -> Source:
     """Source rows, one per member of the shards PATH names; labels from a `KEY CLASS_INDEX` file."""
-    dataset = ray.data.read_datasource(TarShardDatasource(path, labels))
-    return Source(dataset.limit(limit) if limit is not None else dataset)
+    datasource = TarShardDatasource(path, labels)
+    # one block per ReadTask planned: Ray would otherwise split blocks to reach its default
+    # parallelism, and a split read is not fused with the preprocessing
+    dataset = ray.data.read_datasource(datasource, override_num_blocks=max(1, len(datasource.pieces)))
+    if limit is None:
+        return Source(dataset, datasource.records)
+    return Source(dataset.limit(limit), min(limit, datasource.records) if datasource.records is not None else None)
+
+
+def records_in(shards: list[tuple[str, str]], scans: Iterable[Optional[tuple[array, list[str]]]]) -> Optional[int]:
+    """How many rows SHARDS read as, from their SCANS (`scan_shard`, in the same order, taken only
+    when needed): a shard that cannot be read counts as the one error row it reads as. None when a
+    shard is compressed: counting it would mean decompressing it all once more, for a progress bar."""
+    if any(is_tar_name(file) and not is_splittable(file, prefix) for file, prefix in shards):
+        return None
+    return sum(len(scan[0]) if scan else 1 for scan in scans)
 
 
 def count_tar_members(path: str) -> Optional[int]:
-    """How many records the shards hold, from their headers, seeking past the data; None when a
-    shard is compressed (counting it would mean decompressing it all once more, for a progress bar)."""
+    """How many rows the shards PATH names read as, from their headers (see `records_in`)."""
     shards = tar_shards(path)
-    if any(is_tar_name(file) and not file.endswith(".tar") for file, _ in shards):  # a compressed shard
-        return None
-    total = 0
-    for file, prefix in shards:
-        if is_misplaced(file, prefix):
-            total += 1  # read as one error row
-            continue
-        try:
-            with tarfile.open(file) as archive:
-                while (member := archive.next()) is not None:
-                    total += not member.isdir()
-                    archive.members.clear()  # TarFile keeps every header it has read
-        except TAR_ERRORS:
-            total += 1  # the shard reads as one error row (or a few): the count is for progress only
-    return total
+    return records_in(shards, (scan_shard(file, prefix) for file, prefix in shards))
 
 
-def tar_unit_readers(path: str, done: set[str]) -> list:
-    """Readers for `pipeline.sources.units`: one unit per shard."""
+def tar_unit_readers(path: str, done: set[str], unit_size: int) -> list:
+    """Readers for `pipeline.sources.units`: a unit, and a ReadTask, per run of at most UNIT_SIZE
+    records of a shard, so that one big archive still spreads over the cluster and a resume redoes
+    at most a unit. A shard of one run (one of at most UNIT_SIZE records, or a compressed one) is one
+    unit with the shard's own id."""
     from pipeline.sources.units import shard_unit_id
 
-    def reader_for(unit: str, file: str, prefix: str):
-        return lambda: iter([(unit, read_tar_blocks(file, prefix))])
+    def reader_for(unit: str, file: str, prefix: str, run: MemberRun):
+        return lambda: iter([(unit, read_tar_blocks(file, prefix, run=run))])
 
-    units = [(shard_unit_id(file), file, prefix) for file, prefix in tar_shards(path)]
-    return [reader_for(*unit) for unit in units if unit[0] not in done]
+    readers = []
+    for file, prefix in tar_shards(path):
+        scan = scan_shard(file, prefix)
+        runs = member_runs(scan[0] if scan else None, unit_size)
+        for run in runs:
+            unit = shard_unit_id(file) + (f"-m{run.before:09d}" if len(runs) > 1 else "")
+            if unit not in done:
+                readers.append(reader_for(unit, file, prefix, run))
+    return readers

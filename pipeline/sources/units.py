@@ -106,7 +106,7 @@ def _folder_readers(path: str, done: set[str], unit_size: int) -> list[UnitReade
 def _tar_readers(path: str, done: set[str], unit_size: int) -> list[UnitReader]:
     from pipeline.sources.tar import tar_unit_readers
 
-    return tar_unit_readers(path, done)
+    return tar_unit_readers(path, done, unit_size)
 
 
 def _parquet_readers(path: str, done: set[str], unit_size: int) -> list[UnitReader]:
