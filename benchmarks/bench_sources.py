@@ -1,16 +1,18 @@
-"""Throughput from an LMDB database vs from Parquet shards of the same images, side by side.
+"""Throughput from Parquet shards, an LMDB database and one tar archive of the same images, side by side.
 
-    PYTHONPATH=. python benchmarks/bench_lmdb.py [--images ../shared/data/imagenet-sample-1000]
+    PYTHONPATH=. python benchmarks/bench_sources.py [--images ../shared/data/imagenet-sample-1000]
         [--model ../shared/models/mobilenetv2-12-int8.onnx] [--rounds 2]
 
-The images are written once as Parquet shards (`pipeline prepare`) and as an encoded Caffe Datum
-LMDB (`pipeline prepare --format lmdb-datum`), into a temporary folder. Then, in one Ray session on
-the same cores, alternating the two sources each round (best round kept, as the machine is shared):
+The images are written once as Parquet shards of 100 images (`pipeline prepare`), as an encoded Caffe
+Datum LMDB (`pipeline prepare --format lmdb-datum`) and as one uncompressed `.tar` of them all (labels
+from the folder's labels.txt, keyed by member name), into a temporary folder. Then, in one Ray session
+on the same cores, rotating the order of the sources each round (best round kept, as the machine is
+shared):
 - read: the source's rows only (read tasks, no decoding);
 - read + preprocess: decode, scale, crop, normalise in map tasks (the pipeline's input side);
 - evaluate: `pipeline evaluate` end to end with the model, images over wall time (start-up included),
   and "run" (metrics.json's run_images_per_s: from the start of the Ray Data execution).
-It prints images/s for each and the ratio LMDB / Parquet, and the load average, since the figures
+It prints images/s for each and the ratios to Parquet, and the load average, since the figures
 are only comparable within one run on a machine shared with other work.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -53,25 +56,36 @@ def main() -> None:
     from pipeline.sources.lmdb_writer import write_lmdb
 
     preset = load_preset(args.preset)
-    with tempfile.TemporaryDirectory(prefix="bench-lmdb-") as work:
-        sources = {"parquet": str(Path(work) / "parquet"), "lmdb": str(Path(work) / "lmdb")}
-        write_parquet_shards(args.images, sources["parquet"], shard_size=100)
-        write_lmdb(args.images, sources["lmdb"], fmt="lmdb-datum")
+    labels = str(Path(args.images) / "labels.txt")
+    with tempfile.TemporaryDirectory(prefix="bench-sources-") as work:
+        sources = {"Parquet": str(Path(work) / "parquet"), "LMDB": str(Path(work) / "lmdb"),
+                   "one tar": str(Path(work) / "images.tar")}
+        write_parquet_shards(args.images, sources["Parquet"], shard_size=100)
+        write_lmdb(args.images, sources["LMDB"], fmt="lmdb-datum")
+        with tarfile.open(sources["one tar"], "w") as archive:
+            for image in sorted(Path(args.images).glob("*.JPEG")):
+                archive.add(image.resolve(), image.name)
+        labels_of = {name: labels if name == "one tar" else None for name in sources}
         init_ray(None)
 
         stages = {
-            "read": lambda path: timed(lambda: consume(read_source(path).dataset)),
-            "read + preprocess": lambda path: timed(lambda: consume(read_source(path).dataset.map_batches(
-                Preprocessor(preset), batch_size=16, batch_format="numpy"))),
-            "evaluate": lambda path: evaluate(args.model, path, args.preset),
+            "read": lambda name: timed(lambda: consume(read_source(sources[name], labels=labels_of[name]).dataset)),
+            "read + preprocess": lambda name: timed(lambda: consume(read_source(
+                sources[name], labels=labels_of[name]).dataset.map_batches(Preprocessor(preset), batch_size=16,
+                                                                           batch_format="numpy"))),
+            "evaluate": lambda name: evaluate(args.model, sources[name], args.preset, labels=labels_of[name]),
         }
         lines = ["read", "read + preprocess", "evaluate", "evaluate (run)"]
         best = {(line, name): 0.0 for line in lines for name in sources}
+        top1 = {}
         for round_ in range(args.rounds):
-            order = list(sources) if round_ % 2 == 0 else list(reversed(sources))
+            shift = round_ % len(sources)
+            order = list(sources)[shift:] + list(sources)[:shift]
             for stage, run in stages.items():
                 for name in order:
-                    result = run(sources[name])
+                    result = run(name)
+                    if stage == "evaluate":
+                        top1[name] = result["top1"]  # the same images must score the same from every format
                     figures = {stage: result} if stage != "evaluate" else {
                         "evaluate": result["images_per_s"], "evaluate (run)": result["run_images_per_s"]}
                     for line, value in figures.items():
@@ -79,10 +93,13 @@ def main() -> None:
 
     print(f"{Path(args.images).name}, model {Path(args.model).name}, best of {args.rounds} rounds (images/s), "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'stage':<20}{'Parquet':>10}{'LMDB':>10}{'LMDB/Parquet':>14}")
+    others = [name for name in sources if name != "Parquet"]
+    print(f"{'stage':<20}" + "".join(f"{name:>10}" for name in sources)
+          + "".join(f"{name + ' / Parquet':>20}" for name in others))
     for line in lines:
-        parquet, lmdb = best[line, "parquet"], best[line, "lmdb"]
-        print(f"{line:<20}{parquet:>10.1f}{lmdb:>10.1f}{lmdb / parquet:>13.2f}x")
+        print(f"{line:<20}" + "".join(f"{best[line, name]:>10.1f}" for name in sources)
+              + "".join(f"{best[line, name] / best[line, 'Parquet']:>19.2f}x" for name in others))
+    print("top-1: " + ", ".join(f"{name} {top1[name]:.2%}" for name in sources))
 
 
 if __name__ == "__main__":
