@@ -175,6 +175,7 @@ def test_bad_files_in_a_folder_and_in_tars_are_error_rows_and_the_counts_add_up(
     (tars / "shard-1-truncated.tar").write_bytes(whole.read_bytes()[:1800])  # cut inside the first member's data
     (tars / "shard-2-not-a-tar.tar").write_bytes(b"this is not a tar archive" * 40)
     (tars / "shard-3-empty.tar").write_bytes(b"")
+    write_tar(tars / "shard-4-of-tars.tar", [("n01440764.tar", whole.read_bytes())])  # as ILSVRC2012_img_train.tar
 
     model = str(need(MOBILENET_INT8))
     label(model, str(folder), str(tmp_path / "out-folder"))
@@ -192,7 +193,8 @@ def test_bad_files_in_a_folder_and_in_tars_are_error_rows_and_the_counts_add_up(
     assert "cut short" in tar_errors["shard-1-truncated.tar/x0.jpg"]
     assert "not a readable tar archive" in tar_errors["shard-2-not-a-tar.tar"]
     assert "not a readable tar archive" in tar_errors["shard-3-empty.tar"]
-    assert tar_manifest["images"] == len(files) + 3 and tar_manifest["errors"] == len(EXPECTED_REASONS) + 3
+    assert "extract the outer archive" in tar_errors["shard-4-of-tars.tar/n01440764.tar"]
+    assert tar_manifest["images"] == len(files) + 4 and tar_manifest["errors"] == len(EXPECTED_REASONS) + 4
 
 
 def run_cli(*args: str) -> subprocess.Popen:

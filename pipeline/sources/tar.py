@@ -35,6 +35,9 @@ from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, 
 from pipeline.sources.labels import read_labels_file
 
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+# ILSVRC2012_img_train.tar holds a .tar per class: members are read as records, not opened as shards
+NESTED_TAR = ("a tar archive inside the archive (as in ILSVRC2012_img_train.tar): extract the outer archive "
+              "and pass the folder of the .tar shards it holds")
 
 
 def tar_shards(path: str) -> list[tuple[str, str]]:
@@ -163,6 +166,8 @@ def tar_records(file: str, prefix: str, run: MemberRun = WHOLE_SHARD) -> Iterato
                     key = member_key(prefix, member)
                     if not member.isfile():
                         yield key, b"", f"tar member is a {_member_kind(member)}, not a file"
+                    elif is_tar_name(member.name):
+                        yield key, b"", NESTED_TAR
                     else:
                         try:
                             data = archive.extractfile(member).read()
