@@ -1,4 +1,5 @@
-"""Caffe2's int8 arithmetic written directly in numpy, in Caffe2's own NHWC layout.
+"""Caffe2's int8 arithmetic written directly in numpy, in Caffe2's own NHWC layout, and the score
+of DNNLOWP's L2 range search (`caffe2_l2_norms`).
 
 Independent of the importer: weights are [M, kH, kW, C/group] uint8 with their zero point,
 biases int32 at scale x_scale * w_scale, outputs requantised to (Y_scale, Y_zero_point)
@@ -81,3 +82,22 @@ def average_pool_nhwc(x: np.ndarray, x_scale: float, x_zp: int, kernel: int, str
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
+
+
+def caffe2_l2_norms(counts: np.ndarray, width: float, start_bin: np.ndarray, nbins_selected: np.ndarray) -> np.ndarray:
+    """The score Caffe2 DNNLOWP's brute-force L2 search (norm_minimization.cc) gives each candidate
+    range [start_bin, start_bin + nbins_selected) of a histogram: values uniform inside each bin,
+    each one measured to the centre of its destination bin among 256 equal bins over the range,
+    values outside measured to the outermost centres. Written from its definition: the integral
+    of the squared distance to the nearest clamped centre, through its antiderivative at every edge."""
+    step = width * nbins_selected[:, None] / 256
+    span = 256 * step
+    x = (np.arange(counts.size + 1)[None, :] - start_bin[:, None]) * width  # edges from the range start
+    inside = np.clip(x, 0, span)
+    u = inside / step
+    whole = np.minimum(np.floor(u), 255)
+    antiderivative = step**3 * (whole / 12 + ((u - whole - 0.5) ** 3 + 0.125) / 3)
+    below, above = np.minimum(x, 0), np.maximum(x - span, 0)
+    antiderivative += ((below - step / 2) ** 3 + (step / 2) ** 3) / 3
+    antiderivative += ((above + step / 2) ** 3 - (step / 2) ** 3) / 3
+    return (np.diff(antiderivative, axis=1) * counts / width).sum(axis=1)

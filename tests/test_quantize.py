@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
+from caffe2_reference import caffe2_l2_norms
 from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, VAL_1300, need, subset_folder
 from pipeline.calibration import Histogram, collect_histograms, expected_l2_errors, l2_optimal_range
 from pipeline.cli import app
@@ -70,25 +71,6 @@ def test_l2_range_of_non_negative_activations_starts_at_zero():
     histogram = histogram_of(np.maximum(rng.standard_normal(100_000), 0.0))  # after a ReLU
     lo, hi = l2_optimal_range(histogram)
     assert lo == 0.0 and 2.0 < hi <= histogram.edges[-1]
-
-
-def caffe2_l2_norms(counts: np.ndarray, width: float, start_bin: np.ndarray, nbins_selected: np.ndarray) -> np.ndarray:
-    """The score Caffe2 DNNLOWP's brute-force L2 search (norm_minimization.cc) gives each candidate
-    range [start_bin, start_bin + nbins_selected) of a histogram: values uniform inside each bin,
-    each one measured to the centre of its destination bin among 256 equal bins over the range,
-    values outside measured to the outermost centres. Written from its definition: the integral
-    of the squared distance to the nearest clamped centre, through its antiderivative at every edge."""
-    step = width * nbins_selected[:, None] / 256
-    span = 256 * step
-    x = (np.arange(counts.size + 1)[None, :] - start_bin[:, None]) * width  # edges from the range start
-    inside = np.clip(x, 0, span)
-    u = inside / step
-    whole = np.minimum(np.floor(u), 255)
-    antiderivative = step**3 * (whole / 12 + ((u - whole - 0.5) ** 3 + 0.125) / 3)
-    below, above = np.minimum(x, 0), np.maximum(x - span, 0)
-    antiderivative += ((below - step / 2) ** 3 + (step / 2) ** 3) / 3
-    antiderivative += ((above + step / 2) ** 3 - (step / 2) ** 3) / 3
-    return (np.diff(antiderivative, axis=1) * counts / width).sum(axis=1)
 
 
 @pytest.mark.parametrize("distribution", ["laplacian_with_outliers", "relu6", "skewed"])
