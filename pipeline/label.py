@@ -275,39 +275,23 @@ def shard_counts(output: Path) -> dict[str, dict[str, int]]:
     return counts
 
 
-def count_records(data: str, fmt: str) -> Optional[int]:
-    """How many records DATA holds, for the progress bar's ETA; None when it cannot be known cheaply."""
-    if fmt == "folder":
+class RecordCount:
+    """How many records the input holds, for the progress bar's ETA: KNOWN (done before plus the work
+    units' own count) when the work units know it, or else an image folder's files counted in a
+    background thread, so that walking millions of files does not delay the start."""
+
+    def __init__(self, data: str, fmt: str, known: Optional[int]):
+        self.value = known
+        self.thread = threading.Thread(target=self._count_files, args=(data,), daemon=True)
+        if known is None and fmt == "folder":
+            self.thread.start()
+
+    def _count_files(self, data: str) -> None:
         from pipeline.sources.folder import walk_files
 
-        return sum(1 for _ in walk_files(data))
-    if fmt == "tar":
-        from pipeline.sources.tar import count_tar_members
-
-        return count_tar_members(data)
-    if fmt == "parquet":
-        from pipeline.sources.parquet import parquet_files
-
-        return sum(pq.read_metadata(f).num_rows for f in parquet_files(data))
-    if fmt == "lmdb":
-        from pipeline.sources.lmdb import inspect_lmdb
-
-        return inspect_lmdb(data).entries
-    return None
-
-
-class RecordCount:
-    """count_records in a background thread, so that counting millions of files does not delay the start."""
-
-    def __init__(self, data: str, fmt: str):
-        self.value: Optional[int] = None
-        self.thread = threading.Thread(target=self._count, args=(data, fmt), daemon=True)
-        self.thread.start()
-
-    def _count(self, data: str, fmt: str) -> None:
         try:
-            self.value = count_records(data, fmt)
-        except Exception:  # an unreadable input is reported by the readers; the bar just has no total
+            self.value = sum(1 for _ in walk_files(data))
+        except OSError:  # an unreadable folder is reported by the readers; the bar just has no total
             self.value = None
 
 
@@ -335,7 +319,7 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "
     source = read_work_units(data, fmt, done, unit_size)  # before claiming OUTPUT: a bad input leaves it as it was
     claim_output(out, run, overwrite)
     done_before = sum(sum(c.values()) for c in shard_counts(out).values())
-    total = RecordCount(data, fmt)
+    total = RecordCount(data, fmt, None if source.num_records is None else done_before + source.num_records)
     predictions = predict(source, info, preset_obj, require_label=False, top_k=top_k,
                           batch_size=batch_size, run_id=uuid.uuid4().hex, carry=UNIT_COLUMNS)
     builder = TableBuilder(top_k)

@@ -344,7 +344,9 @@ def test_a_format_without_a_partitioner_lmdb_is_labelled_whole_as_one_unit(ray_l
         (folder / f"{i}.jpg").write_bytes(jpeg_bytes(seed=i, size=(80, 60)))
     assert write_lmdb(str(folder), str(tmp_path / "db"), fmt="lmdb-caffe2", encoded=False)["records"] == 4
     model, output = str(need(MOBILENET_INT8)), tmp_path / "out"
-    label(model, str(tmp_path / "db"), str(output))
+    totals = set()
+    label(model, str(tmp_path / "db"), str(output), on_progress=lambda done, total: totals.add(total))
+    assert totals == {4}  # the progress bar's total: the database's entries
     predictions, errors, manifest = read_output(output)
     assert sorted(predictions) == [f"{i:08d}_{i}.jpg" for i in range(4)] and not errors
     assert manifest["format"] == "lmdb" and list(manifest["shards"]) == ["all"] and not manifest["partitioned"]
@@ -352,17 +354,24 @@ def test_a_format_without_a_partitioner_lmdb_is_labelled_whole_as_one_unit(ray_l
     assert label(model, str(tmp_path / "db"), str(output), resume=True)["this_run_images"] == 0
 
 def test_the_progress_total_is_known_for_every_format_that_counts_cheaply(sample_40, tmp_path):
-    from pipeline.label import count_records
-    from pipeline.sources.lmdb_writer import write_lmdb
+    """Parquet and tar work units count their records as they are planned (footers, member headers),
+    only the units still to do on a resume; an image folder is walked in the background."""
+    from pipeline.label import RecordCount
+    from pipeline.sources.units import PARTITIONERS, shard_unit_id
 
     files = sorted(sample_40.glob("*.JPEG"))
     write_parquet_shards(str(sample_40), str(tmp_path / "shards"), shard_size=15)
     write_tar_shards(tmp_path / "tars", files, per_shard=15)
-    write_lmdb(str(sample_40), str(tmp_path / "db"))
-    counts = {fmt: count_records(str(path), fmt) for fmt, path in
-              [("folder", sample_40), ("parquet", tmp_path / "shards"), ("tar", tmp_path / "tars"),
-               ("lmdb", tmp_path / "db")]}
-    assert counts == {"folder": 40, "parquet": 40, "tar": 40, "lmdb": 40}
+    write_tar(tmp_path / "big.tar", [(f.name, f.read_bytes()) for f in files])
+    for fmt, path in [("parquet", tmp_path / "shards"), ("tar", tmp_path / "tars"), ("tar", tmp_path / "big.tar")]:
+        readers, records = PARTITIONERS[fmt](str(path), set(), 16)
+        assert records == 40 and len(readers) == 3, path
+    first_shard = shard_unit_id(str(tmp_path / "tars" / "shard-0000.tar"))
+    assert PARTITIONERS["tar"](str(tmp_path / "tars"), {first_shard}, 16)[1] == 25
+    assert PARTITIONERS["folder"](str(sample_40), set(), 16)[1] is None
+    count = RecordCount(str(sample_40), "folder", None)
+    count.thread.join(timeout=60)
+    assert count.value == 40
 
 
 def test_folder_units_cover_every_file_once_across_read_tasks(tmp_path):
@@ -378,7 +387,7 @@ def test_folder_units_cover_every_file_once_across_read_tasks(tmp_path):
 
     def read_all(done: set[str]) -> dict[str, list[str]]:
         units: dict[str, list[str]] = {}
-        for reader in folder_unit_readers(tmp_path, done, unit_size=5, tasks=3):
+        for reader in folder_unit_readers(tmp_path, done, unit_size=5, tasks=3)[0]:
             for unit, blocks in reader():
                 assert unit not in units
                 units[unit] = [key for block in blocks for key in block.column("key").to_pylist()]

@@ -20,8 +20,8 @@ from pipeline.evaluate import evaluate
 from pipeline.label import label
 from pipeline.sources import NO_LABEL, SourceError, check_source, detect_format, read_task_split, read_task_target
 from pipeline.sources.labels import read_labels_file
-from pipeline.sources.tar import (WHOLE_SHARD, TarShardDatasource, count_tar_members, scan_shard, tar_records,
-                                  tar_shards)
+from pipeline.sources.tar import WHOLE_SHARD, TarShardDatasource, scan_shard, tar_records, tar_shards
+from pipeline.sources.units import PARTITIONERS
 
 NOT_A_SHARD = "not a tar shard (its name does not end in .tar, .tar.gz or .tgz)"
 
@@ -71,7 +71,7 @@ def test_a_tree_of_tar_shards_is_tar_and_a_tree_with_images_too_is_refused(neste
         detect_format(str(flat))
     # with --format tar the image is one error row like the README, and the count agrees
     assert [prefix for _, prefix in tar_shards(str(flat))] == ["README.txt/", "deeper/stray.jpg/", "shard-0.tar/"]
-    assert count_tar_members(str(flat)) == 4
+    assert PARTITIONERS["tar"](str(flat), set(), 1000)[1] == 4
 
 
 def test_a_labels_file_among_the_shards_is_not_a_record(nested_shards):
@@ -93,7 +93,7 @@ def test_nested_shards_are_evaluated_and_labelled_with_every_file_accounted_for(
 
     manifest = label(model, str(nested_shards), str(tmp_path / "labels"))
     assert manifest["format"] == "tar" and (manifest["images"], manifest["labelled"], manifest["errors"]) == (9, 8, 1)
-    assert count_tar_members(str(nested_shards)) == manifest["images"]
+    assert PARTITIONERS["tar"](str(nested_shards), set(), 1000)[1] == manifest["images"]
     labelled = pq.read_table(tmp_path / "labels" / "labels").column("key").to_pylist()
     assert sorted(labelled) == sorted(expected)
     assert pq.read_table(tmp_path / "labels" / "errors").to_pylist() == [{"key": "README.txt", "reason": NOT_A_SHARD}]

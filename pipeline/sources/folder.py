@@ -135,8 +135,10 @@ def walk_files(root: str | Path) -> Iterator[str]:
     return walk(str(root), "")
 
 
-def folder_unit_readers(root: str | Path, done: set[str], unit_size: int, tasks: int = WALK_TASKS) -> list:
-    """Readers for `pipeline.sources.units`: unit N is files [N*unit_size, (N+1)*unit_size) of the walk."""
+def folder_unit_readers(root: str | Path, done: set[str], unit_size: int,
+                        tasks: int = WALK_TASKS) -> tuple[list, None]:
+    """Readers for `pipeline.sources.units`: unit N is files [N*unit_size, (N+1)*unit_size) of the walk.
+    How many files they hold is not known: the driver never lists the folder."""
     from pipeline.sources.units import chunked
 
     root = folder_root(root).resolve()
@@ -151,4 +153,4 @@ def folder_unit_readers(root: str | Path, done: set[str], unit_size: int, tasks:
 
         return units
 
-    return [reader_for(task) for task in range(tasks)]
+    return [reader_for(task) for task in range(tasks)], None

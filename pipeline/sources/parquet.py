@@ -129,23 +129,25 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
     return Source(ds, num_records)
 
 
-def parquet_unit_readers(path: str, done: set[str], unit_size: int) -> list:
+def parquet_unit_readers(path: str, done: set[str], unit_size: int) -> tuple[list, int]:
     """Readers for `pipeline.sources.units`: a unit, and a ReadTask, per run of a shard's row groups of
     at most UNIT_SIZE rows, so that a few large shards still spread over the cluster and a resume
-    redoes at most a unit. A shard of one run is one unit with the shard's own id (a shard of
-    `pipeline prepare` is, when its --shard-size is at most UNIT_SIZE, both 1,000 by default). Every
-    shard's footer is checked up front, so a damaged shard is named before anything runs."""
+    redoes at most a unit; and how many rows those units hold. A shard of one run is one unit with
+    the shard's own id (a shard of `pipeline prepare` is, when its --shard-size is at most UNIT_SIZE,
+    both 1,000 by default). Every shard's footer is checked up front, so a damaged shard is named
+    before anything runs."""
     from pipeline.sources.units import shard_unit_id
 
     def reader_for(unit: str, file: str, row_groups: list[int], columns: list[str]):
         return lambda: iter([(unit, read_row_groups(file, row_groups, columns))])
 
-    readers = []
+    readers, rows = [], 0
     for file in parquet_files(path):
         shard = _shard_metadata(file)
         runs = row_group_runs(shard, unit_size)
-        for row_groups, _ in runs:
+        for row_groups, run_rows in runs:
             unit = shard_unit_id(file) + (f"-rg{row_groups[0]:05d}" if len(runs) > 1 else "")
             if unit not in done:
                 readers.append(reader_for(unit, file, row_groups, source_columns(shard)))
-    return readers
+                rows += run_rows
+    return readers, rows

@@ -24,7 +24,7 @@ import tarfile
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import ray.data
 from ray.data.block import BlockMetadata
@@ -287,32 +287,34 @@ def read_tar_shards(path: str, labels: Optional[str] = None, limit: Optional[int
     return Source(dataset.limit(limit), min(limit, datasource.records) if datasource.records is not None else None)
 
 
-def records_in(shards: list[tuple[str, str]], scans: Iterable[Optional[tuple[array, list[str]]]]) -> Optional[int]:
-    """How many rows SHARDS read as, from their SCANS (`scan_shard`, in the same order, taken only
-    when needed): a shard that cannot be read counts as the one error row it reads as. None when a
-    shard is compressed: counting it would mean decompressing it all once more, for a progress bar."""
-    if any(is_tar_name(file) and not is_splittable(file, prefix) for file, prefix in shards):
-        return None
-    return sum(len(scan[0]) if scan else 1 for scan in scans)
+def shard_rows(file: str, prefix: str, scan: Optional[tuple[array, list[str]]],
+               run: MemberRun = WHOLE_SHARD) -> Optional[int]:
+    """How many rows RUN of a shard (all of it by default) reads as, from the shard's SCAN
+    (`scan_shard`): a shard that cannot be read counts as the one error row it reads as. None for a
+    compressed shard: counting it would mean decompressing it all once more, for a progress bar."""
+    if scan is not None:
+        return run.records if run.records is not None else len(scan[0]) - run.before
+    return None if is_tar_name(file) and not is_splittable(file, prefix) else 1
 
 
-def count_tar_members(path: str) -> Optional[int]:
-    """How many rows the shards PATH names read as, from their headers (see `records_in`)."""
-    shards = tar_shards(path)
-    return records_in(shards, (scan_shard(file, prefix) for file, prefix in shards))
+def records_in(shards: list[tuple[str, str]], scans: list[Optional[tuple[array, list[str]]]]) -> Optional[int]:
+    """How many rows SHARDS read as, from their SCANS (see `shard_rows`); None when not known."""
+    rows = [shard_rows(file, prefix, scan) for (file, prefix), scan in zip(shards, scans)]
+    return None if None in rows else sum(rows)
 
 
-def tar_unit_readers(path: str, done: set[str], unit_size: int) -> list:
+def tar_unit_readers(path: str, done: set[str], unit_size: int) -> tuple[list, Optional[int]]:
     """Readers for `pipeline.sources.units`: a unit, and a ReadTask, per run of at most UNIT_SIZE
     records of a shard, so that one big archive still spreads over the cluster and a resume redoes
-    at most a unit. A shard of one run (one of at most UNIT_SIZE records, or a compressed one) is one
-    unit with the shard's own id."""
+    at most a unit; and how many rows those units read as (None when a shard is compressed). A shard
+    of one run (one of at most UNIT_SIZE records, or a compressed one) is one unit with the shard's
+    own id."""
     from pipeline.sources.units import shard_unit_id
 
     def reader_for(unit: str, file: str, prefix: str, run: MemberRun):
         return lambda: iter([(unit, read_tar_blocks(file, prefix, run=run))])
 
-    readers = []
+    readers, rows = [], []
     for file, prefix in tar_shards(path):
         scan = scan_shard(file, prefix)
         runs = member_runs(scan[0] if scan else None, unit_size)
@@ -320,4 +322,5 @@ def tar_unit_readers(path: str, done: set[str], unit_size: int) -> list:
             unit = shard_unit_id(file) + (f"-m{run.before:09d}" if len(runs) > 1 else "")
             if unit not in done:
                 readers.append(reader_for(unit, file, prefix, run))
-    return readers
+                rows.append(shard_rows(file, prefix, scan, run))
+    return readers, None if None in rows else sum(rows)

@@ -10,7 +10,8 @@ blocks are source-row blocks (the contract in pipeline.sources) with two more co
   of order; the unit is complete when it has received as many rows as any of them announced.
 
 A format's partitioner, `PARTITIONERS[fmt](path, done, unit_size)`, returns the readers of one
-ReadTask each: a reader is a zero-argument callable yielding `(unit_id, blocks)` for every unit it
+ReadTask each, and how many records the units not in DONE hold when it knows without reading them
+(None otherwise): a reader is a zero-argument callable yielding `(unit_id, blocks)` for every unit it
 owns that is not in DONE. A format without a partitioner (any other format registered in
 pipeline.sources.FORMATS) is read whole through `read_source` as the single unit "all", which is
 committed when the stream ends: correct, but a resumed run redoes it from the start.
@@ -36,6 +37,7 @@ WHOLE_SOURCE_UNIT = "all"
 
 UnitBlocks = Iterator[tuple[str, Iterable[pa.Table]]]
 UnitReader = Callable[[], UnitBlocks]
+Partition = tuple[list[UnitReader], Optional[int]]  # the readers, and the records of their units when known
 
 
 def shard_unit_id(file: str) -> str:
@@ -97,26 +99,26 @@ class WorkUnitDatasource(Datasource):
         return [make_task(reader) for reader in self.readers]
 
 
-def _folder_readers(path: str, done: set[str], unit_size: int) -> list[UnitReader]:
+def _folder_readers(path: str, done: set[str], unit_size: int) -> Partition:
     from pipeline.sources.folder import folder_unit_readers
 
     return folder_unit_readers(path, done, unit_size)
 
 
-def _tar_readers(path: str, done: set[str], unit_size: int) -> list[UnitReader]:
+def _tar_readers(path: str, done: set[str], unit_size: int) -> Partition:
     from pipeline.sources.tar import tar_unit_readers
 
     return tar_unit_readers(path, done, unit_size)
 
 
-def _parquet_readers(path: str, done: set[str], unit_size: int) -> list[UnitReader]:
+def _parquet_readers(path: str, done: set[str], unit_size: int) -> Partition:
     from pipeline.sources.parquet import parquet_unit_readers
 
     return parquet_unit_readers(path, done, unit_size)
 
 
-# format name -> partitioner(path, done, unit_size) -> readers
-PARTITIONERS: dict[str, Callable[[str, set[str], int], list[UnitReader]]] = {
+# format name -> partitioner(path, done, unit_size) -> (readers, records)
+PARTITIONERS: dict[str, Callable[[str, set[str], int], Partition]] = {
     "folder": _folder_readers,
     "tar": _tar_readers,
     "parquet": _parquet_readers,
@@ -124,7 +126,7 @@ PARTITIONERS: dict[str, Callable[[str, set[str], int], list[UnitReader]]] = {
 
 
 def read_work_units(path: str, fmt: Optional[str], done: set[str], unit_size: int) -> Source:
-    """Unit-tagged source rows of every unit of PATH not in DONE."""
+    """Unit-tagged source rows of every unit of PATH not in DONE, and how many when known without reading."""
     fmt = check_source(path, fmt)
     if fmt not in PARTITIONERS:
         source = read_source(path, fmt=fmt)
@@ -133,5 +135,6 @@ def read_work_units(path: str, fmt: Optional[str], done: set[str], unit_size: in
         dataset = map_fused_with_read(source.dataset, lambda block: with_unit(block, WHOLE_SOURCE_UNIT, -1),
                                       batch_format="pyarrow", batch_size=None)
         return Source(dataset, source.num_records)
-    readers = PARTITIONERS[fmt](path, done, unit_size)
-    return Source(ray.data.read_datasource(WorkUnitDatasource(readers), override_num_blocks=max(len(readers), 1)))
+    readers, records = PARTITIONERS[fmt](path, done, unit_size)
+    return Source(ray.data.read_datasource(WorkUnitDatasource(readers), override_num_blocks=max(len(readers), 1)),
+                  records)
