@@ -108,20 +108,22 @@ def scan_shard(file: str, prefix: str, with_keys: bool = False) -> Optional[tupl
     if not is_splittable(file, prefix):
         return None
     offsets, keys = array("q"), []
+    archive = None
     try:
-        with tarfile.open(file, mode="r:") as archive:
-            while (member := archive.next()) is not None:
-                archive.members.clear()  # TarFile keeps every header it has read
-                if not member.isdir():
-                    offsets.append(member.offset)
-                    if with_keys:
-                        keys.append(member_key(prefix, member))
-            if archive.pax_headers:
-                return None
+        archive = tarfile.open(file, mode="r:")
+        while (member := archive.next()) is not None:
+            archive.members.clear()  # TarFile keeps every header it has read
+            if not member.isdir():
+                offsets.append(member.offset)
+                if with_keys:
+                    keys.append(member_key(prefix, member))
     except TAR_ERRORS:
         if not offsets:
             return None
-    return offsets, keys
+    finally:
+        if archive is not None:
+            archive.close()
+    return None if archive.pax_headers else (offsets, keys)
 
 
 def member_runs(offsets: Optional[Sequence[int]], size: int) -> list[MemberRun]:
