@@ -12,13 +12,15 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, need, subset_folder
 from pipeline.evaluate import evaluate
 from pipeline.label import label
-from pipeline.sources import NO_LABEL, SourceError, check_source, detect_format, read_task_split, read_task_target
+from pipeline.sources import (NO_LABEL, SourceError, check_source, detect_format, read_source, read_task_split,
+                              read_task_target)
 from pipeline.sources.labels import read_labels_file
 from pipeline.sources.tar import WHOLE_SHARD, TarShardDatasource, scan_shard, tar_records, tar_shards
 from pipeline.sources.units import PARTITIONERS
@@ -255,3 +257,56 @@ def test_enough_shards_are_read_a_task_each_with_only_their_own_labels(sample_8,
     for n, (_, prefix, run, label_of) in enumerate(datasource.pieces):
         assert run == WHOLE_SHARD
         assert label_of == {f"{prefix}{image.name}": n for image in shards[prefix.rstrip("/")]}
+
+
+# --- Parquet as Hugging Face datasets writes it ----------------------------------------------------
+
+def test_hugging_face_parquet_shards_give_the_folders_predictions_keyed_by_shard_and_row(ray_local, sample_8,
+                                                                                          tmp_path):
+    """`image` a struct of bytes and path, no key column, several row groups: every row read once, keyed
+    by its shard's name and row number, with the predictions of the same images read as a folder; a row
+    without image bytes is an error row."""
+    model = str(need(MOBILENET_INT8))
+    images = sorted(sample_8.glob("*.JPEG"))
+    labels = dict(line.split() for line in (sample_8 / "labels.txt").read_text().splitlines())
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    shards = {"validation-00000-of-00002.parquet": images[:5], "validation-00001-of-00002.parquet": images[5:] + [None]}
+    (tmp_path / "hf").mkdir()
+    for name, part in shards.items():
+        table = pa.table({
+            "image": pa.array([{"bytes": p.read_bytes(), "path": p.name} if p else None for p in part], image_type),
+            "label": pa.array([int(labels[p.name]) if p else 0 for p in part], pa.int64()),
+        })
+        pq.write_table(table, tmp_path / "hf" / name, row_group_size=2)
+
+    evaluate(model, str(sample_8), "torch", str(tmp_path / "folder"))
+    metrics = evaluate(model, str(tmp_path / "hf"), "torch", str(tmp_path / "out"))
+    assert (metrics["images"], metrics["evaluated"], metrics["errors"]) == (9, 8, 1)
+    by_key = {r["key"]: r for r in pq.read_table(tmp_path / "out" / "predictions.parquet").to_pylist()}
+    folder = {r["key"]: r for r in pq.read_table(tmp_path / "folder" / "predictions.parquet").to_pylist()}
+    expected_keys = [f"{name}#{row:06d}" for name, part in shards.items() for row in range(len(part))]
+    assert sorted(by_key) == expected_keys
+    for name, part in shards.items():
+        for row, image in enumerate(part):
+            got = by_key[f"{name}#{row:06d}"]
+            if image is None:
+                assert got["error"] == "no image bytes"
+            else:
+                assert (got["label"], got["top5_ids"]) == (folder[image.name]["label"], folder[image.name]["top5_ids"])
+    assert metrics["top1"] == json.loads((tmp_path / "folder" / "metrics.json").read_text())["top1"]
+    # label cuts the shards at row groups (units of at most 3 rows here): the same row keys
+    manifest = label(model, str(tmp_path / "hf"), str(tmp_path / "labels"), unit_size=3)
+    assert (manifest["labelled"], manifest["errors"], len(manifest["shards"])) == (8, 1, 4)
+    labelled = pq.read_table(tmp_path / "labels" / "labels").column("key").to_pylist()
+    errors = pq.read_table(tmp_path / "labels" / "errors").column("key").to_pylist()
+    assert sorted(labelled + errors) == expected_keys and errors == [expected_keys[-1]]
+
+
+def test_a_parquet_image_column_of_another_type_is_named(tmp_path):
+    pq.write_table(pa.table({"key": ["a"], "image": ["not bytes"]}), tmp_path / "text.parquet")
+    with pytest.raises(SourceError, match=r"the image column must hold the encoded image \(binary\), or a struct "
+                                          r"with a bytes field .* it is string"):
+        read_source(str(tmp_path / "text.parquet"))
+    pq.write_table(pa.table({"key": ["a"], "jpeg": [b"x"]}), tmp_path / "other.parquet")
+    with pytest.raises(SourceError, match="need an image column .* its columns are key, jpeg"):
+        read_source(str(tmp_path / "other.parquet"))

@@ -1,5 +1,11 @@
 """Parquet shards with columns `key` (string), `image` (binary) and `label` (int), as written by
-`pipeline prepare`; an `error` column, when present, carries records that prepare could not read."""
+`pipeline prepare`; an `error` column, when present, carries records that prepare could not read.
+
+Shards written by Hugging Face `datasets` (ImageNet's validation split as `validation-*.parquet`)
+are read too: their `image` is a struct whose `bytes` field holds the encoded image, and they have no
+`key`. A row without a key column is keyed by its shard's file name and row number
+(`validation-00000-of-00014.parquet#000042`): unique and the same on every run, as label's resume needs.
+"""
 
 from __future__ import annotations
 
@@ -37,37 +43,49 @@ def _shard_metadata(file: str) -> pq.FileMetaData:
         metadata = pq.read_metadata(file)
     except (pa.ArrowException, OSError) as exc:
         raise SourceError(f"{file}: not a readable Parquet file ({exc})") from None
-    missing = {"key", "image"} - set(metadata.schema.names)
-    if missing:
-        raise SourceError(f"{file}: Parquet shards need columns key and image; missing {sorted(missing)}")
+    schema = metadata.schema.to_arrow_schema()
+    if "image" not in schema.names:
+        raise SourceError(f"{file}: Parquet shards need an image column (the encoded image); its columns are "
+                          f"{', '.join(schema.names)}")
+    image = schema.field("image").type
+    if not (pa.types.is_binary(image) or pa.types.is_large_binary(image)
+            or pa.types.is_struct(image) and image.get_field_index("bytes") >= 0):
+        raise SourceError(f"{file}: the image column must hold the encoded image (binary), or a struct with a "
+                          f"bytes field as Hugging Face datasets write it; it is {image}")
     return metadata
 
 
 def source_columns(*shards: pq.FileMetaData) -> list[str]:
     """The columns that make source rows, held by any of SHARDS (one without `label` gets NO_LABEL
     for its rows; the other shards' labels are still read)."""
-    return [c for c in ("key", "image", "label", "error") if any(c in m.schema.names for m in shards)]
+    names = set().union(*(m.schema.to_arrow_schema().names for m in shards))  # top-level: the image may be a struct
+    return [c for c in ("key", "image", "label", "error") if c in names]
 
 
-def to_source_rows(table: pa.Table) -> pa.Table:
-    """Cast a shard's block to the source-row schema: missing label -> NO_LABEL, missing error -> ""."""
+def to_source_rows(table: pa.Table, file: str, first_row: int) -> pa.Table:
+    """Cast a block of FILE's rows, the first of them its row FIRST_ROW, to the source-row schema:
+    missing key -> FILE's name and the row number, missing label -> NO_LABEL, missing error -> ""."""
     n = table.num_rows
+    key = table.column("key").cast(pa.string()) if "key" in table.column_names \
+        else pa.array([f"{Path(file).name}#{row:06d}" for row in range(first_row, first_row + n)], pa.string())
     label = table.column("label").cast(pa.int64()).fill_null(NO_LABEL) if "label" in table.column_names \
         else pa.array([NO_LABEL] * n, pa.int64())
-    image = table.column("image").cast(pa.binary())
+    image = table.column("image")
+    if pa.types.is_struct(image.type):
+        image = pc.struct_field(image, "bytes")
+    image = image.cast(pa.binary())
     error = table.column("error").fill_null("") if "error" in table.column_names else pa.array([""] * n)
     error = pc.if_else(pc.is_null(image), pc.if_else(pc.equal(error, ""), "no image bytes", error), error)
-    return pa.Table.from_arrays(
-        [table.column("key").cast(pa.string()), label, image.fill_null(b""), error], schema=SOURCE_SCHEMA
-    )
+    return pa.Table.from_arrays([key, label, image.fill_null(b""), error], schema=SOURCE_SCHEMA)
 
 
 def read_row_groups(file: str, row_groups: list[int], columns: list[str]) -> Iterator[pa.Table]:
-    """Source-row blocks of RECORDS_PER_BLOCK rows from ROW_GROUPS of one shard."""
-    batches = pq.ParquetFile(file).iter_batches(batch_size=RECORDS_PER_BLOCK, row_groups=row_groups,
-                                                columns=columns)
-    for batch in batches:
-        yield to_source_rows(pa.Table.from_batches([batch]))
+    """Source-row blocks of RECORDS_PER_BLOCK rows from ROW_GROUPS (consecutive) of one shard."""
+    shard = pq.ParquetFile(file)
+    row = sum(shard.metadata.row_group(index).num_rows for index in range(row_groups[0])) if row_groups else 0
+    for batch in shard.iter_batches(batch_size=RECORDS_PER_BLOCK, row_groups=row_groups, columns=columns):
+        yield to_source_rows(pa.Table.from_batches([batch]), file, row)
+        row += batch.num_rows
 
 
 def row_group_runs(shard: pq.FileMetaData, max_rows: int) -> list[tuple[list[int], int]]:
