@@ -22,7 +22,7 @@ from pipeline.classes import imagenet_classes
 from pipeline.evaluate import evaluate
 from pipeline.label import AlreadyFinished, OutputDirError, label
 from pipeline.prepare import write_parquet_shards
-from pipeline.sources import SourceError
+from pipeline.sources import SourceError, read_task_target
 
 TENCH = "n01440764_tench.JPEG"
 
@@ -126,22 +126,30 @@ def test_a_large_parquet_shard_is_labelled_in_units_of_its_row_groups(ray_local,
 
 def test_one_big_tar_is_labelled_in_units_of_its_members_and_resumed_by_unit(ray_local, sample_40, tmp_path):
     """A tar of 40 images is cut into units of at most --shard-size (16) members at their headers:
-    three units, read in parallel and committed one by one, every image exactly once; a lost unit is
-    the only one a resume redoes."""
+    three units, read in parallel and committed one by one, every image exactly once. A lost unit is the
+    only one a resume redoes, and the shard is cut as before even once shards added to the input are
+    enough for a unit each (which are then not scanned)."""
     files = sorted(sample_40.glob("*.JPEG"))
-    big = write_tar(tmp_path / "big.tar", [(f.name, f.read_bytes()) for f in files])
+    write_tar(tmp_path / "archive" / "big.tar", [(f.name, f.read_bytes()) for f in files])
     model, output = str(need(MOBILENET_INT8)), tmp_path / "out"
-    manifest = label(model, str(big), str(output), unit_size=16)
+    manifest = label(model, str(tmp_path / "archive"), str(output), unit_size=16)
     assert {unit.rsplit("-", 1)[1]: shard["labelled"] for unit, shard in manifest["shards"].items()} == \
         {"m000000000": 16, "m000000016": 16, "m000000032": 8}
     before = read_output(output)[:2]
-    assert sorted(before[0]) == [f.name for f in files] and not before[1]
+    assert sorted(before[0]) == [f"big.tar/{f.name}" for f in files] and not before[1]
+
     (output / "manifest.json").unlink()
     (middle,) = (output / "labels").glob("*-m000000016.parquet")
     middle.unlink()
-    resumed = label(model, str(big), str(output), unit_size=16, resume=True)
-    assert resumed["resumed_from"] == 24 and resumed["this_run_images"] == 16
-    assert read_output(output)[:2] == before
+    added = [f"small-{n:02d}.tar" for n in range(read_task_target())]
+    for n, name in enumerate(added):
+        write_tar(tmp_path / "archive" / name, [("a.jpg", jpeg_bytes(seed=n)), ("b.jpg", jpeg_bytes(seed=n + 50))])
+    resumed = label(model, str(tmp_path / "archive"), str(output), unit_size=16, resume=True)
+    assert resumed["resumed_from"] == 24 and resumed["this_run_images"] == 16 + 2 * len(added)
+    predictions, errors, manifest = read_output(output)
+    assert {key: row for key, row in predictions.items() if key.startswith("big.tar/")} == before[0]
+    assert len(predictions) == 40 + 2 * len(added) and not errors
+    assert len(manifest["shards"]) == 3 + len(added)  # a unit per added shard, not scanned
 
 
 def bad_files() -> dict[str, bytes]:
@@ -368,6 +376,9 @@ def test_the_progress_total_is_known_for_every_format_that_counts_cheaply(sample
         assert records == 40 and len(readers) == 3, path
     first_shard = shard_unit_id(str(tmp_path / "tars" / "shard-0000.tar"))
     assert PARTITIONERS["tar"](str(tmp_path / "tars"), {first_shard}, 16)[1] == 25
+    for n in range(3, read_task_target()):  # enough shards for a task each: not scanned, so not counted
+        write_tar(tmp_path / "tars" / f"shard-{n:04d}.tar", [("x.jpg", b"x")])
+    assert PARTITIONERS["tar"](str(tmp_path / "tars"), set(), 16)[1] is None
     assert PARTITIONERS["folder"](str(sample_40), set(), 16)[1] is None
     count = RecordCount(str(sample_40), "folder", None)
     count.thread.join(timeout=60)

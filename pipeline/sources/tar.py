@@ -4,8 +4,8 @@ searched recursively, or a glob), every regular member one record, read in strea
 An uncompressed shard can be cut into runs of consecutive members, each read by its own task from the
 offset of its first header: one big archive (ImageNet's 50,000 validation images in one `.tar`) then
 spreads over the cluster. Where the runs start is found by reading every member header once, seeking
-past the data (about 1 s per 50,000 members). A compressed shard (`.tar.gz`, `.tgz`) cannot be entered
-part-way and is one task.
+past the data (about 1 s per 50,000 members), and only when the shards are too few for the cluster
+(`worth_cutting`). A compressed shard (`.tar.gz`, `.tgz`) cannot be entered part-way and is one task.
 
 Keys are member paths inside the shard (normalised: `./x.jpg` is `x.jpg`), prefixed with the shard's
 path relative to the input folder when the input is a folder or glob of shards
@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import os
 import posixpath
+import re
 import tarfile
 from array import array
 from dataclasses import dataclass
@@ -231,6 +232,14 @@ def labels_by_shard(shards: list[tuple[str, str]], label_of: dict[str, int]) -> 
     return grouped
 
 
+def worth_cutting(shards: list[tuple[str, str]]) -> bool:
+    """Whether SHARDS are too few to keep the cluster busy a task each, so that cutting them into runs
+    of members is worth a scan of their headers. An input of many shards (WebDataset's thousands) is
+    never scanned: at that scale, with files out of the page cache, reading every header costs about
+    as much as reading the archive."""
+    return len(shards) < read_task_target()
+
+
 # (shard file, key prefix, run, labels of the run's keys): what one ReadTask reads
 TarPiece = tuple[str, str, MemberRun, dict[str, int]]
 
@@ -240,7 +249,7 @@ def tar_pieces(shards: list[tuple[str, str]], label_of: dict[str, int]) -> tuple
     busy (no header scan), otherwise runs of the shards' members sized by `read_task_split`; and the
     records the shards hold when the scan counted them all (for the progress bar)."""
     labels = labels_by_shard(shards, label_of)
-    if len(shards) >= read_task_target():
+    if not worth_cutting(shards):
         return [(file, prefix, WHOLE_SHARD, labels[prefix]) for file, prefix in shards], None
     scans = [scan_shard(file, prefix, with_keys=bool(label_of)) for file, prefix in shards]
     per_task, _ = read_task_split(sum(len(scan[0]) if scan else 1 for scan in scans))
@@ -305,24 +314,34 @@ def records_in(shards: list[tuple[str, str]], scans: list[Optional[tuple[array, 
     return None if None in rows else sum(rows)
 
 
+SPLIT_UNIT = re.compile(r"(.*)-m\d{9}")  # the id of a unit that is a run of a cut shard: SHARD_ID-mNNNNNNNNN
+
+
 def tar_unit_readers(path: str, done: set[str], unit_size: int) -> tuple[list, Optional[int]]:
-    """Readers for `pipeline.sources.units`: a unit, and a ReadTask, per run of at most UNIT_SIZE
-    records of a shard, so that one big archive still spreads over the cluster and a resume redoes
-    at most a unit; and how many rows those units read as (None when a shard is compressed). A shard
-    of one run (one of at most UNIT_SIZE records, or a compressed one) is one unit with the shard's
-    own id."""
+    """Readers for `pipeline.sources.units`: a unit, and a ReadTask, per shard, or, where `worth_cutting`
+    the shards, per run of at most UNIT_SIZE records of a shard, so that one big archive still spreads
+    over the cluster and a resume redoes at most a unit; and how many rows those units read as (None
+    when a shard was not scanned, or is compressed). A shard of one unit has the shard's own id.
+    Whether a shard is cut is decided afresh only for a shard none of whose units is done: a resume
+    (on another cluster, with shards added) cuts a shard exactly as the run that started it did."""
     from pipeline.sources.units import shard_unit_id
 
     def reader_for(unit: str, file: str, prefix: str, run: MemberRun):
         return lambda: iter([(unit, read_tar_blocks(file, prefix, run=run))])
 
+    shards = tar_shards(path)
+    cut_before = {match.group(1) for unit in done if (match := SPLIT_UNIT.fullmatch(unit))}
+    cut_now = worth_cutting(shards)
     readers, rows = [], []
-    for file, prefix in tar_shards(path):
-        scan = scan_shard(file, prefix)
+    for file, prefix in shards:
+        shard_id = shard_unit_id(file)
+        if shard_id in done:
+            continue
+        scan = scan_shard(file, prefix) if cut_now or shard_id in cut_before else None
         runs = member_runs(scan[0] if scan else None, unit_size)
         for run in runs:
-            unit = shard_unit_id(file) + (f"-m{run.before:09d}" if len(runs) > 1 else "")
+            unit = shard_id + (f"-m{run.before:09d}" if len(runs) > 1 else "")
             if unit not in done:
                 readers.append(reader_for(unit, file, prefix, run))
-                rows.append(shard_rows(file, prefix, scan, run))
+                rows.append(shard_rows(file, prefix, scan, run) if scan or cut_now else None)
     return readers, None if None in rows else sum(rows)
