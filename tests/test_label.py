@@ -363,7 +363,8 @@ def test_a_format_without_a_partitioner_lmdb_is_labelled_whole_as_one_unit(ray_l
 
 def test_the_progress_total_is_known_for_every_format_that_counts_cheaply(sample_40, tmp_path):
     """Parquet and tar work units count their records as they are planned (footers, member headers),
-    only the units still to do on a resume; an image folder is walked in the background."""
+    only the units still to do on a resume; an image folder is walked in the background, and so are
+    tar shards enough for a unit each (not scanned to be cut)."""
     from pipeline.label import RecordCount
     from pipeline.sources.units import PARTITIONERS, shard_unit_id
 
@@ -379,6 +380,9 @@ def test_the_progress_total_is_known_for_every_format_that_counts_cheaply(sample
     for n in range(3, read_task_target()):  # enough shards for a task each: not scanned, so not counted
         write_tar(tmp_path / "tars" / f"shard-{n:04d}.tar", [("x.jpg", b"x")])
     assert PARTITIONERS["tar"](str(tmp_path / "tars"), set(), 16)[1] is None
+    count = RecordCount(str(tmp_path / "tars"), "tar", None)  # then counted in the background
+    count.thread.join(timeout=60)
+    assert count.value == 40 + read_task_target() - 3
     assert PARTITIONERS["folder"](str(sample_40), set(), 16)[1] is None
     count = RecordCount(str(sample_40), "folder", None)
     count.thread.join(timeout=60)

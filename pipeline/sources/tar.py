@@ -25,7 +25,7 @@ import tarfile
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import ray.data
 from ray.data.block import BlockMetadata
@@ -308,10 +308,22 @@ def shard_rows(file: str, prefix: str, scan: Optional[tuple[array, list[str]]],
     return None if is_tar_name(file) and not is_splittable(file, prefix) else 1
 
 
-def records_in(shards: list[tuple[str, str]], scans: list[Optional[tuple[array, list[str]]]]) -> Optional[int]:
-    """How many rows SHARDS read as, from their SCANS (see `shard_rows`); None when not known."""
-    rows = [shard_rows(file, prefix, scan) for (file, prefix), scan in zip(shards, scans)]
-    return None if None in rows else sum(rows)
+def records_in(shards: list[tuple[str, str]], scans: Iterable[Optional[tuple[array, list[str]]]]) -> Optional[int]:
+    """How many rows SHARDS read as, from their SCANS (see `shard_rows`), taken one at a time; None
+    when not known."""
+    total = 0
+    for (file, prefix), scan in zip(shards, scans):
+        rows = shard_rows(file, prefix, scan)
+        if rows is None:
+            return None
+        total += rows
+    return total
+
+
+def count_tar_records(path: str) -> Optional[int]:
+    """How many rows the shards PATH names read as, scanning their headers one shard at a time."""
+    shards = tar_shards(path)
+    return records_in(shards, (scan_shard(file, prefix) for file, prefix in shards))
 
 
 SPLIT_UNIT = re.compile(r"(.*)-m\d{9}")  # the id of a unit that is a run of a cut shard: SHARD_ID-mNNNNNNNNN
