@@ -152,6 +152,34 @@ def test_one_big_tar_is_labelled_in_units_of_its_members_and_resumed_by_unit(ray
     assert len(manifest["shards"]) == 3 + len(added)  # a unit per added shard, not scanned
 
 
+def test_a_shard_labelled_in_parts_that_cannot_be_cut_again_is_refused_not_labelled_twice(tmp_path):
+    """A resume finds a shard whose first part is done but whose headers no longer read (replaced, or
+    unreadable): reading it whole would label that part again, so the run stops and says why."""
+    from pipeline.sources.units import PARTITIONERS, shard_unit_id
+
+    big = write_tar(tmp_path / "big.tar", [(f"{i}.jpg", jpeg_bytes(seed=i)) for i in range(40)])
+    readers, records = PARTITIONERS["tar"](str(big), set(), 16)
+    assert (len(readers), records) == (3, 40)
+    big.write_bytes(b"no longer a tar archive" * 100)
+    with pytest.raises(SourceError, match="big.tar: an earlier run into this output labelled it in parts"):
+        PARTITIONERS["tar"](str(big), {shard_unit_id(str(big)) + "-m000000000"}, 16)
+
+
+def test_a_name_that_is_not_utf8_is_labelled_under_an_escaped_key(ray_local, tmp_path):
+    """A file or tar member named in Latin-1 (`caf\xe9.jpg` as bytes) is labelled like any other, its key
+    written with a backslash escape: Arrow stores only UTF-8, and the read must not fail."""
+    name = os.fsdecode(b"caf\xe9.jpg")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / name).write_bytes(jpeg_bytes(seed=7))
+    (tmp_path / "folder" / "plain.jpg").write_bytes(jpeg_bytes(seed=8))
+    write_tar(tmp_path / "tars" / "s.tar", [(name, jpeg_bytes(seed=7)), ("plain.jpg", jpeg_bytes(seed=8))])
+    model = str(need(MOBILENET_INT8))
+    for data, prefix in ((tmp_path / "folder", ""), (tmp_path / "tars", "s.tar/")):
+        label(model, str(data), str(tmp_path / f"out-{data.name}"))
+        labelled, errors, _ = read_output(tmp_path / f"out-{data.name}")
+        assert sorted(labelled) == [prefix + "caf\\xe9.jpg", prefix + "plain.jpg"] and not errors
+
+
 def bad_files() -> dict[str, bytes]:
     """Three decodable images and one file of every kind that cannot be labelled."""
     return {

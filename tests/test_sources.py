@@ -222,11 +222,14 @@ def test_one_big_tar_is_read_in_runs_of_its_members_each_exactly_once(tmp_path):
     assert rows_of(tasks) == whole
 
     data = shard.read_bytes()
-    header_40, header_41 = scan_shard(str(shard), "")[0][40:42]
+    offsets = scan_shard(str(shard), "").offsets
+    header_40, header_41, last = offsets[40], offsets[41], offsets[-1]
     for damage, rows, reason in (
             (data[:header_41 + 512 + 10], 42, "tar member cut short"),  # inside member 41's data
-            (data[:header_40] + b"\x07" * 512 + data[header_40 + 512:], 41, "no readable member header"),
-            (data + data, 152, "archives joined end to end")):  # the last two: silently dropped by tarfile alone
+            # the last three: dropped without a word by tarfile alone
+            (data[:header_40] + b"\x07" * 512 + data[header_40 + 512:], 41, "a damaged member header"),
+            (data[:last] + b"\x07" * 512 + data[last + 512:], 151, "a damaged member header"),  # zeros after it
+            (data + data, 152, "archives joined end to end")):
         damaged = tmp_path / "damaged.tar"
         damaged.write_bytes(damage)
         whole = [(key, NO_LABEL, image, error) for key, image, error in tar_records(str(damaged), "")]
@@ -234,6 +237,17 @@ def test_one_big_tar_is_read_in_runs_of_its_members_each_exactly_once(tmp_path):
         assert not any(error for _, _, _, error in whole[:-1] if "link" not in error)
         tasks = TarShardDatasource(str(damaged)).get_read_tasks(1)
         assert len(tasks) > 1 and rows_of(tasks) == whole
+
+    global_header = tmp_path / "git-archive.tar"  # as `git archive` writes: a pax global header first
+    with tarfile.open(global_header, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "abc123"}) as archive:
+        for name, image, _ in tar_records(str(shard), ""):
+            info = tarfile.TarInfo(name)
+            info.size = len(image)
+            archive.addfile(info, io.BytesIO(image))
+    scan = scan_shard(str(global_header), "")
+    assert not scan.cuttable and len(scan.offsets) == 151  # read whole, and still counted
+    datasource = TarShardDatasource(str(global_header))
+    assert len(datasource.pieces) == 1 and datasource.records == 151
 
     compressed = tmp_path / "big.tar.gz"
     compressed.write_bytes(gzip.compress(shard.read_bytes()))
@@ -300,6 +314,20 @@ def test_hugging_face_parquet_shards_give_the_folders_predictions_keyed_by_shard
     labelled = pq.read_table(tmp_path / "labels" / "labels").column("key").to_pylist()
     errors = pq.read_table(tmp_path / "labels" / "errors").column("key").to_pylist()
     assert sorted(labelled + errors) == expected_keys and errors == [expected_keys[-1]]
+
+
+def test_shards_without_keys_of_one_name_in_two_folders_keep_their_rows_apart(tmp_path):
+    from pipeline.sources.parquet import ParquetRowGroupDatasource, parquet_files
+
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        pq.write_table(pa.table({"image": pa.array([{"bytes": b"x", "path": None}] * 3, image_type)}),
+                       tmp_path / folder / "validation-00000.parquet", row_group_size=2)
+    files = parquet_files(str(tmp_path / "*" / "*.parquet"))
+    datasource = ParquetRowGroupDatasource(files, [pq.read_metadata(f) for f in files], ["image"])
+    keys = [key for task in datasource.get_read_tasks(1) for block in task() for key in block.column("key").to_pylist()]
+    assert keys == [f"{folder}/validation-00000.parquet#{row:06d}" for folder in "ab" for row in range(3)]
 
 
 def test_a_parquet_image_column_of_another_type_is_named(tmp_path):

@@ -49,10 +49,21 @@ class SourceError(ValueError):
     """An input that cannot be read at all (as opposed to one bad record); the message says why."""
 
 
+def utf8_key(key: str) -> str:
+    r"""KEY as valid UTF-8. Python keeps the bytes of a file or tar member name that is not UTF-8 as
+    lone surrogates (`caf\udce9.jpg`), which Arrow cannot store: they are written as backslash
+    escapes (`caf\xe9.jpg`), the same on every run."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def source_table(keys: list[str], labels: list[int], images: list[bytes], errors: list[str]) -> pa.Table:
     """A block of source rows in the contract's schema."""
+    try:
+        key_array = pa.array(keys, pa.string())
+    except UnicodeEncodeError:  # a name that is not UTF-8 (rare: escaped only then)
+        key_array = pa.array([utf8_key(key) for key in keys], pa.string())
     return pa.Table.from_arrays(
-        [pa.array(keys, pa.string()), pa.array(labels, pa.int64()),
+        [key_array, pa.array(labels, pa.int64()),
          pa.array(images, pa.binary()), pa.array(errors, pa.string())],
         schema=SOURCE_SCHEMA,
     )

@@ -3,13 +3,16 @@
 
 Shards written by Hugging Face `datasets` (ImageNet's validation split as `validation-*.parquet`)
 are read too: their `image` is a struct whose `bytes` field holds the encoded image, and they have no
-`key`. A row without a key column is keyed by its shard's file name and row number
-(`validation-00000-of-00014.parquet#000042`): unique and the same on every run, as label's resume needs.
+`key`. A row without a key column is keyed by its shard's file name (its path from the folder
+holding all the shards, for a glob over folders) and row number
+(`validation-00000-of-00014.parquet#000042`): unique and the same on every run, as label's resume
+needs.
 """
 
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -62,12 +65,21 @@ def source_columns(*shards: pq.FileMetaData) -> list[str]:
     return [c for c in ("key", "image", "label", "error") if c in names]
 
 
-def to_source_rows(table: pa.Table, file: str, first_row: int) -> pa.Table:
-    """Cast a block of FILE's rows, the first of them its row FIRST_ROW, to the source-row schema:
-    missing key -> FILE's name and the row number, missing label -> NO_LABEL, missing error -> ""."""
+def shard_names(files: list[str]) -> list[str]:
+    """How the keys of rows without one name their shards: each file's path relative to the folder
+    holding them all (its file name, for the shards of one folder), so that two shards of the same
+    name in different folders of a glob keep their rows apart."""
+    paths = [os.path.abspath(file) for file in files]
+    base = os.path.commonpath([os.path.dirname(path) for path in paths])
+    return [Path(os.path.relpath(path, base)).as_posix() for path in paths]
+
+
+def to_source_rows(table: pa.Table, shard_name: str, first_row: int) -> pa.Table:
+    """Cast a block of a shard's rows, the first of them its row FIRST_ROW, to the source-row schema:
+    missing key -> SHARD_NAME and the row number, missing label -> NO_LABEL, missing error -> ""."""
     n = table.num_rows
     key = table.column("key").cast(pa.string()) if "key" in table.column_names \
-        else pa.array([f"{Path(file).name}#{row:06d}" for row in range(first_row, first_row + n)], pa.string())
+        else pa.array([f"{shard_name}#{row:06d}" for row in range(first_row, first_row + n)], pa.string())
     label = table.column("label").cast(pa.int64()).fill_null(NO_LABEL) if "label" in table.column_names \
         else pa.array([NO_LABEL] * n, pa.int64())
     image = table.column("image")
@@ -79,12 +91,13 @@ def to_source_rows(table: pa.Table, file: str, first_row: int) -> pa.Table:
     return pa.Table.from_arrays([key, label, image.fill_null(b""), error], schema=SOURCE_SCHEMA)
 
 
-def read_row_groups(file: str, row_groups: list[int], columns: list[str]) -> Iterator[pa.Table]:
-    """Source-row blocks of RECORDS_PER_BLOCK rows from ROW_GROUPS (consecutive) of one shard."""
+def read_row_groups(file: str, name: str, row_groups: list[int], columns: list[str]) -> Iterator[pa.Table]:
+    """Source-row blocks of RECORDS_PER_BLOCK rows from ROW_GROUPS (consecutive) of one shard, called
+    NAME in generated keys (`shard_names`)."""
     shard = pq.ParquetFile(file)
     row = sum(shard.metadata.row_group(index).num_rows for index in range(row_groups[0])) if row_groups else 0
     for batch in shard.iter_batches(batch_size=RECORDS_PER_BLOCK, row_groups=row_groups, columns=columns):
-        yield to_source_rows(pa.Table.from_batches([batch]), file, row)
+        yield to_source_rows(pa.Table.from_batches([batch]), name, row)
         row += batch.num_rows
 
 
@@ -113,8 +126,9 @@ class ParquetRowGroupDatasource(Datasource):
     def __init__(self, files: list[str], metadata: list[pq.FileMetaData], columns: list[str]):
         self.columns = columns
         per_task, _ = read_task_split(sum(m.num_rows for m in metadata))
-        # (file, row groups, rows), a ReadTask each
-        self.runs = [(file, row_groups, rows) for file, shard in zip(files, metadata)
+        # (file, its name in generated keys, row groups, rows), a ReadTask each
+        self.runs = [(file, name, row_groups, rows)
+                     for file, name, shard in zip(files, shard_names(files), metadata)
                      for row_groups, rows in row_group_runs(shard, per_task)]
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
@@ -124,8 +138,8 @@ class ParquetRowGroupDatasource(Datasource):
                        data_context=None) -> list[ReadTask]:
         columns = self.columns
 
-        def make_task(file: str, row_groups: list[int], rows: int) -> ReadTask:
-            return ReadTask(lambda: read_row_groups(file, row_groups, columns),
+        def make_task(file: str, name: str, row_groups: list[int], rows: int) -> ReadTask:
+            return ReadTask(lambda: read_row_groups(file, name, row_groups, columns),
                             BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=[file]))
 
         return [make_task(*run) for run in self.runs]
@@ -156,16 +170,17 @@ def parquet_unit_readers(path: str, done: set[str], unit_size: int) -> tuple[lis
     before anything runs."""
     from pipeline.sources.units import shard_unit_id
 
-    def reader_for(unit: str, file: str, row_groups: list[int], columns: list[str]):
-        return lambda: iter([(unit, read_row_groups(file, row_groups, columns))])
+    def reader_for(unit: str, file: str, name: str, row_groups: list[int], columns: list[str]):
+        return lambda: iter([(unit, read_row_groups(file, name, row_groups, columns))])
 
     readers, rows = [], 0
-    for file in parquet_files(path):
+    files = parquet_files(path)
+    for file, name in zip(files, shard_names(files)):
         shard = _shard_metadata(file)
         runs = row_group_runs(shard, unit_size)
         for row_groups, run_rows in runs:
             unit = shard_unit_id(file) + (f"-rg{row_groups[0]:05d}" if len(runs) > 1 else "")
             if unit not in done:
-                readers.append(reader_for(unit, file, row_groups, source_columns(shard)))
+                readers.append(reader_for(unit, file, name, row_groups, source_columns(shard)))
                 rows += run_rows
     return readers, rows

@@ -25,7 +25,7 @@ import tarfile
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import BinaryIO, Iterable, Iterator, NamedTuple, Optional
 
 import ray.data
 from ray.data.block import BlockMetadata
@@ -99,13 +99,19 @@ def is_splittable(file: str, prefix: str) -> bool:
     return not is_misplaced(file, prefix) and file.endswith(".tar")
 
 
-def scan_shard(file: str, prefix: str, with_keys: bool = False) -> Optional[tuple[array, list[str]]]:
-    """The header offset of every record of an uncompressed shard, in stream order, from its headers
-    alone (seeking past the data), and with WITH_KEYS their keys. None when the shard cannot be cut
-    into runs: compressed, not a tar from its start, or holding a pax global header (it applies to
-    every member after it, so a run starting later would read its members without it). A shard
-    damaged part-way gives the records before the damage: its last run reads on and reports the
-    damage, as a whole read does. Offsets take 8 bytes a record: a scan of millions is small."""
+class ShardScan(NamedTuple):
+    """What one read of a shard's headers found."""
+
+    offsets: array  # the header offset of every record, in stream order (8 bytes each: millions are small)
+    keys: list[str]  # their keys, when asked for
+    cuttable: bool  # False when a pax global header applies to every member after it: a run starting
+    #                 later would read its members without it
+
+
+def scan_shard(file: str, prefix: str, with_keys: bool = False) -> Optional[ShardScan]:
+    """The records of an uncompressed shard, from its headers alone (seeking past the data). None when
+    it is compressed or not a tar from its start. A shard damaged part-way gives the records before
+    the damage: its last run reads on and reports the damage, as a whole read does."""
     if not is_splittable(file, prefix):
         return None
     offsets, keys = array("q"), []
@@ -124,18 +130,17 @@ def scan_shard(file: str, prefix: str, with_keys: bool = False) -> Optional[tupl
     finally:
         if archive is not None:
             archive.close()
-    return None if archive.pax_headers else (offsets, keys)
+    return ShardScan(offsets, keys, not archive.pax_headers)
 
 
-def member_runs(offsets: Optional[Sequence[int]], size: int) -> list[MemberRun]:
-    """A shard's records (their header OFFSETS, from `scan_shard`) cut into runs of SIZE; the whole
-    shard as one run when it holds at most SIZE records or cannot be cut. The first run starts at the
-    shard's start and the last one reads to its end, so together they read exactly what a whole read
-    does."""
-    if offsets is None or len(offsets) <= size:
+def member_runs(scan: Optional[ShardScan], size: int) -> list[MemberRun]:
+    """A shard's records (its SCAN) cut into runs of SIZE; the whole shard as one run when it holds at
+    most SIZE records or cannot be cut. The first run starts at the shard's start and the last one
+    reads to its end, so together they read exactly what a whole read does."""
+    if scan is None or not scan.cuttable or len(scan.offsets) <= size:
         return [WHOLE_SHARD]
-    firsts = range(0, len(offsets), size)
-    return [MemberRun(offsets[first] if first else 0, size if first != firsts[-1] else None, first)
+    firsts = range(0, len(scan.offsets), size)
+    return [MemberRun(scan.offsets[first] if first else 0, size if first != firsts[-1] else None, first)
             for first in firsts]
 
 
@@ -180,7 +185,7 @@ def tar_records(file: str, prefix: str, run: MemberRun = WHOLE_SHARD) -> Iterato
                         yield key, data, ""
                     if members - run.before == run.records:
                         return  # before the next header: it is the next run's
-                damage = _damage_where_members_stopped(archive, run.offset)
+                damage = _damage_where_members_stopped(archive, stream, run.offset)
             except TAR_ERRORS as exc:
                 damage = str(exc)
             if damage:
@@ -188,20 +193,30 @@ def tar_records(file: str, prefix: str, run: MemberRun = WHOLE_SHARD) -> Iterato
                     f"tar archive corrupt or truncated after {members} members: {damage}"
 
 
-def _damage_where_members_stopped(archive: tarfile.TarFile, start: int) -> Optional[str]:
+def _damage_where_members_stopped(archive: tarfile.TarFile, raw: BinaryIO, start: int) -> Optional[str]:
     """Why ARCHIVE's members stopped, when it was not the end of the archive. Past the first member,
     tarfile ends the iteration without a word at a header it cannot parse or that is cut short, and
-    every member after it would be lost silently. At a true end the block read there was the zero
-    end-of-archive block and only zero padding follows, or the file ends right there. (START: the
-    stream's byte offset in the file.)"""
+    every member after it would be lost silently. At a true end the block read there is the zero
+    end-of-archive block and only zero padding follows, or the file ends right there. RAW is the
+    file, whose byte START the archive's stream began at: an uncompressed archive's stopping block
+    is read again from it (tarfile keeps no trace of it); a compressed one's is gone, and only what
+    follows it can be looked at."""
     header = archive.offset
-    consumed = archive.fileobj.tell() - header
-    if 0 < consumed < tarfile.BLOCKSIZE:
-        return f"a member header cut short at byte {start + header}"
-    while chunk := archive.fileobj.read(1 << 16):
+    if getattr(archive.fileobj, "comptype", "tar") == "tar":
+        raw.seek(start + header)
+        block, rest = raw.read(tarfile.BLOCKSIZE), raw
+        if len(block) < tarfile.BLOCKSIZE and block:
+            return f"a member header cut short at byte {start + header}"
+        if block.strip(b"\0"):
+            return f"a damaged member header at byte {start + header}: the members after it cannot be read"
+    else:
+        if 0 < archive.fileobj.tell() - header < tarfile.BLOCKSIZE:
+            return f"a member header cut short at byte {header} of the uncompressed archive"
+        rest = archive.fileobj
+    while chunk := rest.read(1 << 16):
         if chunk.strip(b"\0"):
-            return (f"no readable member header at byte {start + header}, and data after it "
-                    "(a damaged header, or archives joined end to end): the members after it cannot be read")
+            return (f"data after the end-of-archive block at byte {start + header} (archives joined end "
+                    "to end, or a damaged header): the members after it cannot be read")
     return None
 
 
@@ -252,14 +267,14 @@ def tar_pieces(shards: list[tuple[str, str]], label_of: dict[str, int]) -> tuple
     if not worth_cutting(shards):
         return [(file, prefix, WHOLE_SHARD, labels[prefix]) for file, prefix in shards], None
     scans = [scan_shard(file, prefix, with_keys=bool(label_of)) for file, prefix in shards]
-    per_task, _ = read_task_split(sum(len(scan[0]) if scan else 1 for scan in scans))
+    per_task, _ = read_task_split(sum(len(scan.offsets) if scan else 1 for scan in scans))
     pieces = []
     for (file, prefix), scan in zip(shards, scans):
-        runs = member_runs(scan[0] if scan else None, per_task)
+        runs = member_runs(scan, per_task)
         for run in runs:
             run_labels = labels[prefix]
             if len(runs) > 1 and run_labels:
-                run_keys = scan[1][run.before:run.before + run.records if run.records else None]
+                run_keys = scan.keys[run.before:run.before + run.records if run.records else None]
                 run_labels = {key: run_labels[key] for key in run_keys if key in run_labels}
             pieces.append((file, prefix, run, run_labels))
     return pieces, records_in(shards, scans)
@@ -298,17 +313,16 @@ def read_tar_shards(path: str, labels: Optional[str] = None, limit: Optional[int
     return Source(dataset.limit(limit), min(limit, datasource.records) if datasource.records is not None else None)
 
 
-def shard_rows(file: str, prefix: str, scan: Optional[tuple[array, list[str]]],
-               run: MemberRun = WHOLE_SHARD) -> Optional[int]:
+def shard_rows(file: str, prefix: str, scan: Optional[ShardScan], run: MemberRun = WHOLE_SHARD) -> Optional[int]:
     """How many rows RUN of a shard (all of it by default) reads as, from the shard's SCAN
     (`scan_shard`): a shard that cannot be read counts as the one error row it reads as. None for a
     compressed shard: counting it would mean decompressing it all once more, for a progress bar."""
     if scan is not None:
-        return run.records if run.records is not None else len(scan[0]) - run.before
+        return run.records if run.records is not None else len(scan.offsets) - run.before
     return None if is_tar_name(file) and not is_splittable(file, prefix) else 1
 
 
-def records_in(shards: list[tuple[str, str]], scans: Iterable[Optional[tuple[array, list[str]]]]) -> Optional[int]:
+def records_in(shards: list[tuple[str, str]], scans: Iterable[Optional[ShardScan]]) -> Optional[int]:
     """How many rows SHARDS read as, from their SCANS (see `shard_rows`), taken one at a time; None
     when not known."""
     total = 0
@@ -350,7 +364,12 @@ def tar_unit_readers(path: str, done: set[str], unit_size: int) -> tuple[list, O
         if shard_id in done:
             continue
         scan = scan_shard(file, prefix) if cut_now or shard_id in cut_before else None
-        runs = member_runs(scan[0] if scan else None, unit_size)
+        if shard_id in cut_before and not (scan and scan.cuttable):
+            # read whole, it would label again the members of the parts already done
+            raise SourceError(f"{file}: an earlier run into this output labelled it in parts, and its member "
+                              "headers cannot be read now to find the same parts; restore the shard, or pass "
+                              "--overwrite to label everything again")
+        runs = member_runs(scan, unit_size)
         for run in runs:
             unit = shard_id + (f"-m{run.before:09d}" if len(runs) > 1 else "")
             if unit not in done:
