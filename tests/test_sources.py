@@ -254,6 +254,9 @@ def test_one_big_tar_is_read_in_runs_of_its_members_each_exactly_once(tmp_path):
     tasks = TarShardDatasource(str(compressed)).get_read_tasks(1)
     assert len(tasks) == 1  # cannot be entered part-way
     assert [row[0] for row in rows_of(tasks)] == [key for key, _, _ in tar_records(str(shard), "")]
+    compressed.write_bytes(gzip.compress(shard.read_bytes()) * 2)  # `cat a.tar.gz a.tar.gz`: tarfile reads one
+    rows = list(tar_records(str(compressed), ""))
+    assert len(rows) == 152 and "compressed archives joined end to end" in rows[-1][2]
 
 
 def test_enough_shards_are_read_a_task_each_with_only_their_own_labels(sample_8, tmp_path):

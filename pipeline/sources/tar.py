@@ -217,6 +217,14 @@ def _damage_where_members_stopped(archive: tarfile.TarFile, raw: BinaryIO, start
         if chunk.strip(b"\0"):
             return (f"data after the end-of-archive block at byte {start + header} (archives joined end "
                     "to end, or a damaged header): the members after it cannot be read")
+    # tarfile decompresses only the first of compressed streams joined end to end (`cat a.tar.gz
+    # b.tar.gz`): what follows it is in its decompressor's unused data and the rest of the file,
+    # after gzip's 8-byte trailer (CRC-32 and size), which tarfile does not read
+    comptype = getattr(archive.fileobj, "comptype", "tar")
+    after_stream = getattr(getattr(archive.fileobj, "cmp", None), "unused_data", b"") + raw.read(1 << 16)
+    if comptype in ("gz", "bz2", "xz") and after_stream[8 if comptype == "gz" else 0:].strip(b"\0"):
+        return ("data after the end of the compressed stream (compressed archives joined end to end): "
+                "the members after it cannot be read")
     return None
 
 
