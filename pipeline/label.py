@@ -1,11 +1,12 @@
 """`pipeline label`: predictions with class names for every image of an unlabelled archive, written
 exactly once and resumable.
 
-The input is split into work units (pipeline/sources/units.py: runs of at most `unit_size` members
-of a tar shard or rows of a Parquet shard, runs of `unit_size` files of an image folder). Rows stream from the inference actors to the driver, which
-appends each unit's rows to its own temporary files and, once the unit has all its rows, renames
-them into place: first `errors/UNIT.parquet`, then `labels/UNIT.parquet`, whose presence marks the
-unit done. A killed run leaves only temporary files and at most an errors shard without its labels
+The input is split into work units (pipeline/sources/units.py: a tar shard, or runs of at most
+`unit_size` of its members when the shards are few; runs of at most `unit_size` rows of a Parquet
+shard; runs of `unit_size` files of an image folder). Rows stream from the inference actors to the
+driver, which appends each unit's rows to its own temporary files and, once the unit has all its
+rows, renames them into place: first `errors/UNIT.parquet`, then `labels/UNIT.parquet`, whose
+presence marks the unit done. A killed run leaves only temporary files and at most an errors shard without its labels
 shard; `--resume` deletes both and reads every unit that is not done. The driver holds open writers
 for the units in flight only, never a list of keys or predictions. `manifest.json`, written last
 from the shards' footers, marks the run finished.
