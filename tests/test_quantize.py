@@ -211,7 +211,8 @@ def test_cli_quantize_without_a_model_quantises_efficientnet_lite0_with_tf127(ra
     assert "no --model given: using" in result.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["preset"] == "tf127" and report["calibration"]["images"] == 8
-    assert report["fp32"]["model"] == str(tmp_path / "cache" / "int8-imagenet-pipeline" / "efficientnet-lite0-fp32.onnx")
+    cached = tmp_path / "cache" / "int8-imagenet-pipeline" / "efficientnet-lite0-fp32.onnx"
+    assert report["fp32"]["model"] == str(cached)
     assert report["fp32"]["top1"] >= 0.6 and report["int8"]["l2"]["top1_agreement"] >= 0.8  # real weights, int8 close
 
 
