@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -69,9 +70,9 @@ def cluster():
         cluster.stop()
 
 
-def start_evaluation(cluster: LocalCluster, images: Path, output: Path) -> subprocess.Popen:
+def start_evaluation(cluster: LocalCluster, images: Path, output: Path, *options: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "pipeline", "evaluate", "--model", str(MOBILENET_INT8), "--data", str(images),
-               "--preset", "torch", "--output", str(output), "--address", cluster.address]
+               "--preset", "torch", "--output", str(output), "--address", cluster.address, *options]
     return subprocess.Popen(command, cwd=REPO, env={**cluster.env, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -198,6 +199,20 @@ def test_two_nodes_give_the_single_node_figures_with_actors_pinned_on_both(clust
     cores = [core for _, core in metrics["cluster"]["cores_used"]]
     assert len(cores) == len(set(cores)) == 2 and min(cores) >= 0
     assert all(n["images_per_s"] > 0 for n in nodes)
+
+
+def test_one_tar_of_the_images_gives_the_single_node_figures_on_two_nodes(cluster, images, single_node, tmp_path):
+    """The images as one .tar: cut into runs of members read by tasks across the cluster (2 CPUs want
+    8 tasks), every member once, the same figures as the folder on one node."""
+    archive = tmp_path / "images.tar"
+    with tarfile.open(archive, "w") as tar:
+        for image in sorted(images.glob("*.JPEG")):
+            tar.add(image.resolve(), image.name)
+    output = tmp_path / "out"
+    metrics = finished(start_evaluation(cluster, archive, output, "--labels", str(images / "labels.txt")),
+                       output, images)
+    assert_same_figures(metrics, single_node)
+    assert all(n["images"] > 0 for n in metrics["cluster"]["per_node"])
 
 
 def test_a_killed_inference_actor_is_restarted_and_its_batches_redone(cluster, images, single_node,
