@@ -133,6 +133,15 @@ ACCEPTED_INPUTS = ("a folder of images, a .parquet file, a .tar/.tar.gz/.tgz sha
                    f"those, or an LMDB folder (holding {LMDB_DATA_FILE})")
 
 
+def names_below_common_folder(files: list[str]) -> list[str]:
+    """Each of FILES as a POSIX path relative to the deepest folder holding them all (its file name,
+    for the files of one folder): names that keep apart files of one name in different folders of a
+    glob."""
+    paths = [os.path.abspath(file) for file in files]
+    base = os.path.commonpath([os.path.dirname(path) for path in paths])
+    return [Path(os.path.relpath(path, base)).as_posix() for path in paths]
+
+
 def is_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 

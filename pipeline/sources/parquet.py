@@ -12,7 +12,6 @@ needs.
 from __future__ import annotations
 
 import glob
-import os
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -24,7 +23,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, SOURCE_SCHEMA, Source, SourceError, is_glob,
-                              read_task_split)
+                              names_below_common_folder, read_task_split)
 
 
 def parquet_files(path: str) -> list[str]:
@@ -65,15 +64,6 @@ def source_columns(*shards: pq.FileMetaData) -> list[str]:
     return [c for c in ("key", "image", "label", "error") if c in names]
 
 
-def shard_names(files: list[str]) -> list[str]:
-    """How the keys of rows without one name their shards: each file's path relative to the folder
-    holding them all (its file name, for the shards of one folder), so that two shards of the same
-    name in different folders of a glob keep their rows apart."""
-    paths = [os.path.abspath(file) for file in files]
-    base = os.path.commonpath([os.path.dirname(path) for path in paths])
-    return [Path(os.path.relpath(path, base)).as_posix() for path in paths]
-
-
 def to_source_rows(table: pa.Table, shard_name: str, first_row: int) -> pa.Table:
     """Cast a block of a shard's rows, the first of them its row FIRST_ROW, to the source-row schema:
     missing key -> SHARD_NAME and the row number, missing label -> NO_LABEL, missing error -> ""."""
@@ -93,7 +83,7 @@ def to_source_rows(table: pa.Table, shard_name: str, first_row: int) -> pa.Table
 
 def read_row_groups(file: str, name: str, row_groups: list[int], columns: list[str]) -> Iterator[pa.Table]:
     """Source-row blocks of RECORDS_PER_BLOCK rows from ROW_GROUPS (consecutive) of one shard, called
-    NAME in generated keys (`shard_names`)."""
+    NAME in generated keys (`names_below_common_folder`)."""
     shard = pq.ParquetFile(file)
     row = sum(shard.metadata.row_group(index).num_rows for index in range(row_groups[0])) if row_groups else 0
     for batch in shard.iter_batches(batch_size=RECORDS_PER_BLOCK, row_groups=row_groups, columns=columns):
@@ -128,7 +118,7 @@ class ParquetRowGroupDatasource(Datasource):
         per_task, _ = read_task_split(sum(m.num_rows for m in metadata))
         # (file, its name in generated keys, row groups, rows), a ReadTask each
         self.runs = [(file, name, row_groups, rows)
-                     for file, name, shard in zip(files, shard_names(files), metadata)
+                     for file, name, shard in zip(files, names_below_common_folder(files), metadata)
                      for row_groups, rows in row_group_runs(shard, per_task)]
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
@@ -175,7 +165,7 @@ def parquet_unit_readers(path: str, done: set[str], unit_size: int) -> tuple[lis
 
     readers, rows = [], 0
     files = parquet_files(path)
-    for file, name in zip(files, shard_names(files)):
+    for file, name in zip(files, names_below_common_folder(files)):
         shard = _shard_metadata(file)
         runs = row_group_runs(shard, unit_size)
         for row_groups, run_rows in runs:

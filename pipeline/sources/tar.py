@@ -32,7 +32,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, is_glob, is_tar_name,
-                              read_task_split, read_task_target, source_table)
+                              names_below_common_folder, read_task_split, read_task_target, source_table)
 from pipeline.sources.labels import read_labels_file
 
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
@@ -50,17 +50,17 @@ def tar_shards(path: str) -> list[tuple[str, str]]:
 
     if is_glob(path):
         files = sorted(f for f in glob.glob(path) if os.path.isfile(f))
-        base = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
+        names = names_below_common_folder(files) if files else []
     elif Path(path).is_dir():
-        files = [os.path.join(path, key) for key in walk_files(path)]
-        base = path
+        names = list(walk_files(path))
+        files = [os.path.join(path, name) for name in names]
     elif Path(path).is_file():
         return [(path, "")]
     else:
         raise SourceError(f"{path}: no such file or directory")
     if not any(is_tar_name(file) for file in files):
         raise SourceError(f"{path}: no .tar shards")
-    return [(file, Path(os.path.relpath(file, base)).as_posix() + "/") for file in files]
+    return [(file, name + "/") for file, name in zip(files, names)]
 
 
 def is_misplaced(file: str, prefix: str) -> bool:
