@@ -202,7 +202,8 @@ def _damage_where_members_stopped(archive: tarfile.TarFile, raw: BinaryIO, start
     is read again from it (tarfile keeps no trace of it); a compressed one's is gone, and only what
     follows it can be looked at."""
     header = archive.offset
-    if getattr(archive.fileobj, "comptype", "tar") == "tar":
+    comptype = getattr(archive.fileobj, "comptype", "tar")
+    if comptype == "tar":
         raw.seek(start + header)
         block, rest = raw.read(tarfile.BLOCKSIZE), raw
         if len(block) < tarfile.BLOCKSIZE and block:
@@ -220,7 +221,6 @@ def _damage_where_members_stopped(archive: tarfile.TarFile, raw: BinaryIO, start
     # tarfile decompresses only the first of compressed streams joined end to end (`cat a.tar.gz
     # b.tar.gz`): what follows it is in its decompressor's unused data and the rest of the file,
     # after gzip's 8-byte trailer (CRC-32 and size), which tarfile does not read
-    comptype = getattr(archive.fileobj, "comptype", "tar")
     after_stream = getattr(getattr(archive.fileobj, "cmp", None), "unused_data", b"") + raw.read(1 << 16)
     if comptype in ("gz", "bz2", "xz") and after_stream[8 if comptype == "gz" else 0:].strip(b"\0"):
         return ("data after the end of the compressed stream (compressed archives joined end to end): "
