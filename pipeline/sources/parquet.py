@@ -167,10 +167,11 @@ def parquet_unit_readers(path: str, done: set[str], unit_size: int) -> tuple[lis
     files = parquet_files(path)
     for file, name in zip(files, names_below_common_folder(files)):
         shard = _shard_metadata(file)
+        shard_id, columns = shard_unit_id(file), source_columns(shard)
         runs = row_group_runs(shard, unit_size)
         for row_groups, run_rows in runs:
-            unit = shard_unit_id(file) + (f"-rg{row_groups[0]:05d}" if len(runs) > 1 else "")
+            unit = shard_id + (f"-rg{row_groups[0]:05d}" if len(runs) > 1 else "")
             if unit not in done:
-                readers.append(reader_for(unit, file, name, row_groups, source_columns(shard)))
+                readers.append(reader_for(unit, file, name, row_groups, columns))
                 rows += run_rows
     return readers, rows
