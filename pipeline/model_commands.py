@@ -85,8 +85,7 @@ def quantize_command(
         check_float_model(model)
         check_preset_fits(info, preset_obj)
         calibration_format = check_source(calibration, format_name(format))  # and the inputs, before Ray starts
-        if eval:
-            check_source(eval, None, str(labels) if labels else None)
+        eval_format = check_source(eval, None, str(labels) if labels else None) if eval else None
         init_ray(address)
         calib = read_calibration_set(calibration, preset_obj, images, fmt=calibration_format)
         typer.echo(f"calibrating on {calib.images} images of {calibration}"
@@ -100,7 +99,7 @@ def quantize_command(
             typer.echo(f"evaluating fp32 and {len(outputs)} int8 model{'s' * (len(outputs) > 1)} on {eval}")
             result = accuracy_report(str(model), outputs, eval, preset, report_path.parent / "quantize-eval",
                                      labels=str(labels) if labels else None, limit=eval_limit,
-                                     calibration_keys=set(calib.keys))
+                                     calibration_keys=set(calib.keys), fmt=eval_format)
             result["calibration"] = {"data": calibration, "images": calib.images, "unreadable": calib.errors}
             report_path.write_text(json.dumps(result, indent=2) + "\n")
             print_report(result)

@@ -28,7 +28,7 @@ from pipeline.evaluate import evaluate
 from pipeline.inference import ModelInfo
 from pipeline.preprocess import Preprocessor
 from pipeline.runtime import map_fused_with_read
-from pipeline.sources import read_source
+from pipeline.sources import check_source, read_source
 
 METHODS = ("l2", "minmax", "entropy", "percentile")
 ORT_METHODS = {
@@ -210,13 +210,17 @@ def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
 def accuracy_report(
     fp32_model: str, int8_models: dict[str, Path], data: str, preset: str, output: Path,
     labels: str | None = None, limit: int | None = None, calibration_keys: set[str] = frozenset(),
+    fmt: str | None = None,
 ) -> dict:
     """fp32 and each int8 model evaluated by pipeline.evaluate on the same images: top-1/top-5,
     their change, how often int8 and fp32 agree on the top-1 class, and the mean KL divergence of
     the int8 class distribution from fp32's. Top-1 moves in whole images (0.08 points of 1,300), so
     two close methods can swap places on it by chance; the KL divergence weighs how far every
-    image's distribution moved, and separates them with far fewer images."""
-    fp32 = evaluate(fp32_model, data, preset, str(output / "fp32"), labels=labels, limit=limit, probabilities=True)
+    image's distribution moved, and separates them with far fewer images. FMT: DATA's format, detected
+    once here when not given rather than by each evaluation."""
+    fmt = fmt or check_source(data, None, labels)
+    fp32 = evaluate(fp32_model, data, preset, str(output / "fp32"), fmt=fmt, labels=labels, limit=limit,
+                    probabilities=True)
     fp32_probs = class_distributions(output / "fp32")
     report = {
         "data": fp32["data"], "preset": preset, "images": fp32["evaluated"],
@@ -225,7 +229,7 @@ def accuracy_report(
         "int8": {},
     }
     for method, model in int8_models.items():
-        metrics = evaluate(str(model), data, preset, str(output / method), labels=labels, limit=limit,
+        metrics = evaluate(str(model), data, preset, str(output / method), fmt=fmt, labels=labels, limit=limit,
                            probabilities=True)
         int8_probs = class_distributions(output / method)
         shared = sorted(fp32_probs.keys() & int8_probs.keys())
