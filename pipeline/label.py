@@ -6,10 +6,10 @@ The input is split into work units (pipeline/sources/units.py: a tar shard, or r
 shard; runs of `unit_size` files of an image folder). Rows stream from the inference actors to the
 driver, which appends each unit's rows to its own temporary files and, once the unit has all its
 rows, renames them into place: first `errors/UNIT.parquet`, then `labels/UNIT.parquet`, whose
-presence marks the unit done. A killed run leaves only temporary files and at most an errors shard without its labels
-shard; `--resume` deletes both and reads every unit that is not done. The driver holds open writers
-for the units in flight only, never a list of keys or predictions. `manifest.json`, written last
-from the shards' footers, marks the run finished.
+presence marks the unit done. A killed run leaves only temporary files and at most an errors shard
+without its labels shard; `--resume` deletes both and reads every unit that is not done. The driver
+holds open writers for the units in flight only, never a list of keys or predictions.
+`manifest.json`, written last from the shards' footers, marks the run finished.
 
 DIR layout: labels/*.parquet (`key`, `class_ids`, `synsets`, `names`, `probs`: the top K, best
 first; probabilities from a softmax over all 1,000 classes), errors/*.parquet (`key`, `reason`),
