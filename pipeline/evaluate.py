@@ -19,7 +19,7 @@ from pipeline.inference import Classifier, ModelError, ModelInfo
 from pipeline.metrics import AccuracyCounter
 from pipeline.preprocess import NUM_CLASSES, Preprocessor
 from pipeline.runtime import (INFERENCE_RESOURCE, inference_actor_options, inference_slots, init_ray,
-                              map_fused_with_read)
+                              map_after_read)
 from pipeline.sources import Source, check_source, read_source
 
 
@@ -34,8 +34,8 @@ def predict(source: Source, info: ModelInfo, preset: Preset, *, require_label: b
     """The Ray Dataset of prediction rows (`key, label, top_ids, top_probs, error, node, core`, the
     source columns named in CARRY, and with PROBABILITIES the class distribution `probs`)."""
     actors = inference_slots()
-    preprocessed = map_fused_with_read(source.dataset, Preprocessor(preset, require_label=require_label, carry=carry),
-                                       batch_size=None, batch_format="numpy")
+    preprocessed = map_after_read(source.dataset, Preprocessor(preset, require_label=require_label, carry=carry),
+                                  source.recut_rows, batch_size=None, batch_format="numpy")
     return preprocessed.map_batches(
         Classifier,
         fn_constructor_kwargs={"model_path": os.path.abspath(info.path), "top_k": top_k,

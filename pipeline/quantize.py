@@ -27,7 +27,7 @@ from pipeline.config import Preset
 from pipeline.evaluate import evaluate
 from pipeline.inference import ModelInfo
 from pipeline.preprocess import Preprocessor
-from pipeline.runtime import map_fused_with_read
+from pipeline.runtime import map_after_read
 from pipeline.sources import check_source, read_source
 
 METHODS = ("l2", "minmax", "entropy", "percentile")
@@ -175,8 +175,8 @@ def read_calibration_set(
     """Calibration inputs read and preprocessed by the evaluation pipeline itself (any input
     format, the preset's exact preprocessing); labels are not needed. Ray must be running."""
     source = read_source(data, fmt=fmt, limit=images)
-    rows = map_fused_with_read(source.dataset, Preprocessor(preset, require_label=False), batch_size=None,
-                               batch_format="numpy")
+    rows = map_after_read(source.dataset, Preprocessor(preset, require_label=False), source.recut_rows,
+                          batch_size=None, batch_format="numpy")
     # in the source's order: onnxruntime's histogram calibrators (entropy, percentile) depend on the
     # order of the batches, and the same images must give the same model
     rows.context.execution_options.preserve_order = True

@@ -77,16 +77,21 @@ def inference_actor_options() -> dict:
     return {"num_cpus": 0, "scheduling_strategy": "SPREAD"}
 
 
-def map_fused_with_read(dataset: Dataset, fn: Callable, **options) -> Dataset:
-    """`dataset.map_batches(fn, **options)` run inside the read task before it.
+def map_after_read(dataset: Dataset, fn: Callable, recut_rows: Optional[int] = None, **options) -> Dataset:
+    """`dataset.map_batches(fn, **options)` over the rows a read yields, run inside the read tasks;
+    or, given RECUT_ROWS (`pipeline.sources.Source`: the reads are too few and too large for the
+    cluster), on blocks re-cut to that many rows, in tasks of their own on every CPU.
 
-    Ray Data fuses consecutive task operators only when their Ray options match, and it gives
-    reads its `scheduling_strategy` (SPREAD) while map tasks get none at planning (and the same
-    SPREAD when they run): so the map is given the reads' strategy explicitly. Fused, a block goes
-    from reading to preprocessing in one task, on one node, without a second task and a trip of the
-    encoded bytes through the object store (and across nodes). On one 2-core node the sustained
-    throughput is the same within noise. Ray 2.60 has no named parameter for a scheduling strategy
-    and warns that passing one this way goes in Ray 2.64 (hence the pin in pyproject.toml)."""
+    Fused, a block goes from reading to preprocessing in one task, on one node, without a second task
+    and a trip of the encoded bytes through the object store (and across nodes); on one 2-core node
+    the sustained throughput is the same within noise either way. Ray Data fuses consecutive task
+    operators only when their Ray options match, and it gives reads its `scheduling_strategy`
+    (SPREAD) while map tasks get none at planning (and the same SPREAD when they run): so the fused
+    map is given the reads' strategy explicitly. Ray 2.60 has no named parameter for a scheduling
+    strategy and warns that passing one this way goes in Ray 2.64 (hence the pin in pyproject.toml)."""
+    if recut_rows:
+        # a streaming re-cut (no shuffle, no barrier): blocks flow on as the reads yield them
+        return dataset.repartition(target_num_rows_per_block=recut_rows).map_batches(fn, **options)
     from ray.data import DataContext
 
     with warnings.catch_warnings():

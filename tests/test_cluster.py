@@ -215,6 +215,60 @@ def test_one_tar_of_the_images_gives_the_single_node_figures_on_two_nodes(cluste
     assert all(n["images"] > 0 for n in metrics["cluster"]["per_node"])
 
 
+# predictions of one input on the cluster at ARGV[1], and Ray Data's account of where each operator ran
+PREDICT_ON_CLUSTER = """
+import sys
+from pipeline.config import load_preset
+from pipeline.evaluate import predict
+from pipeline.inference import ModelInfo
+from pipeline.runtime import init_ray
+from pipeline.sources import read_source
+address, data, labels, model = sys.argv[1:]
+init_ray(address)
+source = read_source(data, labels=labels)
+rows = predict(source, ModelInfo.from_path(model), load_preset("torch"), require_label=True, top_k=5,
+               batch_size=32).materialize()
+keys = [row["key"] for row in rows.take_all()]
+correct = sum(int(batch["top_ids"][i][0] == batch["label"][i]) for batch in rows.iter_batches(batch_size=None)
+              for i in range(len(batch["key"])))
+print(source.recut_rows, len(keys), len(set(keys)), correct)
+print(rows.stats())
+"""
+
+
+def operator_nodes(stats: str) -> dict[str, int]:
+    """How many nodes each operator of a Ray Data stats report ran on."""
+    nodes, operator = {}, None
+    for line in stats.splitlines():
+        if line.startswith("Operator "):
+            operator = line.split(":")[0].split(" ", 2)[2]
+        elif operator and (used := re.search(r"(\d+) nodes used", line)):
+            nodes[operator] = int(used.group(1))
+    return nodes
+
+
+def test_one_compressed_tar_is_read_by_one_task_and_preprocessed_on_both_nodes(cluster, images, single_node,
+                                                                              tmp_path):
+    """A .tar.gz cannot be entered part-way: one task on one node reads it all. Its members are re-cut
+    into blocks that map tasks preprocess on both nodes, not in that one read task; every image once,
+    the single node's top-1."""
+    from pipeline.sources import RECORDS_PER_BLOCK
+
+    archive = tmp_path / "images.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for image in sorted(images.glob("*.JPEG")):
+            tar.add(image.resolve(), image.name)
+    result = subprocess.run([sys.executable, "-c", PREDICT_ON_CLUSTER, cluster.address, str(archive),
+                             str(images / "labels.txt"), str(MOBILENET_INT8)],
+                            cwd=REPO, env={**cluster.env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary, stats = result.stdout.split("\n", 1)
+    assert summary.split() == [str(RECORDS_PER_BLOCK), str(IMAGES), str(IMAGES), str(single_node["top1_correct"])]
+    nodes = operator_nodes(stats)
+    assert nodes["ReadTarShard"] == 1 and nodes["MapBatches(Preprocessor)"] == 2
+
+
 def test_a_killed_inference_actor_is_restarted_and_its_batches_redone(cluster, images, single_node,
                                                                      a_third_written, tmp_path):
     process = start_evaluation(cluster, images, tmp_path)

@@ -79,6 +79,36 @@ def test_a_parquet_shard_is_read_by_several_tasks_at_its_row_groups(ray_local, t
     assert len(rows) == 150 and all(row["error"] == "" and row["image"] for row in rows)
 
 
+def test_a_shard_of_one_row_group_is_preprocessed_in_blocks_re_cut_from_its_one_read(ray_local, tmp_path):
+    """pyarrow writes up to a million rows as one row group, which one task must read whole. Its rows
+    are re-cut into a task's share each and preprocessed by that many tasks, not by the read task
+    alone; the predictions are the row-grouped shards'."""
+    from pipeline.evaluate import predict
+    from pipeline.sources import read_source, read_task_split
+
+    write_parquet_shards(str(subset_folder(need(VAL_1300), tmp_path / "images", 150)), str(tmp_path / "shards"))
+    one = tmp_path / "one" / "all.parquet"
+    one.parent.mkdir()
+    pq.write_table(pq.read_table(tmp_path / "shards"), one)
+    assert pq.read_metadata(one).num_row_groups == 1
+    per_task, tasks = read_task_split(150)
+    source = read_source(str(one))
+    # prepare's row groups are a block each: preprocessed inside their read tasks
+    assert source.recut_rows == per_task and read_source(str(tmp_path / "shards")).recut_rows is None
+    rows = predict(source, ModelInfo.from_path(need(MOBILENET_INT8)), load_preset("torch"), require_label=True,
+                   top_k=5, batch_size=32).materialize()
+    operators = {line.split(":")[0].split(" ", 2)[2]: line.split(":")[1]
+                 for line in rows.stats().splitlines() if line.startswith("Operator")}
+    assert list(operators) == ["ReadParquetRowGroup", f"StreamingRepartition[num_rows_per_block={per_task},strict=False]",
+                               "MapBatches(Preprocessor)", "MapBatches(Classifier)"]
+    assert operators["ReadParquetRowGroup"].startswith(" 1 tasks executed")
+    assert operators["MapBatches(Preprocessor)"].startswith(f" {tasks} tasks executed")
+    evaluate(str(MOBILENET_INT8), str(one), "torch", str(tmp_path / "a"))
+    evaluate(str(MOBILENET_INT8), str(tmp_path / "shards"), "torch", str(tmp_path / "b"))
+    a, b = read_predictions(tmp_path / "a"), read_predictions(tmp_path / "b")
+    assert len(a) == 150 and {k: r["top5_ids"] for k, r in a.items()} == {k: r["top5_ids"] for k, r in b.items()}
+
+
 def test_shards_with_and_without_a_label_column_keep_every_label(ray_local, tmp_path):
     from pipeline.sources import NO_LABEL
     from pipeline.sources.parquet import read_parquet_shards

@@ -22,7 +22,8 @@ from pipeline.classes import imagenet_classes
 from pipeline.evaluate import evaluate
 from pipeline.label import AlreadyFinished, OutputDirError, label
 from pipeline.prepare import write_parquet_shards
-from pipeline.sources import SourceError, read_task_target
+from pipeline.sources import SourceError, read_task_split, read_task_target
+from pipeline.sources.units import read_work_units
 
 TENCH = "n01440764_tench.JPEG"
 
@@ -117,6 +118,8 @@ def test_a_large_parquet_shard_is_labelled_in_units_of_its_row_groups(ray_local,
     big = tmp_path / "shards" / "big.parquet"
     big.parent.mkdir()
     pq.write_table(pq.read_table(prepared), big, row_group_size=8)
+    # three units, fewer than the cluster has room for tasks: preprocessed in re-cut blocks
+    assert read_work_units(str(big.parent), None, set(), 16).recut_rows == read_task_split(40)[0]
     manifest = label(str(need(MOBILENET_INT8)), str(big.parent), str(tmp_path / "out"), unit_size=16)
     assert sorted(shard["labelled"] for shard in manifest["shards"].values()) == [8, 16, 16]
     predictions, errors, _ = read_output(tmp_path / "out")

@@ -216,7 +216,8 @@ def test_one_big_tar_is_read_in_runs_of_its_members_each_exactly_once(tmp_path):
     assert whole[0][0] == "deep/" * 25 + "member-0000.jpg" and whole[1][0] == "member-0001.jpg"
 
     datasource = TarShardDatasource(str(shard), str(labels))
-    assert datasource.records == 151  # counted by the scan: the progress bar's total
+    assert datasource.plan.records == 151  # counted by the scan: the progress bar's total
+    assert datasource.plan.recut_rows is None  # its runs are already a task's share each
     tasks = datasource.get_read_tasks(1)
     assert len(tasks) == read_task_split(151)[1] > 1
     assert rows_of(tasks) == whole
@@ -247,12 +248,14 @@ def test_one_big_tar_is_read_in_runs_of_its_members_each_exactly_once(tmp_path):
     scan = scan_shard(str(global_header), "")
     assert not scan.cuttable and len(scan.offsets) == 151  # read whole, and still counted
     datasource = TarShardDatasource(str(global_header))
-    assert len(datasource.pieces) == 1 and datasource.records == 151
+    assert len(datasource.plan.pieces) == 1 and datasource.plan.records == 151
+    assert datasource.plan.recut_rows == read_task_split(151)[0]  # preprocessed in blocks all the same
 
     compressed = tmp_path / "big.tar.gz"
     compressed.write_bytes(gzip.compress(shard.read_bytes()))
-    tasks = TarShardDatasource(str(compressed)).get_read_tasks(1)
-    assert len(tasks) == 1  # cannot be entered part-way
+    datasource = TarShardDatasource(str(compressed))
+    tasks = datasource.get_read_tasks(1)
+    assert len(tasks) == 1 and datasource.plan.recut_rows  # cannot be entered part-way: re-cut after reading
     assert [row[0] for row in rows_of(tasks)] == [key for key, _, _ in tar_records(str(shard), "")]
     compressed.write_bytes(gzip.compress(shard.read_bytes()) * 2)  # `cat a.tar.gz a.tar.gz`: tarfile reads one
     rows = list(tar_records(str(compressed), ""))
@@ -271,7 +274,7 @@ def test_enough_shards_are_read_a_task_each_with_only_their_own_labels(sample_8,
                               for image in members))
     datasource = TarShardDatasource(str(tmp_path / "shards"), str(labels))
     assert len(datasource.get_read_tasks(1)) == len(shards)
-    for n, (_, prefix, run, label_of) in enumerate(datasource.pieces):
+    for n, (_, prefix, run, label_of) in enumerate(datasource.plan.pieces):
         assert run == WHOLE_SHARD
         assert label_of == {f"{prefix}{image.name}": n for image in shards[prefix.rstrip("/")]}
 

@@ -85,12 +85,29 @@ def read_task_split(records: int) -> tuple[int, int]:
     return per_task, max(1, math.ceil(records / per_task))
 
 
+def recut_rows(read_rows: list[Optional[int]], records: Optional[int]) -> Optional[int]:
+    """`Source.recut_rows` for reads of READ_ROWS records each (None where unknown), RECORDS in all:
+    a task's share (`read_task_split`) when the reads are too few to keep every CPU busy and some
+    holds more than a block, None when they are preprocessed well enough inside the read tasks."""
+    if len(read_rows) >= read_task_target() or all(rows is not None and rows <= RECORDS_PER_BLOCK
+                                                    for rows in read_rows):
+        return None
+    return read_task_split(records)[0] if records else RECORDS_PER_BLOCK
+
+
 @dataclass
 class Source:
-    """A Ray Dataset of source rows, and how many records it holds when that is known without reading."""
+    """A Ray Dataset of source rows, and how many records it holds when that is known without reading.
+
+    RECUT_ROWS is set when some of the dataset's read tasks hold more records than the cluster's split
+    wants and cannot be cut finer before reading: a Parquet shard written as one row group (pyarrow's
+    default up to a million rows), a compressed tar, fewer label units than the cluster has room for.
+    Its rows are then preprocessed on blocks re-cut to RECUT_ROWS rows, in tasks of their own, rather
+    than inside those few read tasks (`pipeline.runtime.map_after_read`)."""
 
     dataset: Any  # ray.data.Dataset
     num_records: Optional[int] = None
+    recut_rows: Optional[int] = None
 
 
 def _read_parquet(path: str, labels: Optional[str], limit: Optional[int]):

@@ -23,7 +23,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, SOURCE_SCHEMA, Source, SourceError, is_glob,
-                              names_below_common_folder, read_task_split)
+                              names_below_common_folder, read_task_split, recut_rows)
 
 
 def parquet_files(path: str) -> list[str]:
@@ -111,7 +111,7 @@ class ParquetRowGroupDatasource(Datasource):
     (per ~128 MB of files), so a few large shards, or one small input, would be read and preprocessed
     on that many cores however many the cluster has. A row group is the smallest piece a Parquet file
     can be read by: a shard written as one row group is still one task (`pipeline prepare` writes
-    row groups of RECORDS_PER_BLOCK rows)."""
+    row groups of RECORDS_PER_BLOCK rows), whose rows are re-cut for preprocessing."""
 
     def __init__(self, files: list[str], metadata: list[pq.FileMetaData], columns: list[str]):
         self.columns = columns
@@ -120,6 +120,8 @@ class ParquetRowGroupDatasource(Datasource):
         self.runs = [(file, name, row_groups, rows)
                      for file, name, shard in zip(files, names_below_common_folder(files), metadata)
                      for row_groups, rows in row_group_runs(shard, per_task)]
+        # a row group is read whole by one task, however large (`Source.recut_rows`)
+        self.recut_rows = recut_rows([rows for *_, rows in self.runs], sum(m.num_rows for m in metadata))
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
         return None
@@ -148,7 +150,7 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
     ds = ray.data.read_datasource(datasource, override_num_blocks=max(1, len(datasource.runs)))
     if limit is not None:
         ds, num_records = ds.limit(limit), min(limit, num_records)
-    return Source(ds, num_records)
+    return Source(ds, num_records, datasource.recut_rows)
 
 
 def parquet_unit_readers(path: str, done: set[str], unit_size: int) -> tuple[list, int]:

@@ -5,7 +5,8 @@ An uncompressed shard can be cut into runs of consecutive members, each read by 
 offset of its first header: one big archive (ImageNet's 50,000 validation images in one `.tar`) then
 spreads over the cluster. Where the runs start is found by reading every member header once, seeking
 past the data (about 1 s per 50,000 members), and only when the shards are too few for the cluster
-(`worth_cutting`). A compressed shard (`.tar.gz`, `.tgz`) cannot be entered part-way and is one task.
+(`worth_cutting`). A compressed shard (`.tar.gz`, `.tgz`) cannot be entered part-way and is one task;
+its records are then re-cut into blocks for preprocessing (`Source.recut_rows`).
 
 Keys are member paths inside the shard (normalised: `./x.jpg` is `x.jpg`), prefixed with the shard's
 path relative to the input folder when the input is a folder or glob of shards
@@ -32,7 +33,8 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, is_glob, is_tar_name,
-                              names_below_common_folder, read_task_split, read_task_target, source_table)
+                              names_below_common_folder, read_task_split, read_task_target, recut_rows,
+                              source_table)
 from pipeline.sources.labels import read_labels_file
 
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
@@ -267,16 +269,21 @@ def worth_cutting(shards: list[tuple[str, str]]) -> bool:
 TarPiece = tuple[str, str, MemberRun, dict[str, int]]
 
 
-def tar_pieces(shards: list[tuple[str, str]], label_of: dict[str, int]) -> tuple[list[TarPiece], Optional[int]]:
+class TarPlan(NamedTuple):
+    pieces: list[TarPiece]
+    records: Optional[int]  # what the shards hold, when the scan counted them all (the progress bar's total)
+    recut_rows: Optional[int]  # `Source.recut_rows`: set when a compressed or uncuttable shard is read whole
+
+
+def tar_pieces(shards: list[tuple[str, str]], label_of: dict[str, int]) -> TarPlan:
     """The ReadTasks' pieces of SHARDS: a shard each when there are enough shards to keep the cluster
-    busy (no header scan), otherwise runs of the shards' members sized by `read_task_split`; and the
-    records the shards hold when the scan counted them all (for the progress bar)."""
+    busy (no header scan), otherwise runs of the shards' members sized by `read_task_split`."""
     labels = labels_by_shard(shards, label_of)
     if not worth_cutting(shards):
-        return [(file, prefix, WHOLE_SHARD, labels[prefix]) for file, prefix in shards], None
+        return TarPlan([(file, prefix, WHOLE_SHARD, labels[prefix]) for file, prefix in shards], None, None)
     scans = [scan_shard(file, prefix, with_keys=bool(label_of)) for file, prefix in shards]
     per_task, _ = read_task_split(sum(len(scan.offsets) if scan else 1 for scan in scans))
-    pieces = []
+    pieces, piece_rows = [], []
     for (file, prefix), scan in zip(shards, scans):
         runs = member_runs(scan, per_task)
         for run in runs:
@@ -285,7 +292,9 @@ def tar_pieces(shards: list[tuple[str, str]], label_of: dict[str, int]) -> tuple
                 run_keys = scan.keys[run.before:run.before + run.records if run.records else None]
                 run_labels = {key: run_labels[key] for key in run_keys if key in run_labels}
             pieces.append((file, prefix, run, run_labels))
-    return pieces, records_in(shards, scans)
+            piece_rows.append(shard_rows(file, prefix, scan, run))
+    records = records_in(shards, scans)
+    return TarPlan(pieces, records, recut_rows(piece_rows, records))
 
 
 class TarShardDatasource(Datasource):
@@ -295,7 +304,7 @@ class TarShardDatasource(Datasource):
         labels_file = Path(labels).resolve() if labels else None
         # the labels file may lie among the shards: it is not a record
         self.shards = [(file, prefix) for file, prefix in tar_shards(path) if Path(file).resolve() != labels_file]
-        self.pieces, self.records = tar_pieces(self.shards, read_labels_file(labels) if labels else {})
+        self.plan = tar_pieces(self.shards, read_labels_file(labels) if labels else {})
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
         return None
@@ -307,7 +316,7 @@ class TarShardDatasource(Datasource):
                             BlockMetadata(num_rows=run.records, size_bytes=None, exec_stats=None,
                                           input_files=[file]))
 
-        return [make_task(*piece) for piece in self.pieces]
+        return [make_task(*piece) for piece in self.plan.pieces]
 
 
 def read_tar_shards(path: str, labels: Optional[str] = None, limit: Optional[int] = None) -> Source:
@@ -315,10 +324,12 @@ def read_tar_shards(path: str, labels: Optional[str] = None, limit: Optional[int
     datasource = TarShardDatasource(path, labels)
     # one block per ReadTask planned: Ray would otherwise split blocks to reach its default
     # parallelism, and a split read is not fused with the preprocessing
-    dataset = ray.data.read_datasource(datasource, override_num_blocks=max(1, len(datasource.pieces)))
+    plan = datasource.plan
+    dataset = ray.data.read_datasource(datasource, override_num_blocks=max(1, len(plan.pieces)))
     if limit is None:
-        return Source(dataset, datasource.records)
-    return Source(dataset.limit(limit), min(limit, datasource.records) if datasource.records is not None else None)
+        return Source(dataset, plan.records, plan.recut_rows)
+    return Source(dataset.limit(limit), min(limit, plan.records) if plan.records is not None else None,
+                  plan.recut_rows)
 
 
 def shard_rows(file: str, prefix: str, scan: Optional[ShardScan], run: MemberRun = WHOLE_SHARD) -> Optional[int]:

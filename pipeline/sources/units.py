@@ -29,8 +29,8 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.runtime import map_fused_with_read
-from pipeline.sources import Source, check_source, read_source
+from pipeline.runtime import map_after_read
+from pipeline.sources import Source, check_source, read_source, recut_rows
 
 UNIT_COLUMNS = ("unit", "unit_rows")
 WHOLE_SOURCE_UNIT = "all"
@@ -132,9 +132,9 @@ def read_work_units(path: str, fmt: Optional[str], done: set[str], unit_size: in
         source = read_source(path, fmt=fmt)
         if WHOLE_SOURCE_UNIT in done:
             return Source(source.dataset.limit(0), 0)
-        dataset = map_fused_with_read(source.dataset, lambda block: with_unit(block, WHOLE_SOURCE_UNIT, -1),
-                                      batch_format="pyarrow", batch_size=None)
-        return Source(dataset, source.num_records)
+        dataset = map_after_read(source.dataset, lambda block: with_unit(block, WHOLE_SOURCE_UNIT, -1),
+                                 batch_format="pyarrow", batch_size=None)
+        return Source(dataset, source.num_records, source.recut_rows)
     readers, records = PARTITIONERS[fmt](path, done, unit_size)
     return Source(ray.data.read_datasource(WorkUnitDatasource(readers), override_num_blocks=max(len(readers), 1)),
-                  records)
+                  records, recut_rows([None] * len(readers), records))  # a unit holds up to UNIT_SIZE records
