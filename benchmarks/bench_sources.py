@@ -1,15 +1,17 @@
-"""Throughput from Parquet shards, an LMDB database and one tar archive of the same images, side by side.
+"""Throughput from Parquet shards, an LMDB database and single-file archives of the same images, side by side.
 
     PYTHONPATH=. python benchmarks/bench_sources.py [--images ../shared/data/imagenet-sample-1000]
         [--model ../shared/models/mobilenetv2-12-int8.onnx] [--rounds 2]
 
 The images are written once as Parquet shards of 100 images (`pipeline prepare`), as an encoded Caffe
-Datum LMDB (`pipeline prepare --format lmdb-datum`) and as one uncompressed `.tar` of them all (labels
-from the folder's labels.txt, keyed by member name), into a temporary folder. Then, in one Ray session
+Datum LMDB (`pipeline prepare --format lmdb-datum`), as one Parquet file of one row group (what
+pyarrow's `write_table` makes of up to a million rows), and as one uncompressed `.tar` and one
+`.tar.gz` of them all (labels from the folder's labels.txt, keyed by member name), into a temporary
+folder. Then, in one Ray session
 on the same cores, rotating the order of the sources each round (best round kept, as the machine is
 shared):
 - read: the source's rows only (read tasks, no decoding);
-- read + preprocess: decode, scale, crop, normalise in map tasks (the pipeline's input side);
+- read + preprocess: decode, scale, crop, normalise, mapped as the pipeline maps them (the input side);
 - evaluate: `pipeline evaluate` end to end with the model, images over wall time (start-up included),
   and "run" (metrics.json's run_images_per_s: from the start of the Ray Data execution).
 It prints images/s for each and the ratios to Parquet, and the load average, since the figures
@@ -24,6 +26,8 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -51,7 +55,7 @@ def main() -> None:
     from pipeline.evaluate import evaluate
     from pipeline.prepare import write_parquet_shards
     from pipeline.preprocess import Preprocessor
-    from pipeline.runtime import init_ray
+    from pipeline.runtime import init_ray, map_after_read
     from pipeline.sources import read_source
     from pipeline.sources.lmdb_writer import write_lmdb
 
@@ -59,20 +63,26 @@ def main() -> None:
     labels = str(Path(args.images) / "labels.txt")
     with tempfile.TemporaryDirectory(prefix="bench-sources-") as work:
         sources = {"Parquet": str(Path(work) / "parquet"), "LMDB": str(Path(work) / "lmdb"),
-                   "one tar": str(Path(work) / "images.tar")}
+                   "1 row group": str(Path(work) / "one-row-group.parquet"),
+                   "one tar": str(Path(work) / "images.tar"), "one tar.gz": str(Path(work) / "images.tar.gz")}
         write_parquet_shards(args.images, sources["Parquet"], shard_size=100)
+        pq.write_table(pq.read_table(sources["Parquet"]), sources["1 row group"])
         write_lmdb(args.images, sources["LMDB"], fmt="lmdb-datum")
-        with tarfile.open(sources["one tar"], "w") as archive:
-            for image in sorted(Path(args.images).glob("*.JPEG")):
-                archive.add(image.resolve(), image.name)
-        labels_of = {name: labels if name == "one tar" else None for name in sources}
+        for name, mode in (("one tar", "w"), ("one tar.gz", "w:gz")):
+            with tarfile.open(sources[name], mode) as archive:
+                for image in sorted(Path(args.images).glob("*.JPEG")):
+                    archive.add(image.resolve(), image.name)
+        labels_of = {name: labels if name.startswith("one tar") else None for name in sources}
         init_ray(None)
+
+        def preprocessed(source):
+            return map_after_read(source.dataset, Preprocessor(preset), source.recut_rows, batch_size=None,
+                                  batch_format="numpy")
 
         stages = {
             "read": lambda name: timed(lambda: consume(read_source(sources[name], labels=labels_of[name]).dataset)),
-            "read + preprocess": lambda name: timed(lambda: consume(read_source(
-                sources[name], labels=labels_of[name]).dataset.map_batches(Preprocessor(preset), batch_size=16,
-                                                                           batch_format="numpy"))),
+            "read + preprocess": lambda name: timed(lambda: consume(preprocessed(read_source(
+                sources[name], labels=labels_of[name])))),
             "evaluate": lambda name: evaluate(args.model, sources[name], args.preset, labels=labels_of[name]),
         }
         lines = ["read", "read + preprocess", "evaluate", "evaluate (run)"]
@@ -94,11 +104,11 @@ def main() -> None:
     print(f"{Path(args.images).name}, model {Path(args.model).name}, best of {args.rounds} rounds (images/s), "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     others = [name for name in sources if name != "Parquet"]
-    print(f"{'stage':<20}" + "".join(f"{name:>10}" for name in sources)
-          + "".join(f"{name + ' / Parquet':>20}" for name in others))
+    print(f"{'stage':<20}" + "".join(f"{name:>12}" for name in sources)
+          + "".join(f"{name + ' / Parquet':>22}" for name in others))
     for line in lines:
-        print(f"{line:<20}" + "".join(f"{best[line, name]:>10.1f}" for name in sources)
-              + "".join(f"{best[line, name] / best[line, 'Parquet']:>19.2f}x" for name in others))
+        print(f"{line:<20}" + "".join(f"{best[line, name]:>12.1f}" for name in sources)
+              + "".join(f"{best[line, name] / best[line, 'Parquet']:>21.2f}x" for name in others))
     print("top-1: " + ", ".join(f"{name} {top1[name]:.2%}" for name in sources))
 
 
