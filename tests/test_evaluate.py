@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import MOBILENET_INT8, REPO, RESNET50_INT8, VAL_1300, jpeg_bytes, need, subset_folder
+from conftest import MOBILENET_INT8, REPO, RESNET50_INT8, SHARED, VAL_1300, jpeg_bytes, need, subset_folder
 from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
 from pipeline.inference import ModelError, ModelInfo, make_session, run_model, top_k
@@ -264,6 +264,22 @@ def test_cli_evaluate_writes_metrics_and_table(tmp_path):
     assert "top-1" in result.stdout and f"{100 * metrics['top1']:.2f}%" in result.stdout
     # neither Ray's notice on every local start nor its advice for an input of one block (40 images)
     assert "Token authentication is enabled" not in result.stderr and "Warning" not in result.stderr
+
+
+def test_cli_evaluate_of_a_tar_gz_with_the_50k_ground_truth_file(tmp_path):
+    """A .tar.gz is read whole by one task, which needs all 50,000 labels of the ground-truth file:
+    they reach it through the object store, without Ray's warning about a large read function."""
+    ground_truth = need(SHARED / "data" / "imagenet" / "val_labels.txt")
+    folder = subset_folder(need(VAL_1300), tmp_path / "images", 40)
+    with tarfile.open(tmp_path / "images.tar.gz", "w:gz") as archive:
+        for image in sorted(folder.glob("*.JPEG")):
+            archive.add(image.resolve(), image.name)
+    result = run_cli("evaluate", "--model", str(need(MOBILENET_INT8)), "--data", str(tmp_path / "images.tar.gz"),
+                     "--labels", str(ground_truth), "--preset", "torch", "--output", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["images"] == metrics["evaluated"] == 40 and metrics["top1"] >= 0.6
+    assert "serialized size" not in result.stderr
 
 
 def test_a_damaged_parquet_shard_is_named_before_the_run(tmp_path):

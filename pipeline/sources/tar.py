@@ -297,6 +297,12 @@ def tar_pieces(shards: list[tuple[str, str]], label_of: dict[str, int]) -> TarPl
     return TarPlan(pieces, records, recut_rows(piece_rows, records))
 
 
+# A shard read whole (compressed) carries all its labels, 50,000 for the validation set as one
+# .tar.gz: beyond this many they go through the object store, not inside the task's function, which
+# Ray warns about from 1 MiB.
+LABELS_IN_TASK = 10_000
+
+
 class TarShardDatasource(Datasource):
     """A ReadTask per shard, or per run of a shard's members (`tar_pieces`), streaming them."""
 
@@ -312,9 +318,14 @@ class TarShardDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
                        data_context=None) -> list[ReadTask]:
         def make_task(file: str, prefix: str, run: MemberRun, label_of: dict[str, int]) -> ReadTask:
-            return ReadTask(lambda: read_tar_blocks(file, prefix, label_of, run),
-                            BlockMetadata(num_rows=run.records, size_bytes=None, exec_stats=None,
-                                          input_files=[file]))
+            labels = ray.put(label_of) if len(label_of) > LABELS_IN_TASK else label_of
+
+            def read() -> Iterator:
+                return read_tar_blocks(file, prefix, ray.get(labels) if isinstance(labels, ray.ObjectRef) else labels,
+                                       run)
+
+            return ReadTask(read, BlockMetadata(num_rows=run.records, size_bytes=None, exec_stats=None,
+                                                input_files=[file]))
 
         return [make_task(*piece) for piece in self.plan.pieces]
 
