@@ -19,6 +19,7 @@ import pytest
 from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, need, subset_folder
 from pipeline.evaluate import evaluate
 from pipeline.label import label
+from pipeline.prepare import write_parquet_shards
 from pipeline.sources import (NO_LABEL, SourceError, check_source, detect_format, read_source, read_task_split,
                               read_task_target)
 from pipeline.sources.labels import read_labels_file
@@ -132,6 +133,7 @@ import json, sys
 import ray
 from pipeline.evaluate import evaluate
 from pipeline.label import label
+from pipeline.prepare import write_parquet_shards
 from pipeline.sources import SourceError
 
 model, folder, out = sys.argv[1:4]
@@ -334,6 +336,54 @@ def test_shards_without_keys_of_one_name_in_two_folders_keep_their_rows_apart(tm
     datasource = ParquetRowGroupDatasource(files, [pq.read_metadata(f) for f in files], ["image"])
     keys = [key for task in datasource.get_read_tasks(1) for block in task() for key in block.column("key").to_pylist()]
     assert keys == [f"{folder}/validation-00000.parquet#{row:06d}" for folder in "ab" for row in range(3)]
+
+
+def damage_image_pages(shard, row_group: int) -> None:
+    """Overwrite the first page header of SHARD's image column in ROW_GROUP: the footer still reads."""
+    column = next(c for c in (pq.read_metadata(shard).row_group(row_group).column(i) for i in range(4))
+                  if c.path_in_schema.startswith("image"))
+    offset = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(shard.read_bytes())
+    data[offset:offset + 24] = b"\xff" * 24
+    shard.write_bytes(bytes(data))
+
+
+def test_a_damaged_parquet_row_group_gives_an_error_row_for_each_of_its_rows(ray_local, sample_8, tmp_path):
+    """Pages that no longer read (the footer checked at the start still does) failed the whole run with
+    Ray's traceback. Now each row of that row group is an error row, keyed from the key column while it
+    still reads, by shard and row number otherwise; the other row groups are read as before, and
+    `evaluate` and `label` account for every row once."""
+    from pipeline.sources.parquet import read_row_groups
+
+    write_parquet_shards(str(sample_8), str(tmp_path / "prepared"), shard_size=8)
+    (prepared,) = (tmp_path / "prepared").glob("*.parquet")
+    table = pq.read_table(prepared)
+    keys = table.column("key").to_pylist()
+    shard = tmp_path / "shards" / "damaged.parquet"
+    shard.parent.mkdir()
+    pq.write_table(table, shard, row_group_size=3)  # rows 0-2, 3-5, 6-7
+    damage_image_pages(shard, 1)
+    rows = pa.concat_tables(read_row_groups(str(shard), "damaged.parquet", [0, 1, 2], table.column_names)).to_pylist()
+    assert [row["key"] for row in rows] == keys
+    assert [bool(row["error"]) for row in rows] == [False] * 3 + [True] * 3 + [False] * 2
+    assert all(row["error"].startswith("damaged Parquet row group 1 (") and row["label"] == NO_LABEL
+               for row in rows[3:6])
+
+    keyless = tmp_path / "keyless" / "validation.parquet"  # as Hugging Face writes them: no key column
+    keyless.parent.mkdir()
+    pq.write_table(table.drop_columns(["key"]), keyless, row_group_size=3)
+    damage_image_pages(keyless, 2)
+    rows = pa.concat_tables(read_row_groups(str(keyless), "validation.parquet", [2], ["image", "label"])).to_pylist()
+    assert [row["key"] for row in rows] == ["validation.parquet#000006", "validation.parquet#000007"]
+    assert all(row["error"].startswith("damaged Parquet row group 2") for row in rows)
+
+    model = str(need(MOBILENET_INT8))
+    metrics = evaluate(model, str(shard.parent), "torch", str(tmp_path / "out"))
+    assert (metrics["images"], metrics["evaluated"], metrics["errors"]) == (8, 5, 3)
+    manifest = label(model, str(shard.parent), str(tmp_path / "labels"), unit_size=3)
+    assert (manifest["images"], manifest["labelled"], manifest["errors"]) == (8, 5, 3)
+    errors = pq.read_table(tmp_path / "labels" / "errors").column("key").to_pylist()
+    assert sorted(errors) == sorted(keys[3:6])
 
 
 def test_a_parquet_image_column_of_another_type_is_named(tmp_path):

@@ -23,7 +23,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, SOURCE_SCHEMA, Source, SourceError, is_glob,
-                              names_below_common_folder, read_task_split, recut_rows)
+                              names_below_common_folder, read_task_split, recut_rows, source_table)
 
 
 def parquet_files(path: str) -> list[str]:
@@ -83,12 +83,36 @@ def to_source_rows(table: pa.Table, shard_name: str, first_row: int) -> pa.Table
 
 def read_row_groups(file: str, name: str, row_groups: list[int], columns: list[str]) -> Iterator[pa.Table]:
     """Source-row blocks of RECORDS_PER_BLOCK rows from ROW_GROUPS (consecutive) of one shard, called
-    NAME in generated keys (`names_below_common_folder`)."""
+    NAME in generated keys (`names_below_common_folder`). A row group whose pages cannot be read (the
+    footer was checked before the run) gives an error row for each of its rows not read."""
     shard = pq.ParquetFile(file)
     row = sum(shard.metadata.row_group(index).num_rows for index in range(row_groups[0])) if row_groups else 0
-    for batch in shard.iter_batches(batch_size=RECORDS_PER_BLOCK, row_groups=row_groups, columns=columns):
-        yield to_source_rows(pa.Table.from_batches([batch]), name, row)
-        row += batch.num_rows
+    for group in row_groups:
+        group_rows, read = shard.metadata.row_group(group).num_rows, 0
+        try:
+            for batch in shard.iter_batches(batch_size=RECORDS_PER_BLOCK, row_groups=[group], columns=columns):
+                yield to_source_rows(pa.Table.from_batches([batch]), name, row + read)
+                read += batch.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            yield unreadable_rows(shard, name, group, row, read, exc)
+        row += group_rows
+
+
+def unreadable_rows(shard: pq.ParquetFile, name: str, group: int, first_row: int, read: int,
+                    exc: Exception) -> pa.Table:
+    """Error rows for the rows of row GROUP (its first row is the shard's FIRST_ROW) after the READ
+    first ones, which failed with EXC: keyed by the shard's key column when that column still reads,
+    else by shard name and row number, as shards without keys are."""
+    rows = range(first_row + read, first_row + shard.metadata.row_group(group).num_rows)
+    keys = [f"{name}#{row:06d}" for row in rows]
+    if "key" in shard.schema_arrow.names:
+        try:
+            keys = shard.read_row_group(group, columns=["key"]).column("key").cast(pa.string()).to_pylist()[read:]
+        except (pa.ArrowException, OSError):
+            pass  # the generated keys above
+    reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return source_table(keys, [NO_LABEL] * len(keys), [b""] * len(keys),
+                        [f"damaged Parquet row group {group} ({reason})"] * len(keys))
 
 
 def row_group_runs(shard: pq.FileMetaData, max_rows: int) -> list[tuple[list[int], int]]:
