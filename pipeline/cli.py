@@ -15,8 +15,8 @@ from rich.table import Table
 from ray.exceptions import RayError
 
 from pipeline.config import ConfigError, load_preset
-from pipeline.console import (PRESET_HELP, USER_ERRORS, InputFormat, console, fail, format_help, format_name,
-                              model_and_preset, say)
+from pipeline.console import (PRESET_HELP, USER_ERRORS, InputFormat, console, fail, fail_in_ray, format_help,
+                              format_name, model_and_preset, say)
 
 app = typer.Typer(
     help="Evaluate and run int8 ONNX ImageNet classifiers with Ray Data.",
@@ -26,12 +26,6 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Build or import ONNX models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
-
-
-def ray_failure_reason(exc: Exception) -> str:
-    """The last line of the remote error (its exception and message), not the whole remote traceback."""
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
 
 
 def preset_or_config(preset: Optional[str], config: Optional[Path]) -> Optional[str]:
@@ -124,7 +118,7 @@ def evaluate(
     except USER_ERRORS as exc:
         fail(str(exc))
     except RayError as exc:
-        fail(f"the Ray pipeline failed: {ray_failure_reason(exc)}")
+        fail_in_ray(exc)
     print_summary(metrics, output)
     if not metrics["evaluated"]:
         fail(nothing_scored(metrics, output))
@@ -227,6 +221,9 @@ def label(
         return
     except (OutputDirError, *USER_ERRORS) as exc:
         fail(str(exc))
+    except RayError as exc:
+        fail_in_ray(exc, f"; {output} keeps the units finished so far: --resume finishes the run with the "
+                         "same options, --overwrite starts again")
     say(f"{manifest['images']} images: {manifest['labelled']} labelled, {manifest['errors']} errors "
         f"({manifest['this_run_images']} in this run, {manifest['images_per_s']:.1f} images/s); "
         f"{len(manifest['shards'])} shards in {output}")

@@ -4,6 +4,7 @@ pipeline.cli and by the command modules it registers)."""
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -45,6 +46,26 @@ def say(message: str) -> None:
 def fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def ray_failure_reason(exc: Exception) -> str:
+    """What failed in a remote task or actor, on one line: the innermost exception of the remote
+    traceback that Ray's error carries (`OSError: ...`), without its frames, Ray Data's wrapping
+    UserCodeException and its advice on retries; the first line of an error without a traceback
+    (a dead actor or node)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # Ray colours the task's name
+    innermost = text.split("The above exception was the direct cause of the following exception:")[0]
+    lines = [line.rstrip() for line in innermost.splitlines() if line.strip()]
+    if any(line.startswith('  File "') for line in lines):
+        # the exception's own lines follow the traceback's last (indented) frame line
+        lines = lines[max((i + 1 for i, line in enumerate(lines) if line.startswith(" ")), default=0):]
+        return " ".join(line.strip() for line in lines) or type(exc).__name__
+    return lines[0] if lines else type(exc).__name__
+
+
+def fail_in_ray(exc: Exception, after: str = "") -> None:
+    """A run that Ray ended with an error (RayError): one line saying why, then AFTER, not Ray's traceback."""
+    fail(f"the Ray pipeline failed: {ray_failure_reason(exc)}{after}")
 
 
 def model_and_preset(model: Optional[Path], preset: Optional[str]) -> tuple[Path, str]:

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from ray.exceptions import RayError
 
-from pipeline.console import PRESET_HELP, USER_ERRORS, InputFormat, fail, format_help, format_name, model_and_preset
+from pipeline.console import (PRESET_HELP, USER_ERRORS, InputFormat, fail, fail_in_ray, format_help, format_name,
+                              model_and_preset)
 from pipeline.models import ARCHITECTURES, GENERATED, build_model
 from pipeline.weights import WeightsError
 
@@ -109,3 +111,5 @@ def quantize_command(
             typer.echo(f"report: {report_path}")
     except (QuantizeError, *USER_ERRORS) as exc:
         fail(str(exc))
+    except RayError as exc:
+        fail_in_ray(exc)

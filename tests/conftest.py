@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,13 @@ def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: the shared ImageNet data and models live in ../shared")
     return path
+
+
+def run_cli(*args, cwd=REPO, extra_env=None) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` as a user runs it, in its own process (its own Ray): output captured."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import MOBILENET_INT8, REPO, VAL_1300, need, subset_folder
+from conftest import MOBILENET_INT8, REPO, VAL_1300, need, run_cli, subset_folder
 from pipeline.cli import app
 
 
@@ -65,3 +65,55 @@ def test_a_run_that_scores_no_image_writes_every_row_then_fails(ray_local, tmp_p
     # the table and the error rows come first, and the paths stay whole on their line
     assert "error row: ILSVRC2012_val_" in result.output
     assert f"metrics: {output / 'metrics.json'}  predictions: {output / 'predictions.parquet'}\n" in result.output
+
+
+def model_failing_at_run_time(path: Path) -> Path:
+    """A valid classifier graph (N x 3 x 224 x 224 in, N x 1000 out) whose Reshape to (5, -1) fails in
+    onnxruntime for any batch of images not a multiple of 5: it loads, then fails inside the actors."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["rows"]),
+         helper.make_node("ReduceMean", ["rows"], ["mean"], axes=[1], keepdims=1),
+         helper.make_node("Tile", ["mean", "repeats"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probs"], axis=1)],
+        "fails_at_run_time",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 1000])],
+        [numpy_helper.from_array(np.array([5, -1], np.int64), "shape"),
+         numpy_helper.from_array(np.array([1, 1000], np.int64), "repeats")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
+    return path
+
+
+def test_a_run_that_fails_inside_ray_ends_with_the_remote_error_on_one_line(tmp_path: Path):
+    """The innermost remote error, not Ray's traceback, nor (as `evaluate` said before) Ray Data's advice
+    on retries; `label`, which let the whole traceback through, now also says how to go on."""
+    model = model_failing_at_run_time(tmp_path / "fails.onnx")
+    folder = subset_folder(need(VAL_1300), tmp_path / "images", 8)
+    for command, output in (("evaluate", tmp_path / "a"), ("label", tmp_path / "b")):
+        result = run_cli(command, "--model", model, "--data", folder, "--preset", "torch", "--output", output)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        (error,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert error.startswith("error: the Ray pipeline failed: onnxruntime.capi.onnxruntime_pybind11_state.Fail: "
+                                "[ONNXRuntimeError]")
+        assert "The input tensor cannot be reshaped to the requested shape" in error and "retry" not in error
+    assert error.endswith("keeps the units finished so far: --resume finishes the run with the same options, "
+                          "--overwrite starts again")
+
+
+def test_the_reason_of_a_failed_ray_data_task_is_its_exception_with_every_line_of_its_message(ray_local):
+    import ray.data
+    from ray.exceptions import RayError
+
+    from pipeline.console import ray_failure_reason
+
+    def damaged(batch):
+        raise OSError("Couldn't deserialize thrift: don't know what type:\nDeserializing page header failed.")
+
+    with pytest.raises(RayError) as failure:
+        ray.data.range(4).map_batches(damaged).take_all()
+    assert ray_failure_reason(failure.value) == ("OSError: Couldn't deserialize thrift: don't know what type: "
+                                                 "Deserializing page header failed.")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -14,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import MOBILENET_INT8, REPO, RESNET50_INT8, SHARED, VAL_1300, jpeg_bytes, need, subset_folder
+from conftest import MOBILENET_INT8, RESNET50_INT8, SHARED, VAL_1300, jpeg_bytes, need, run_cli, subset_folder
 from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
 from pipeline.inference import ModelError, ModelInfo, make_session, run_model, top_k
@@ -238,12 +235,6 @@ def test_unusable_models_fail_with_one_sentence(tmp_path):
     tiny_classifier(str(flat), batch=None, shape=(3, 224))  # rank-3 input
     with pytest.raises(ModelError, match=r"expected \[N, 3, H, W\]"):
         ModelInfo.from_path(flat)
-
-
-def run_cli(*args, cwd=REPO, extra_env=None):
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
 
 
 def test_cli_reports_a_bad_model_without_a_traceback(tmp_path):
