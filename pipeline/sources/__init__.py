@@ -159,6 +159,15 @@ def names_below_common_folder(files: list[str]) -> list[str]:
     return [Path(os.path.relpath(path, base)).as_posix() for path in paths]
 
 
+def is_directory(entry: os.DirEntry) -> bool:
+    """Whether a folder entry is a directory (or a symlink to one). A symlink loop is not: it is then
+    taken for a file, which cannot be read and becomes an error row, instead of failing the walk."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def is_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
@@ -195,7 +204,7 @@ def detect_format(path: str) -> str:
     if (p / LMDB_DATA_FILE).is_file():
         return "lmdb"
     with os.scandir(p) as entries:
-        names = [e.name for e in entries if e.is_file() and not e.name.startswith(".")]
+        names = [e.name for e in entries if not is_directory(e) and not e.name.startswith(".")]
     if names and all(n.endswith(".parquet") for n in names):
         return "parquet"
     return folder_tree_format(path)

@@ -14,7 +14,8 @@ import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, read_task_split, source_table
+from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, is_directory, read_task_split,
+                              source_table)
 from pipeline.sources.labels import LABELS_FILE, read_labels_file
 
 
@@ -126,7 +127,7 @@ def walk_files(root: str | Path) -> Iterator[str]:
         with os.scandir(directory) as scan:
             entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
         for entry in entries:
-            if entry.is_dir():
+            if is_directory(entry):
                 if not entry.is_symlink():
                     yield from walk(entry.path, f"{prefix}{entry.name}/")
             elif prefix or entry.name != LABELS_FILE:
