@@ -206,7 +206,7 @@ def label(
                                                      "default: start a local single-node Ray"),
 ) -> None:
     """Label every image of an archive with the model's top-k classes, exactly once and resumable."""
-    from pipeline.label import AlreadyFinished, OutputDirError, label as run_labelling
+    from pipeline.label import AlreadyFinished, label as run_labelling
 
     try:
         model, preset = model_and_preset(model, preset)
@@ -219,7 +219,7 @@ def label(
     except AlreadyFinished as finished:
         say(str(finished))
         return
-    except (OutputDirError, *USER_ERRORS) as exc:
+    except USER_ERRORS as exc:
         fail(str(exc))
     except RayError as exc:
         fail_in_ray(exc, f"; {output} keeps the units finished so far: --resume finishes the run with the "

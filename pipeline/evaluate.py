@@ -17,6 +17,7 @@ import ray.data
 from pipeline.config import Preset, load_preset
 from pipeline.inference import Classifier, ModelError, ModelInfo
 from pipeline.metrics import AccuracyCounter
+from pipeline.output import make_output_dir
 from pipeline.preprocess import NUM_CLASSES, Preprocessor
 from pipeline.runtime import (INFERENCE_RESOURCE, inference_actor_options, inference_slots, init_ray,
                               map_after_read)
@@ -93,6 +94,8 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
     info = ModelInfo.from_path(model)
     check_preset_fits(info, preset_obj)
     fmt = check_source(data, fmt, labels)  # before Ray starts: a bad input is reported at once
+    if output:
+        make_output_dir(output)
     init_ray(address)
     nodes_at_start = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
     source = read_source(data, fmt=fmt, labels=labels, limit=limit)
@@ -102,7 +105,6 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
     counter = AccuracyCounter()
     writer = None
     if output:
-        Path(output).mkdir(parents=True, exist_ok=True)
         partial = Path(output) / "predictions.parquet.partial"
         writer = pq.ParquetWriter(partial, prediction_schema(probabilities))
     execution_started = time.perf_counter()

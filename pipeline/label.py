@@ -38,6 +38,7 @@ from pipeline.classes import imagenet_classes
 from pipeline.config import load_preset
 from pipeline.evaluate import check_preset_fits, fixed_size_lists, predict
 from pipeline.inference import ModelInfo
+from pipeline.output import OutputDirError, make_output_dir
 from pipeline.preprocess import NUM_CLASSES
 from pipeline.runtime import init_ray
 from pipeline.sources import SourceError, check_source
@@ -51,10 +52,6 @@ TEMP_SUFFIX = ".parquet.tmp"
 UNIT_SIZE = 1000
 ROW_GROUP_ROWS = 1024
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string())])
-
-
-class OutputDirError(ValueError):
-    """DIR cannot take this run (not empty, or holding a different run); the message says what to pass."""
 
 
 class AlreadyFinished(Exception):
@@ -211,6 +208,8 @@ def changed_settings(previous: dict, run: dict) -> list[str]:
 
 def check_output(output: Path, run: dict, resume: bool, overwrite: bool) -> set[str]:
     """The units of RUN already done in OUTPUT; refuses (raises) what would mix runs. Changes nothing."""
+    if output.exists() and not output.is_dir():
+        raise OutputDirError(f"{output} is a file, not a folder: --output takes a folder")
     if overwrite:
         return set()
     if (output / MANIFEST_FILE).is_file():
@@ -249,7 +248,7 @@ def claim_output(output: Path, run: dict, overwrite: bool) -> None:
         for name in (MANIFEST_FILE, RUN_FILE):
             (output / name).unlink(missing_ok=True)
     for name in (LABELS_DIR, ERRORS_DIR):
-        (output / name).mkdir(parents=True, exist_ok=True)
+        make_output_dir(output / name)
         for temp in (output / name).glob(f".*{TEMP_SUFFIX}"):
             temp.unlink()  # left by a killed run: that unit is read again
     done = finished_units(output)

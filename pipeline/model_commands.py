@@ -12,6 +12,7 @@ from ray.exceptions import RayError
 from pipeline.console import (PRESET_HELP, USER_ERRORS, InputFormat, fail, fail_in_ray, format_help, format_name,
                               model_and_preset)
 from pipeline.models import ARCHITECTURES, GENERATED, build_model
+from pipeline.output import OutputDirError
 from pipeline.weights import WeightsError
 
 
@@ -25,7 +26,7 @@ def build_command(
     """Write an fp32 ONNX classifier (opset 17, input `input` [N,3,224,224], output softmax probabilities)."""
     try:
         path = build_model(arch, weights, out)
-    except (WeightsError, OSError) as exc:
+    except (WeightsError, OutputDirError, OSError) as exc:
         fail(str(exc))
     typer.echo(f"wrote {path} ({arch}, preprocessing preset {ARCHITECTURES[arch].preset})")
 

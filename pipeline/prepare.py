@@ -9,6 +9,7 @@ from typing import Optional
 
 import pyarrow.parquet as pq
 
+from pipeline.output import make_output_dir
 from pipeline.sources import RECORDS_PER_BLOCK
 from pipeline.sources.folder import list_folder_records, read_folder_records
 
@@ -20,7 +21,7 @@ def write_parquet_shards(images: str, out: str, labels: Optional[str] = None, sh
     if shard_size < 1:
         raise ValueError("--shard-size must be at least 1")
     records = list_folder_records(images, labels)
-    Path(out).mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     shards, errors = 0, 0
     for shard, start in enumerate(range(0, len(records), shard_size)):
         table = read_folder_records(images, records[start:start + shard_size])

@@ -26,6 +26,7 @@ from pipeline.calibration import BatchReader, collect_histograms, l2_optimal_ran
 from pipeline.config import Preset
 from pipeline.evaluate import evaluate
 from pipeline.inference import ModelInfo
+from pipeline.output import make_output_dir
 from pipeline.preprocess import Preprocessor
 from pipeline.runtime import map_after_read
 from pipeline.sources import check_source, read_source
@@ -129,7 +130,7 @@ def quantize_model(
     model_path, out = str(model_path), Path(out)
     model = _named_model(model_path)
     check_float_model(model_path, model)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out.parent)
     options = dict(
         quant_format=QuantFormat.QDQ,
         per_channel=True,

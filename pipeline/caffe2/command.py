@@ -19,10 +19,11 @@ def import_caffe2_command(
     # Imported here so `pipeline --help` does not pay for onnx and onnxruntime.
     from pipeline.caffe2.importer import Caffe2ImportError, import_caffe2
     from pipeline.caffe2.proto import Caffe2FileError
+    from pipeline.output import OutputDirError
 
     try:
         model = import_caffe2(init, predict, out, input_size=input_size)
-    except (Caffe2ImportError, Caffe2FileError) as exc:
+    except (Caffe2ImportError, Caffe2FileError, OutputDirError, OSError) as exc:
         fail(f"import-caffe2: {exc}")
     graph = model.graph
     ops = sorted({node.op_type for node in graph.node})

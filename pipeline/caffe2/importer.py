@@ -31,6 +31,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.caffe2.proto import load_net
+from pipeline.output import make_output_dir
 
 OPSET = 13
 MS_DOMAIN = "com.microsoft"
@@ -668,6 +669,6 @@ def import_caffe2(init_path: str | Path, predict_path: str | Path, out_path: str
     """Read both nets (binary or text), convert them, and save the ONNX model."""
     model = convert_nets(load_net(init_path), load_net(predict_path), input_size=input_size)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_path.parent)
     onnx.save(model, str(out_path))
     return model

@@ -13,6 +13,7 @@ import onnx
 
 from pipeline.models import efficientnet_lite0, resnet50
 from pipeline.models.state_dict import StateDict
+from pipeline.output import make_output_dir
 from pipeline.weights import WeightsError, load_state_dict
 
 GENERATED = "generated"
@@ -51,7 +52,7 @@ def build_model(arch: str, weights: str | None, out: str | Path) -> Path:
         state = StateDict(load_state_dict(weights), str(weights))
     model = spec.build(state)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out.parent)
     onnx.save(model, out)
     return out
 

@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 import lmdb
 from PIL import Image
 
+from pipeline.output import make_output_dir
 from pipeline.preprocess import JPEG_MAGIC, ImageError, decode_image, scale_shorter_side
 from pipeline.sources import LMDB_DATA_FILE, SourceError
 from pipeline.sources.folder import list_folder_records, read_file
@@ -80,7 +81,7 @@ def write_lmdb(images: str, out: str, labels: Optional[str] = None, fmt: str = "
     out_dir = Path(out)
     if (out_dir / LMDB_DATA_FILE).exists():
         raise SourceError(f"{out}: already holds an LMDB database; choose a new folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out_dir)
     skipped: list[tuple[str, str]] = []
     written = 0
     # lock=False: a single writer, and no lock.mdb left beside the database for readers to trip on.
