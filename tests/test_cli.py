@@ -117,3 +117,24 @@ def test_the_reason_of_a_failed_ray_data_task_is_its_exception_with_every_line_o
         ray.data.range(4).map_batches(damaged).take_all()
     assert ray_failure_reason(failure.value) == ("OSError: Couldn't deserialize thrift: don't know what type: "
                                                  "Deserializing page header failed.")
+
+
+def test_an_output_that_cannot_be_a_folder_is_named_before_any_work(tmp_path: Path):
+    """A file given as --output, or a path below a file, is one line (exit code 2), not a traceback
+    after Ray has started."""
+    folder = subset_folder(need(VAL_1300), tmp_path / "images", 2)
+    a_file = tmp_path / "results"
+    a_file.write_text("not a folder")
+    runs = {
+        "evaluate": ["evaluate", "--model", need(MOBILENET_INT8), "--data", folder, "--output"],
+        "label": ["label", "--model", MOBILENET_INT8, "--data", folder, "--output"],
+        "prepare": ["prepare", "--images", folder, "--out"],
+    }
+    for command, args in runs.items():
+        result = invoke(*args, a_file)
+        assert result.exit_code == 2 and f"error: {a_file} is a file, not a folder" in result.output, \
+            (command, result.output)
+        below = invoke(*args, a_file / "out")
+        assert below.exit_code == 2 and "cannot make the output folder there (Not a directory)" in below.output, \
+            (command, below.output)
+    assert a_file.read_text() == "not a folder"

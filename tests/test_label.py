@@ -20,7 +20,8 @@ import pytest
 from conftest import MOBILENET_INT8, REPO, RESNET50_INT8, SAMPLE_1000, jpeg_bytes, need, subset_folder
 from pipeline.classes import imagenet_classes
 from pipeline.evaluate import evaluate
-from pipeline.label import AlreadyFinished, OutputDirError, label
+from pipeline.label import AlreadyFinished, label
+from pipeline.output import OutputDirError
 from pipeline.prepare import write_parquet_shards
 from pipeline.sources import SourceError, read_task_split, read_task_target
 from pipeline.sources.units import read_work_units

@@ -119,6 +119,37 @@ def test_labels_file_keys_are_normalised_as_the_keys_of_the_sources(ray_local, s
         read_labels_file(folder / "labels.txt")
 
 
+def test_labels_files_as_editors_and_file_systems_write_them(ray_local, sample_8, tmp_path):
+    """A byte-order mark (Windows editors) is skipped; names that are not UTF-8 (`find .` on a Latin-1
+    file system) match their files; a class index of other digits, or too large for the label column,
+    is named with its line, not a traceback."""
+    folder = subset_folder(sample_8, tmp_path / "images", 2)
+    first, second = (folder / "labels.txt").read_text().splitlines()
+    os.rename(folder / second.split()[0], os.path.join(os.fsencode(folder), b"caf\xe9.JPEG"))
+    (folder / "labels.txt").write_bytes(b"\xef\xbb\xbf" + f"{first}\r\n".encode() + b"caf\xe9.JPEG "
+                                        + second.split()[1].encode() + b"\r\n")
+    metrics = evaluate(str(need(MOBILENET_INT8)), str(folder), "torch", str(tmp_path / "out"))
+    assert (metrics["images"], metrics["evaluated"], metrics["errors"]) == (2, 2, 0)
+    keys = pq.read_table(tmp_path / "out" / "predictions.parquet").column("key").to_pylist()
+    assert sorted(keys) == sorted([first.split()[0], "caf\\xe9.JPEG"])
+    for index in ("\u00b2", "--5", "1" * 19, "7.0"):
+        (folder / "labels.txt").write_text(f"{first}\na.JPEG {index}\n")
+        with pytest.raises(SourceError, match=rf"labels.txt:2: expected 'FILE CLASS_INDEX', got 'a.JPEG {index}'"):
+            read_labels_file(folder / "labels.txt")
+
+
+def test_a_symlink_loop_in_an_image_folder_is_an_error_row(ray_local, sample_8, tmp_path):
+    """Format detection and the folder walk asked it whether it is a file, and failed with ELOOP."""
+    folder = subset_folder(sample_8, tmp_path / "images", 2)
+    os.symlink("loop.jpg", folder / "loop.jpg")
+    assert detect_format(str(folder)) == "folder"
+    metrics = evaluate(str(need(MOBILENET_INT8)), str(folder), "torch", str(tmp_path / "out"))
+    assert (metrics["images"], metrics["evaluated"], metrics["errors"]) == (3, 2, 1)
+    errors = {r["key"]: r["error"] for r in pq.read_table(tmp_path / "out" / "predictions.parquet").to_pylist()
+              if r["error"]}
+    assert errors == {"loop.jpg": "cannot read file: Too many levels of symbolic links"}
+
+
 def test_a_single_image_is_told_what_inputs_are_accepted(sample_8):
     image = str(sorted(sample_8.glob("*.JPEG"))[0])
     with pytest.raises(SourceError, match=r"--data takes a folder of images, a .parquet file, a "
