@@ -49,6 +49,9 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+RAY_DATA_ATTEMPTS = "Failed to apply UDF transform after"
+
+
 def ray_failure_reason(exc: Exception) -> str:
     """What failed in a remote task or actor, on one line: the innermost exception of the remote
     traceback that Ray's error carries (`OSError: ...`), without its frames, Ray Data's wrapping
@@ -58,8 +61,10 @@ def ray_failure_reason(exc: Exception) -> str:
     innermost = text.split("The above exception was the direct cause of the following exception:")[0]
     lines = [line.rstrip() for line in innermost.splitlines() if line.strip()]
     if any(line.startswith('  File "') for line in lines):
-        # the exception's own lines follow the traceback's last (indented) frame line
+        # the exception's own lines follow the traceback's last (indented) frame line, up to Ray
+        # Data's account of its attempts where it added that to the message
         lines = lines[max((i + 1 for i, line in enumerate(lines) if line.startswith(" ")), default=0):]
+        lines = lines[:next((i for i, line in enumerate(lines) if line.startswith(RAY_DATA_ATTEMPTS)), len(lines))]
         return " ".join(line.strip() for line in lines) or type(exc).__name__
     return lines[0] if lines else type(exc).__name__
 

@@ -105,7 +105,10 @@ def test_a_run_that_fails_inside_ray_ends_with_the_remote_error_on_one_line(tmp_
 
 
 def test_the_reason_of_a_failed_ray_data_task_is_its_exception_with_every_line_of_its_message(ray_local):
+    """Without Ray Data's wrapping and its advice on retries, for a failed map and a failed read."""
     import ray.data
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
     from ray.exceptions import RayError
 
     from pipeline.console import ray_failure_reason
@@ -117,6 +120,20 @@ def test_the_reason_of_a_failed_ray_data_task_is_its_exception_with_every_line_o
         ray.data.range(4).map_batches(damaged).take_all()
     assert ray_failure_reason(failure.value) == ("OSError: Couldn't deserialize thrift: don't know what type: "
                                                  "Deserializing page header failed.")
+
+    class FailingSource(Datasource):  # a read task's error reaches the driver in another form
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            def read():
+                raise OverflowError("Python int too large to convert to C long")
+
+            return [ReadTask(read, BlockMetadata(num_rows=1, size_bytes=None, exec_stats=None, input_files=None))]
+
+    with pytest.raises(RayError) as failure:
+        ray.data.read_datasource(FailingSource(), override_num_blocks=1).take_all()
+    assert ray_failure_reason(failure.value) == "OverflowError: Python int too large to convert to C long"
 
 
 def test_an_output_that_cannot_be_a_folder_is_named_before_any_work(tmp_path: Path):
