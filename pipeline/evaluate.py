@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from pipeline.config import Preset, load_preset
-from pipeline.inference import Classifier, ModelError, ModelInfo
+from pipeline.inference import Classifier, ModelError, ModelInfo, checked_model_info
 from pipeline.metrics import AccuracyCounter
 from pipeline.output import make_output_dir
 from pipeline.preprocess import NUM_CLASSES, Preprocessor
@@ -91,7 +91,7 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
     return the metrics. ON_PROGRESS(records_done, records_total) follows the stream."""
     started = time.perf_counter()
     preset_obj = load_preset(preset)
-    info = ModelInfo.from_path(model)
+    info = checked_model_info(model)
     check_preset_fits(info, preset_obj)
     fmt = check_source(data, fmt, labels)  # before Ray starts: a bad input is reported at once
     if output:

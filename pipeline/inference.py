@@ -70,6 +70,18 @@ class ModelInfo:
         )
 
 
+def checked_model_info(path: str | os.PathLike) -> ModelInfo:
+    """`ModelInfo.from_path`, once onnxruntime has also loaded the model on the driver: an operator it
+    does not know, or a graph it rejects, is then one sentence before Ray starts, not the failure of
+    every inference actor."""
+    info = ModelInfo.from_path(path)
+    try:
+        make_session(info.path)
+    except Exception as exc:  # onnxruntime raises its own pybind11 exception types
+        raise ModelError(f"{path}: onnxruntime cannot load it: {' '.join(str(exc).split())}") from None
+    return info
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from pipeline.classes import imagenet_classes
 from pipeline.config import load_preset
 from pipeline.evaluate import check_preset_fits, fixed_size_lists, predict
-from pipeline.inference import ModelInfo
+from pipeline.inference import checked_model_info
 from pipeline.output import OutputDirError, make_output_dir
 from pipeline.preprocess import NUM_CLASSES
 from pipeline.runtime import init_ray
@@ -311,7 +311,7 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "
         raise OutputDirError(f"--shard-size must be at least 1, got {unit_size}")
     started = time.perf_counter()
     preset_obj = load_preset(preset)
-    info = ModelInfo.from_path(model)
+    info = checked_model_info(model)
     check_preset_fits(info, preset_obj)
     fmt = check_source(data, fmt)  # before Ray starts: a bad input is reported at once
     out = Path(output)

@@ -74,7 +74,7 @@ def quantize_command(
 
     from pipeline.config import load_preset
     from pipeline.evaluate import check_preset_fits
-    from pipeline.inference import ModelInfo
+    from pipeline.inference import checked_model_info
     from pipeline.quantize import (QuantizeError, accuracy_report, check_float_model, check_options, quantize_model,
                                    read_calibration_set)
     from pipeline.runtime import init_ray
@@ -82,9 +82,13 @@ def quantize_command(
 
     try:
         check_options(method, activations)
+        outputs = int8_paths(out, method)
+        folders = [str(path) for path in outputs.values() if path.is_dir()]
+        if folders:
+            raise QuantizeError(f"{folders[0]} is a folder: --out names the .onnx file to write")
         model, preset = model_and_preset(model, preset)
         preset_obj = load_preset(preset)
-        info = ModelInfo.from_path(model)  # the model and the preset are checked before Ray starts and images are read
+        info = checked_model_info(model)  # the model and the preset are checked before Ray starts and images are read
         check_float_model(model)
         check_preset_fits(info, preset_obj)
         calibration_format = check_source(calibration, format_name(format))  # and the inputs, before Ray starts
@@ -93,7 +97,6 @@ def quantize_command(
         calib = read_calibration_set(calibration, preset_obj, images, fmt=calibration_format)
         typer.echo(f"calibrating on {calib.images} images of {calibration}"
                    + (f" ({calib.errors} unreadable, left out)" if calib.errors else ""))
-        outputs = int8_paths(out, method)
         for name, path in outputs.items():
             quantize_model(model, calib.batches, path, name, activations)
             typer.echo(f"wrote {path} (int8, {name} calibration)")
@@ -110,7 +113,7 @@ def quantize_command(
                 typer.secho(f"warning: {result['calibration_overlap']} evaluation images were also calibration images",
                             fg=typer.colors.YELLOW, err=True)
             typer.echo(f"report: {report_path}")
-    except (QuantizeError, *USER_ERRORS) as exc:
+    except (QuantizeError, *USER_ERRORS, OSError) as exc:  # OSError: the model could not be written
         fail(str(exc))
     except RayError as exc:
         fail_in_ray(exc)

@@ -155,3 +155,29 @@ def test_an_output_that_cannot_be_a_folder_is_named_before_any_work(tmp_path: Pa
         assert below.exit_code == 2 and "cannot make the output folder there (Not a directory)" in below.output, \
             (command, below.output)
     assert a_file.read_text() == "not a folder"
+
+
+def test_a_model_onnxruntime_cannot_load_is_named_before_ray_starts(tmp_path: Path):
+    """A graph that parses and has the right input and output but an operator onnxruntime does not know:
+    before, every inference actor failed to start and Ray printed each one's traceback."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOp", ["input"], ["probs"])], "unknown_op",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 1000])])
+    model = tmp_path / "unknown-op.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    folder = subset_folder(need(VAL_1300), tmp_path / "images", 2)
+    for args in (["evaluate", "--output", tmp_path / "a"], ["label", "--output", tmp_path / "b"],
+                 ["quantize", "--calibration", folder, "--out", tmp_path / "int8.onnx"]):
+        result = invoke(*args, "--model", model, *(["--data", folder] if args[0] != "quantize" else []))
+        assert result.exit_code == 2, result.output
+        assert f"error: {model}: onnxruntime cannot load it: " in result.output and "NoSuchOp" in result.output
+
+
+def test_quantize_refuses_a_folder_as_out_before_any_work(tmp_path: Path):
+    result = invoke("quantize", "--model", tmp_path / "absent.onnx", "--calibration", tmp_path, "--out", tmp_path)
+    assert result.exit_code == 2 and f"error: {tmp_path} is a folder: --out names the .onnx file to write" in \
+        " ".join(result.output.split())
