@@ -45,11 +45,11 @@ class Preset:
         preset = cls(
             name=str(values["name"]),
             channel_order=str(values["channel_order"]).upper(),
-            mean=tuple(float(v) for v in values["mean"]),
-            std=tuple(float(v) for v in values["std"]),
+            mean=_three_numbers(values["mean"], "mean", source),
+            std=_three_numbers(values["std"], "std", source),
             interpolation=str(values["interpolation"]),
-            scale=int(values["scale"]),
-            crop=int(values["crop"]),
+            scale=_pixels(values["scale"], "scale", source),
+            crop=_pixels(values["crop"], "crop", source),
             crop_offset=str(values["crop_offset"]),
         )
         preset._validate(source)
@@ -58,14 +58,32 @@ class Preset:
     def _validate(self, source: str) -> None:
         if self.channel_order not in ("RGB", "BGR"):
             raise ConfigError(f"{source}: channel_order must be RGB or BGR, not {self.channel_order!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ConfigError(f"{source}: mean and std need three values each, std > 0")
+        if min(self.std) <= 0:
+            raise ConfigError(f"{source}: std must be > 0, got {list(self.std)}")
         if self.interpolation not in INTERPOLATIONS:
             raise ConfigError(f"{source}: interpolation must be one of {INTERPOLATIONS}")
         if not 0 < self.crop <= self.scale:
             raise ConfigError(f"{source}: need 0 < crop <= scale, got crop {self.crop}, scale {self.scale}")
         if self.crop_offset not in ("floor", "round"):
             raise ConfigError(f"{source}: crop_offset must be floor or round")
+
+
+MAX_SIDE = 16384  # pixels: beyond any model's input, and within what the resize kernels take
+
+
+def _three_numbers(value: object, key: str, source: str) -> tuple[float, float, float]:
+    """VALUE as the three per-channel numbers KEY needs; ConfigError naming KEY otherwise."""
+    if not (isinstance(value, list) and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise ConfigError(f"{source}: {key} must be a list of three numbers (one per channel), got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _pixels(value: object, key: str, source: str) -> int:
+    """VALUE as a side length in pixels (a whole number, 1 to MAX_SIDE); ConfigError naming KEY otherwise."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_SIDE):
+        raise ConfigError(f"{source}: {key} must be a whole number of pixels from 1 to {MAX_SIDE}, got {value!r}")
+    return value
 
 
 def conf_dirs() -> list[Path]:
@@ -86,9 +104,9 @@ def load_preset(name_or_path: str) -> Preset:
     if not path.is_file():
         raise ConfigError(f"no preset {name_or_path!r}: known presets are {', '.join(preset_names())}")
     try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a valid YAML text file ({exc})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of preset keys")
     return Preset.from_dict(values, str(path))

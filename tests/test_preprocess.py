@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SAMPLE_1000, VAL_1300, jpeg_bytes, need
+from conftest import REPO, SAMPLE_1000, VAL_1300, jpeg_bytes, need
 from pipeline.config import ConfigError, load_preset
 from pipeline.preprocess import (ImageError, Preprocessor, crop_origin, decode_image, decode_with_pillow,
                                  preprocess_image, resize_and_crop, resize_pixels, scaled_size)
@@ -30,6 +30,27 @@ def test_unknown_preset_and_bad_yaml_are_clear_errors(tmp_path):
     bad.write_text("name: x\nchannel_order: RGB\n")
     with pytest.raises(ConfigError, match="missing keys"):
         load_preset(str(bad))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("mean", "123", r"mean must be a list of three numbers \(one per channel\), got 123"),
+    ("std", "[a, b, c]", r"std must be a list of three numbers \(one per channel\), got \['a', 'b', 'c'\]"),
+    ("mean", "[[1, 2], 3, 4]", "mean must be a list of three numbers"),
+    ("std", "[1, 0, 1]", r"std must be > 0, got \[1.0, 0.0, 1.0\]"),
+    ("scale", "big", "scale must be a whole number of pixels from 1 to 16384, got 'big'"),
+    ("scale", "1000000000000", "scale must be a whole number of pixels from 1 to 16384"),
+    ("crop", "224.5", "crop must be a whole number of pixels from 1 to 16384, got 224.5"),
+])
+def test_a_preset_value_of_the_wrong_kind_is_named(tmp_path, key, value, message):
+    """Each of these failed with a bare TypeError or ValueError, or (a huge scale) inside Ray."""
+    text = "".join(f"{line.split(':')[0]}: {value}\n" if line.startswith(f"{key}:") else line + "\n"
+                   for line in (REPO / "conf" / "torch.yaml").read_text().splitlines())
+    (tmp_path / "preset.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_preset(str(tmp_path / "preset.yaml"))
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="not a valid YAML text file"):
+        load_preset(str(tmp_path / "binary.yaml"))
 
 
 def test_shorter_side_scaled_longer_side_truncated():
