@@ -96,8 +96,8 @@ def evaluate(
     preset: Optional[str] = typer.Option(None, help=PRESET_HELP),
     config: Optional[Path] = typer.Option(None, hidden=True, help="old spelling of --preset FILE.yaml"),
     output: Path = typer.Option(Path("results"), help="folder for metrics.json and predictions.parquet"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster: 'auto', HOST:PORT or ray://HOST:PORT; "
-                                                     "default: start a local single-node Ray"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join from one of its nodes: 'auto' or "
+                                                     "HOST:PORT; default: start a local single-node Ray"),
     format: Optional[InputFormat] = typer.Option(None, "--format", help=format_help("--data")),
     labels: Optional[Path] = typer.Option(None, help="labels file (KEY CLASS_INDEX, KEY as the records are "
                                                      "named) for an image folder or .tar shards"),
@@ -202,8 +202,8 @@ def label(
                                                      "per output shard for Parquet (cut at row groups) "
                                                      "and uncompressed tar (cut at members)"),
     batch_size: int = typer.Option(32, min=1, help="images per inference call (dynamic-batch models)"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster: 'auto', HOST:PORT or ray://HOST:PORT; "
-                                                     "default: start a local single-node Ray"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join from one of its nodes: 'auto' or "
+                                                     "HOST:PORT; default: start a local single-node Ray"),
 ) -> None:
     """Label every image of an archive with the model's top-k classes, exactly once and resumable."""
     from pipeline.label import AlreadyFinished, label as run_labelling

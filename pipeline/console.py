@@ -16,12 +16,13 @@ from rich.markup import escape
 from pipeline.config import ConfigError, preset_names
 from pipeline.inference import ModelError
 from pipeline.output import OutputDirError
+from pipeline.runtime import ClusterError
 from pipeline.sources import FORMATS, SourceError
 
 console = Console(stderr=True)
 
 # errors that mean "this input cannot be used": reported in one sentence, never as a traceback
-USER_ERRORS = (ConfigError, ModelError, SourceError, OutputDirError, FileNotFoundError)
+USER_ERRORS = (ConfigError, ModelError, SourceError, OutputDirError, ClusterError, FileNotFoundError)
 
 PRESET_HELP = (f"preprocessing preset: a name in conf/ ({', '.join(preset_names())}) or a preset YAML file; "
                "default: torch, or the default model's own")

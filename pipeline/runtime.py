@@ -22,12 +22,18 @@ INFERENCE_RESOURCE = "inference_core"
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+class ClusterError(ValueError):
+    """The Ray cluster given by --address cannot be joined; the message says why."""
+
+
 def local_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
-    """Start a local single-node Ray (ADDRESS None) or join a cluster ("auto", "HOST:PORT", "ray://...")."""
+    """Start a local single-node Ray (ADDRESS None) or join a cluster from one of its nodes ("auto",
+    "HOST:PORT"). Ray Client (`ray://`) needs the `ray[client]` extra, which is not installed: the
+    driver reads input headers and writes the output files itself, so it runs where the data is."""
     import ray
     from ray.data import DataContext
 
@@ -42,7 +48,10 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
             ray.init(address="local", num_cpus=cores, resources={INFERENCE_RESOURCE: cores},
                      include_dashboard=False, **common)
         else:
-            ray.init(address=address, **common)
+            try:
+                ray.init(address=address, **common)
+            except (ConnectionError, ValueError, RuntimeError) as exc:  # nothing there, a bad address, no ray[client]
+                raise ClusterError(f"cannot join the Ray cluster at {address!r}: {' '.join(str(exc).split())}") from None
     context = DataContext.get_current()
     context.enable_progress_bars = False  # the CLI draws its own bar over the streamed output
     context.print_on_execution_start = False
