@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -24,6 +25,23 @@ WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
 
 class ClusterError(ValueError):
     """The Ray cluster given by --address cannot be joined; the message says why."""
+
+
+GCS_CONNECT_TIMEOUT_S = 10
+
+
+def check_reachable(address: str) -> None:
+    """A HOST:PORT address answers a TCP connection: Ray itself retries an address where nothing
+    listens for ever, printing a timeout every 40 s."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # "auto", or a form Ray reports on itself
+    try:
+        socket.create_connection((host, int(port)), timeout=GCS_CONNECT_TIMEOUT_S).close()
+    except (OSError, OverflowError, ValueError) as exc:
+        raise ClusterError(f"cannot join the Ray cluster at {address!r}: nothing answers there "
+                           f"({getattr(exc, 'strerror', None) or exc}); start it with `ray start --head` "
+                           "or give the head node's address") from None
 
 
 def local_cores() -> int:
@@ -48,6 +66,7 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
             ray.init(address="local", num_cpus=cores, resources={INFERENCE_RESOURCE: cores},
                      include_dashboard=False, **common)
         else:
+            check_reachable(address)
             try:
                 ray.init(address=address, **common)
             except (ConnectionError, ValueError, RuntimeError) as exc:  # nothing there, a bad address, no ray[client]

@@ -186,7 +186,8 @@ def test_quantize_refuses_a_folder_as_out_before_any_work(tmp_path: Path):
 def test_a_cluster_that_cannot_be_joined_is_one_line(tmp_path: Path):
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 2)
     for address, reason in (("not an address", "Invalid address format"),
-                            ("ray://127.0.0.1:1", "Ray Client requires pip package `ray[client]`")):
+                            ("ray://127.0.0.1:1", "Ray Client requires pip package `ray[client]`"),
+                            ("127.0.0.1:1", "nothing answers there (Connection refused)")):  # Ray waited for ever
         result = run_cli("evaluate", "--model", need(MOBILENET_INT8), "--data", folder, "--output", tmp_path / "out",
                          "--address", address)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
