@@ -425,3 +425,28 @@ def test_a_parquet_image_column_of_another_type_is_named(tmp_path):
     pq.write_table(pa.table({"key": ["a"], "jpeg": [b"x"]}), tmp_path / "other.parquet")
     with pytest.raises(SourceError, match="need an image column .* its columns are key, jpeg"):
         read_source(str(tmp_path / "other.parquet"))
+
+
+def test_parquet_null_keys_and_a_label_column_of_names(ray_local, sample_8, tmp_path):
+    """A null key is keyed by shard and row (it reached the output as a null key); a label column of
+    class names is refused by evaluate, named, and not read by label (which needs no labels: every row
+    of its row group failed as 'damaged')."""
+    write_parquet_shards(str(sample_8), str(tmp_path / "prepared"), shard_size=8)
+    table = pq.read_table(next((tmp_path / "prepared").glob("*.parquet")))
+    keys = table.column("key").to_pylist()
+    (tmp_path / "nulls").mkdir()
+    pq.write_table(table.set_column(0, "key", pa.array([None, None] + keys[2:], pa.string())),
+                   tmp_path / "nulls" / "a.parquet")
+    model = str(need(MOBILENET_INT8))
+    metrics = evaluate(model, str(tmp_path / "nulls"), "torch", str(tmp_path / "out"))
+    assert (metrics["images"], metrics["evaluated"]) == (8, 8)
+    got = pq.read_table(tmp_path / "out" / "predictions.parquet").column("key").to_pylist()
+    assert sorted(got) == sorted(["a.parquet#000000", "a.parquet#000001"] + keys[2:])
+
+    (tmp_path / "names").mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label",
+                                    pa.array([f"class {n}" for n in range(8)])), tmp_path / "names" / "a.parquet")
+    with pytest.raises(SourceError, match="the label column must hold class indices \\(integers\\); it is string"):
+        evaluate(model, str(tmp_path / "names"), "torch", str(tmp_path / "out2"))
+    manifest = label(model, str(tmp_path / "names"), str(tmp_path / "labels"))
+    assert (manifest["images"], manifest["labelled"], manifest["errors"]) == (8, 8, 0)

@@ -68,8 +68,9 @@ def to_source_rows(table: pa.Table, shard_name: str, first_row: int) -> pa.Table
     """Cast a block of a shard's rows, the first of them its row FIRST_ROW, to the source-row schema:
     missing key -> SHARD_NAME and the row number, missing label -> NO_LABEL, missing error -> ""."""
     n = table.num_rows
-    key = table.column("key").cast(pa.string()) if "key" in table.column_names \
-        else pa.array([f"{shard_name}#{row:06d}" for row in range(first_row, first_row + n)], pa.string())
+    generated = pa.array([f"{shard_name}#{row:06d}" for row in range(first_row, first_row + n)], pa.string())
+    # a row whose key is null is keyed as a shard without keys keys it: the output must name every row
+    key = pc.coalesce(table.column("key").cast(pa.string()), generated) if "key" in table.column_names else generated
     label = table.column("label").cast(pa.int64()).fill_null(NO_LABEL) if "label" in table.column_names \
         else pa.array([NO_LABEL] * n, pa.int64())
     image = table.column("image")
@@ -167,6 +168,11 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
         raise SourceError("Parquet shards carry their labels in the `label` column; --labels is for image folders")
     files = parquet_files(path)
     metadata = [_shard_metadata(f) for f in files]
+    for file, shard in zip(files, metadata):
+        schema = shard.schema.to_arrow_schema()
+        label = schema.field("label").type if "label" in schema.names else None
+        if label is not None and not (pa.types.is_integer(label) or pa.types.is_null(label)):
+            raise SourceError(f"{file}: the label column must hold class indices (integers); it is {label}")
     datasource = ParquetRowGroupDatasource(files, metadata, source_columns(*metadata))
     num_records = sum(m.num_rows for m in metadata)
     # one block per ReadTask planned: Ray would otherwise split blocks to reach its default
@@ -193,7 +199,8 @@ def parquet_unit_readers(path: str, done: set[str], unit_size: int) -> tuple[lis
     files = parquet_files(path)
     for file, name in zip(files, names_below_common_folder(files)):
         shard = _shard_metadata(file)
-        shard_id, columns = shard_unit_id(file), source_columns(shard)
+        # labelling needs no labels: a label column of another type (class names) is not read
+        shard_id, columns = shard_unit_id(file), [c for c in source_columns(shard) if c != "label"]
         runs = row_group_runs(shard, unit_size)
         for row_groups, run_rows in runs:
             unit = shard_id + (f"-rg{row_groups[0]:05d}" if len(runs) > 1 else "")
