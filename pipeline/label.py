@@ -315,6 +315,9 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "
     check_preset_fits(info, preset_obj)
     fmt = check_source(data, fmt)  # before Ray starts: a bad input is reported at once
     out = Path(output)
+    if Path(data).is_dir() and out.resolve().is_relative_to(Path(data).resolve()):
+        raise OutputDirError(f"{out} is inside the input {data}: its own files would be read as records; "
+                             "give an --output outside it")
     run = run_description(model, data, fmt, preset_obj.name, top_k, unit_size)
     done = check_output(out, run, resume, overwrite)
     init_ray(address)

@@ -155,6 +155,8 @@ def test_an_output_that_cannot_be_a_folder_is_named_before_any_work(tmp_path: Pa
         assert below.exit_code == 2 and "cannot make the output folder there (Not a directory)" in below.output, \
             (command, below.output)
     assert a_file.read_text() == "not a folder"
+    inside = invoke("label", "--model", MOBILENET_INT8, "--data", folder, "--output", folder / "labels-out")
+    assert inside.exit_code == 2 and "is inside the input" in inside.output and not (folder / "labels-out").exists()
 
 
 def test_a_model_onnxruntime_cannot_load_is_named_before_ray_starts(tmp_path: Path):
