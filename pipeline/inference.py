@@ -47,6 +47,10 @@ class ModelInfo:
         if len(inputs) != 1 or len(graph.output) < 1:
             raise ModelError(f"{path}: expected one image input and a class output, found "
                              f"{len(inputs)} inputs and {len(graph.output)} outputs.")
+        elem_type = inputs[0].type.tensor_type.elem_type
+        if elem_type != onnx.TensorProto.FLOAT:
+            raise ModelError(f"{path}: input {inputs[0].name!r} takes {onnx.TensorProto.DataType.Name(elem_type)}, "
+                             "expected FLOAT (the preprocessed float32 image)")
         dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
         if len(dims) != 4 or dims[1] != 3 or not dims[2] or not dims[3]:
             shown = ["?" if d is None else d for d in dims]

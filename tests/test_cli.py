@@ -179,6 +179,23 @@ def test_a_model_onnxruntime_cannot_load_is_named_before_ray_starts(tmp_path: Pa
         assert f"error: {model}: onnxruntime cannot load it: " in result.output and "NoSuchOp" in result.output
 
 
+def test_a_model_whose_input_is_not_float_is_named_before_ray_starts(tmp_path: Path):
+    """It failed on every batch inside Ray, leaving only predictions.parquet.partial."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input"], ["x"], to=TensorProto.FLOAT),
+         helper.make_node("ReduceMean", ["x"], ["probs"], axes=[2, 3], keepdims=0)], "uint8_input",
+        [helper.make_tensor_value_info("input", TensorProto.UINT8, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 1000])])
+    model = tmp_path / "uint8.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), model)
+    result = invoke("evaluate", "--model", model, "--data", tmp_path, "--output", tmp_path / "out")
+    assert result.exit_code == 2 and "input 'input' takes UINT8, expected FLOAT" in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_quantize_refuses_a_folder_as_out_before_any_work(tmp_path: Path):
     result = invoke("quantize", "--model", tmp_path / "absent.onnx", "--calibration", tmp_path, "--out", tmp_path)
     assert result.exit_code == 2 and f"error: {tmp_path} is a folder: --out names the .onnx file to write" in \
