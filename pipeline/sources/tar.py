@@ -293,7 +293,7 @@ def tar_pieces(shards: list[tuple[str, str]], label_of: dict[str, int]) -> TarPl
                 run_labels = {key: run_labels[key] for key in run_keys if key in run_labels}
             pieces.append((file, prefix, run, run_labels))
             piece_rows.append(shard_rows(file, prefix, scan, run))
-    records = records_in(shards, scans)
+    records = None if None in piece_rows else sum(piece_rows)  # a shard's runs together read as the shard
     return TarPlan(pieces, records, recut_rows(piece_rows, records))
 
 
