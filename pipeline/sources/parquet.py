@@ -64,13 +64,22 @@ def source_columns(*shards: pq.FileMetaData) -> list[str]:
     return [c for c in ("key", "image", "label", "error") if c in names]
 
 
+def row_keys(shard_name: str, rows: range) -> list[str]:
+    """The keys of ROWS of a shard without keys: its name and the row number (`SHARD.parquet#000042`)."""
+    return [f"{shard_name}#{row:06d}" for row in rows]
+
+
 def to_source_rows(table: pa.Table, shard_name: str, first_row: int) -> pa.Table:
     """Cast a block of a shard's rows, the first of them its row FIRST_ROW, to the source-row schema:
     missing key -> SHARD_NAME and the row number, missing label -> NO_LABEL, missing error -> ""."""
     n = table.num_rows
-    generated = pa.array([f"{shard_name}#{row:06d}" for row in range(first_row, first_row + n)], pa.string())
-    # a row whose key is null is keyed as a shard without keys keys it: the output must name every row
-    key = pc.coalesce(table.column("key").cast(pa.string()), generated) if "key" in table.column_names else generated
+    rows = range(first_row, first_row + n)
+    if "key" not in table.column_names:
+        key = pa.array(row_keys(shard_name, rows), pa.string())
+    else:
+        key = table.column("key").cast(pa.string())
+        if key.null_count:  # keyed as a shard without keys keys it: the output must name every row
+            key = pc.coalesce(key, pa.array(row_keys(shard_name, rows), pa.string()))
     label = table.column("label").cast(pa.int64()).fill_null(NO_LABEL) if "label" in table.column_names \
         else pa.array([NO_LABEL] * n, pa.int64())
     image = table.column("image")
@@ -104,8 +113,7 @@ def unreadable_rows(shard: pq.ParquetFile, name: str, group: int, first_row: int
     """Error rows for the rows of row GROUP (its first row is the shard's FIRST_ROW) after the READ
     first ones, which failed with EXC: keyed by the shard's key column when that column still reads,
     else by shard name and row number, as shards without keys are."""
-    rows = range(first_row + read, first_row + shard.metadata.row_group(group).num_rows)
-    keys = [f"{name}#{row:06d}" for row in rows]
+    keys = row_keys(name, range(first_row + read, first_row + shard.metadata.row_group(group).num_rows))
     if "key" in shard.schema_arrow.names:
         try:
             keys = shard.read_row_group(group, columns=["key"]).column("key").cast(pa.string()).to_pylist()[read:]
