@@ -38,7 +38,7 @@ from pipeline.classes import imagenet_classes
 from pipeline.config import load_preset
 from pipeline.evaluate import check_preset_fits, fixed_size_lists, predict
 from pipeline.inference import checked_model_info
-from pipeline.output import OutputDirError, make_output_dir
+from pipeline.output import OutputDirError, check_not_a_file, make_output_dir
 from pipeline.preprocess import NUM_CLASSES
 from pipeline.runtime import init_ray
 from pipeline.sources import SourceError, check_source
@@ -208,8 +208,7 @@ def changed_settings(previous: dict, run: dict) -> list[str]:
 
 def check_output(output: Path, run: dict, resume: bool, overwrite: bool) -> set[str]:
     """The units of RUN already done in OUTPUT; refuses (raises) what would mix runs. Changes nothing."""
-    if output.exists() and not output.is_dir():
-        raise OutputDirError(f"{output} is a file, not a folder: --output takes a folder")
+    check_not_a_file(output)
     if overwrite:
         return set()
     if (output / MANIFEST_FILE).is_file():
