@@ -445,7 +445,36 @@ def test_folder_units_cover_every_file_once_across_read_tasks(tmp_path):
     for keys in units.values():
         for key in keys:
             assert (tmp_path / key).read_bytes() == key.encode()
-    assert read_all({"files-00000001", "files-00000003"}).keys() == {"files-00000000", "files-00000002"}
+    ids = sorted(units)
+    assert [unit.rsplit("-", 1)[0] for unit in ids] == [f"files-{n:08d}" for n in range(4)]
+    assert read_all({ids[1], ids[3]}).keys() == {ids[0], ids[2]}
+
+
+def test_a_resume_over_a_folder_changed_among_its_finished_units_is_refused(ray_local, tmp_path):
+    """Units are runs of the walk: a file added before the end of the finished units would shift
+    them, and the resume would label files twice and skip others. It is refused before anything
+    runs; a file added after them is labelled, every file once."""
+    folder = tmp_path / "folder"
+    for name, data in bad_files().items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    model, output = str(need(MOBILENET_INT8)), tmp_path / "out"
+    label(model, str(folder), str(output), unit_size=3)
+    # as if killed after the first unit: the units after it are not done
+    (output / "manifest.json").unlink()
+    first, *later = sorted((output / "labels").glob("*.parquet"))
+    for shard in later:
+        shard.unlink()
+        (output / "errors" / shard.name).unlink()
+    (folder / "0-added-first.jpg").write_bytes(b"not an image")  # sorts into the finished unit
+    with pytest.raises(SourceError, match="the folder changed since the interrupted run into this output: 1 of its 1 "):
+        label(model, str(folder), str(output), unit_size=3, resume=True)
+    assert sorted((output / "labels").glob("*.parquet")) == [first]  # left as it was
+    (folder / "0-added-first.jpg").rename(folder / "zz-added-last.jpg")  # sorts after it
+    resumed = label(model, str(folder), str(output), unit_size=3, resume=True)
+    labelled, errors, manifest = read_output(output)
+    assert manifest["images"] == len(bad_files()) + 1 and resumed["resumed_from"] == 3
+    assert "zz-added-last.jpg" in errors and "0-added-first.jpg" not in errors
 
 
 def test_resume_drops_half_written_files_and_redoes_only_those_units(ray_local, tmp_path):
@@ -458,9 +487,10 @@ def test_resume_drops_half_written_files_and_redoes_only_those_units(ray_local, 
     before = read_output(output)[:2]
     # as if killed between a unit's two renames, and while writing another unit
     (output / "manifest.json").unlink()
-    (output / "labels" / "files-00000001.parquet").unlink()
-    (output / "errors" / "files-00000002.parquet").rename(output / "errors" / ".files-00000002.parquet.tmp")
-    (output / "labels" / "files-00000002.parquet").rename(output / "labels" / ".files-00000002.parquet.tmp")
+    units = sorted(shard.name for shard in (output / "labels").glob("*.parquet"))
+    (output / "labels" / units[1]).unlink()
+    (output / "errors" / units[2]).rename(output / "errors" / f".{units[2]}.tmp")
+    (output / "labels" / units[2]).rename(output / "labels" / f".{units[2]}.tmp")
     resumed = label(model, str(folder), str(output), unit_size=3, resume=True)
     assert resumed["resumed_from"] == 3 and resumed["this_run_images"] == 5
     assert read_output(output)[:2] == before

@@ -6,6 +6,7 @@ and read by many ReadTasks, each reading its share of the files' bytes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterator, Optional
@@ -136,18 +137,49 @@ def walk_files(root: str | Path) -> Iterator[str]:
     return walk(str(root), "")
 
 
+def folder_units(root: Path, unit_size: int) -> Iterator[tuple[str, list[str]]]:
+    """(id, keys) of every work unit of image folder ROOT: unit N is files [N*unit_size, (N+1)*unit_size)
+    of the walk. The id also carries a hash of those files' names, so that a unit an earlier run
+    finished is taken as done only while it still holds the same files (`check_finished_units`)."""
+    from pipeline.sources.units import chunked
+
+    for number, keys in enumerate(chunked(walk_files(root), unit_size)):
+        # NUL cannot occur in a file name; surrogateescape keeps names that are not UTF-8 apart
+        digest = hashlib.sha1("\0".join(keys).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        yield f"files-{number:08d}-{digest}", keys
+
+
+def check_finished_units(root: Path, done: set[str], unit_size: int) -> None:
+    """Refuse (SourceError) to resume over ROOT when a unit in DONE no longer holds the same files.
+    Units are runs of the walk, so one file added, removed or renamed before the end of the finished
+    units shifts them: the resume would label some files twice and never label others. The walk
+    stops once every finished unit is found."""
+    missing = set(done)
+    if missing:
+        for unit, _ in folder_units(root, unit_size):
+            missing.discard(unit)
+            if not missing:
+                return
+        raise SourceError(
+            f"{root}: the folder changed since the interrupted run into this output: {len(missing)} of its "
+            f"{len(done)} finished units no longer hold the same files (files were added, removed or renamed), "
+            "so resuming would label some files twice and skip others; restore the folder as it was, or pass "
+            "--overwrite to label it all again")
+
+
 def folder_unit_readers(root: str | Path, done: set[str], unit_size: int,
                         tasks: int = WALK_TASKS) -> tuple[list, None]:
-    """Readers for `pipeline.sources.units`: unit N is files [N*unit_size, (N+1)*unit_size) of the walk.
-    How many files they hold is not known: the driver never lists the folder."""
+    """Readers for `pipeline.sources.units`, one per walking task, each reading every TASKS-th unit
+    of `folder_units` not in DONE. How many files they hold is not known: the driver never lists the
+    folder (it walks it only on a resume, to check the finished units)."""
     from pipeline.sources.units import chunked
 
     root = folder_root(root).resolve()
+    check_finished_units(root, done, unit_size)
 
     def reader_for(task: int):
         def units():
-            for number, keys in enumerate(chunked(walk_files(root), unit_size)):
-                unit = f"files-{number:08d}"
+            for number, (unit, keys) in enumerate(folder_units(root, unit_size)):
                 if number % tasks == task and unit not in done:
                     yield unit, (read_folder_records(root, [(key, NO_LABEL) for key in block])
                                  for block in chunked(keys, RECORDS_PER_BLOCK))
