@@ -120,6 +120,7 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
             writer.close()
     finished = time.perf_counter()
     wall = finished - started
+    source.check_all_read(counter.records, data)  # before any result is written as if it were whole
     if writer:
         os.replace(partial, Path(output) / "predictions.parquet")
 

@@ -344,7 +344,10 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "
         records += len(batch["key"])
         if on_progress:
             on_progress(done_before + records, total.value)
-    for writer in writers.values():  # the stream has ended: every row of every unit has arrived
+    # the stream has ended: every row of every unit has arrived, unless the source lost some, and
+    # then the units still open are not committed (a resume reads them again)
+    source.check_all_read(records, data)
+    for writer in writers.values():
         writer.commit()
 
     wall = time.perf_counter() - started

@@ -325,3 +325,27 @@ def test_bad_records_are_error_rows_and_nothing_else_is_lost(ray_local, val200, 
     for key, reason in errors.items():
         assert f"LMDB record '{key}'" in reason and "Caffe Datum" in reason
     assert "float_data" in errors["00000020_float"]
+
+
+def test_records_lost_to_a_damaged_key_order_fail_the_run_instead_of_being_skipped(ray_local, tmp_path):
+    """Damage that rewrites a key in place breaks the B-tree's order: the key-range readers then stop
+    a range early and skip records with no error of their own. The entry count catches it: evaluate
+    writes no metrics and label no finished run."""
+    from conftest import jpeg_bytes
+    from pipeline.label import label
+
+    keys = [b"%08d_img%02d.jpg" % (i, i) for i in range(12)]
+    db = put_records(tmp_path / "db", [(key, encode_datum(i, encoded=jpeg_bytes(seed=i))) for i, key in enumerate(keys)])
+    data = bytearray((db / LMDB_DATA_FILE).read_bytes())
+    at = data.index(keys[4])
+    data[at:at + 8] = b"00000011"  # now out of order between 00000003 and 00000005
+    (db / LMDB_DATA_FILE).write_bytes(bytes(data))
+    model = str(need(MOBILENET_INT8))
+    with pytest.raises(SourceError, match="records were read, but it holds 12: it is damaged"):
+        evaluate(model, str(db), output=str(tmp_path / "eval"))
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+    assert not (tmp_path / "eval" / "predictions.parquet").exists()
+    with pytest.raises(SourceError, match="records were read, but it holds 12"):
+        label(model, str(db), str(tmp_path / "labels"))
+    assert not (tmp_path / "labels" / "manifest.json").exists()
+    assert not list((tmp_path / "labels" / "labels").glob("*.parquet"))  # nothing committed as done

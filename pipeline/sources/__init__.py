@@ -103,11 +103,25 @@ class Source:
     wants and cannot be cut finer before reading: a Parquet shard written as one row group (pyarrow's
     default up to a million rows), a compressed tar, fewer label units than the cluster has room for.
     Its rows are then preprocessed on blocks re-cut to RECUT_ROWS rows, in tasks of their own, rather
-    than inside those few read tasks (`pipeline.runtime.map_after_read`)."""
+    than inside those few read tasks (`pipeline.runtime.map_after_read`).
+
+    EXACT_COUNT says NUM_RECORDS is exactly how many rows the dataset must yield (an LMDB entry count,
+    Parquet footers, a listed folder; not a tar's header scan, to which a damaged archive adds an error
+    row): a run that receives another number lost or repeated records (`check_all_read`)."""
 
     dataset: Any  # ray.data.Dataset
     num_records: Optional[int] = None
     recut_rows: Optional[int] = None
+    exact_count: bool = False
+
+    def check_all_read(self, received: int, path: str) -> None:
+        """Raise SourceError unless RECEIVED rows are the whole of an exactly counted source. LMDB
+        range reads trust the B-tree's key order: damage that breaks it makes a range stop early or
+        start late, and records are silently skipped or read twice."""
+        if self.exact_count and self.num_records is not None and received != self.num_records:
+            raise SourceError(f"{path}: {received} records were read, but it holds {self.num_records}: it is damaged "
+                              "(for LMDB, its key order) or changed while it was read, so the results would not "
+                              "be over exactly its records")
 
 
 def _read_parquet(path: str, labels: Optional[str], limit: Optional[int]):

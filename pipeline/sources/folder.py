@@ -108,7 +108,7 @@ def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[i
     # one block per ReadTask: Ray would otherwise split each small block to reach its default
     # parallelism, and a split read is not fused with the preprocessing
     return Source(ray.data.read_datasource(datasource, override_num_blocks=datasource.tasks),
-                  len(datasource.records))
+                  len(datasource.records), exact_count=True)
 
 
 # Labelling archives of millions of files: the driver never lists the folder. Each ReadTask walks

@@ -214,5 +214,5 @@ def read_lmdb(path: str, labels: Optional[str] = None, limit: Optional[int] = No
     _, tasks = read_task_split(datasource.info.entries)
     dataset = ray.data.read_datasource(datasource, override_num_blocks=tasks)
     if limit is not None:
-        return Source(dataset.limit(limit), min(limit, datasource.info.entries))
-    return Source(dataset, datasource.info.entries)
+        return Source(dataset.limit(limit), min(limit, datasource.info.entries), exact_count=True)
+    return Source(dataset, datasource.info.entries, exact_count=True)

@@ -188,7 +188,7 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
     ds = ray.data.read_datasource(datasource, override_num_blocks=max(1, len(datasource.runs)))
     if limit is not None:
         ds, num_records = ds.limit(limit), min(limit, num_records)
-    return Source(ds, num_records, datasource.recut_rows)
+    return Source(ds, num_records, datasource.recut_rows, exact_count=True)
 
 
 def parquet_unit_readers(path: str, done: set[str], unit_size: int) -> tuple[list, int]:

@@ -131,10 +131,10 @@ def read_work_units(path: str, fmt: Optional[str], done: set[str], unit_size: in
     if fmt not in PARTITIONERS:
         source = read_source(path, fmt=fmt)
         if WHOLE_SOURCE_UNIT in done:
-            return Source(source.dataset.limit(0), 0)
+            return Source(source.dataset.limit(0), 0, exact_count=True)
         dataset = map_after_read(source.dataset, lambda block: with_unit(block, WHOLE_SOURCE_UNIT, -1),
                                  batch_format="pyarrow", batch_size=None)
-        return Source(dataset, source.num_records, source.recut_rows)
+        return Source(dataset, source.num_records, source.recut_rows, source.exact_count)
     readers, records = PARTITIONERS[fmt](path, done, unit_size)
     return Source(ray.data.read_datasource(WorkUnitDatasource(readers), override_num_blocks=max(len(readers), 1)),
                   records, recut_rows([None] * len(readers), records))  # a unit holds up to UNIT_SIZE records
