@@ -10,12 +10,18 @@ coarsen the step for everyone else, which is what plain min/max calibration suff
 
 Values are assumed uniformly spread inside each histogram bin; with that, both error terms have
 closed forms in prefix sums of the histogram, so every candidate range is scored at once.
+
+That assumption is wrong for an activation that takes only a few distinct values: the model's input
+when the preset maps 8-bit pixels to 256 values (tf127's (x - 127) / 128). Its own [min, max] can
+quantise it with no error at all, while the histogram's estimate prefers a slightly narrower range
+that shifts every pixel. An activation of at most 256 distinct values is therefore counted exactly,
+and its range chosen by the exact error (`exact_l2_optimal_range`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -26,6 +32,7 @@ from pipeline.inference import ModelInfo
 
 HISTOGRAM_BINS = 2048
 LEVELS = 256  # 8 bits
+DISTINCT_SAMPLE = 1 << 16  # values looked at before counting a whole activation's distinct values
 
 
 def _grid(low: float, high: float, bins: int) -> tuple[float, float]:
@@ -54,11 +61,14 @@ class Histogram:
     start: float
     width: float
     counts: np.ndarray
+    # the activation's distinct values and their counts, when it takes at most LEVELS of them
+    distinct: Optional["DistinctValues"] = None
 
     @classmethod
-    def spanning(cls, low: float, high: float, bins: int = HISTOGRAM_BINS) -> "Histogram":
+    def spanning(cls, low: float, high: float, bins: int = HISTOGRAM_BINS,
+                 distinct: Optional["DistinctValues"] = None) -> "Histogram":
         start, width = _grid(low, high, bins)
-        return cls(start, width, np.zeros(bins, np.float64))
+        return cls(start, width, np.zeros(bins, np.float64), distinct)
 
     @property
     def bins(self) -> int:
@@ -72,6 +82,28 @@ class Histogram:
         values = _finite_values(values)
         index = np.clip((values - self.start) * (1.0 / self.width), 0, self.bins - 1).astype(np.intp)
         self.counts += np.bincount(index, minlength=self.bins)
+
+
+@dataclass
+class DistinctValues:
+    """The distinct values of an activation (sorted) and how often each occurred."""
+
+    values: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def merged(cls, values: np.ndarray, previous: Optional["DistinctValues"] = None,
+               limit: int = LEVELS) -> Optional["DistinctValues"]:
+        """PREVIOUS with VALUES counted in, or None once there are more than LIMIT distinct values.
+        A sample is looked at first, so that a large activation of many values is not sorted whole."""
+        values = _finite_values(values)
+        if np.unique(values[:DISTINCT_SAMPLE]).size > limit:
+            return None
+        found, counts = np.unique(values, return_counts=True)
+        if previous is not None:
+            found, inverse = np.unique(np.concatenate([previous.values, found]), return_inverse=True)
+            counts = np.bincount(inverse, np.concatenate([previous.counts, counts]))
+        return cls(found, counts.astype(np.float64)) if found.size <= limit else None
 
 
 def _finite_values(values: np.ndarray) -> np.ndarray:
@@ -111,6 +143,8 @@ def expected_l2_errors(
 def l2_optimal_range(histogram: Histogram, levels: int = LEVELS) -> tuple[float, float]:
     """The clipping range (lo <= 0 <= hi, on histogram edges) with the least expected L2
     quantisation error for this histogram."""
+    if histogram.distinct is not None:
+        return exact_l2_optimal_range(histogram.distinct, levels)
     if histogram.counts.sum() == 0:
         return 0.0, 0.0
     edges = histogram.edges
@@ -120,6 +154,27 @@ def l2_optimal_range(histogram: Histogram, levels: int = LEVELS) -> tuple[float,
     errors[-1, 0] = np.inf  # the empty range [0, 0]
     i, j = np.unravel_index(np.argmin(errors), errors.shape)
     return float(edges[lo_index[i]]), float(edges[hi_index[j]])
+
+
+def exact_l2_optimal_range(distinct: DistinctValues, levels: int = LEVELS) -> tuple[float, float]:
+    """The range, among those from one of the values (or 0) to another (lo <= 0 <= hi), with the least
+    exact squared error, each range quantised as onnxruntime does: step (hi - lo) / (levels - 1) and
+    the zero point rounded to a whole step, so 0 is exact and the grid may start just off lo."""
+    values = distinct.values.astype(np.float64)
+    lows, highs = np.union1d(values[values < 0], [0.0]), np.union1d(values[values > 0], [0.0])
+    best, best_range = np.inf, (0.0, 0.0)
+    for lo in lows:  # at most LEVELS + 1 of each: every range is scored, a low value at a time
+        hi = highs[highs > lo]
+        if not hi.size:
+            continue
+        step = (hi - lo) / (levels - 1)
+        zero_point = np.round(-lo / step)[:, None]
+        steps = np.clip(np.round(values / step[:, None]) + zero_point, 0, levels - 1) - zero_point
+        errors = (distinct.counts * (values - steps * step[:, None]) ** 2).sum(axis=1)
+        k = int(np.argmin(errors))
+        if errors[k] < best:
+            best, best_range = errors[k], (float(lo), float(hi[k]))
+    return best_range
 
 
 def float_tensors(model: onnx.ModelProto) -> list[str]:
@@ -137,17 +192,20 @@ def float_tensors(model: onnx.ModelProto) -> list[str]:
 
 def collect_histograms(model_path: str, batches: Sequence[np.ndarray], bins: int = HISTOGRAM_BINS) -> dict[str, Histogram]:
     """Run the fp32 model over the calibration batches twice: once for each float activation's
-    range, then to histogram it over that range. One batch at a time: the intermediate tensors of
-    a whole calibration set would not fit in memory."""
+    range (and its distinct values while they are few), then to histogram it over that range. One
+    batch at a time: the intermediate tensors of a whole calibration set would not fit in memory."""
     activations = _activation_reader(model_path)
     ranges: dict[str, tuple[float, float]] = {}
+    distinct: dict[str, Optional[DistinctValues]] = {}
     for batch in batches:
         for name, value in activations(batch).items():
             low, high = finite_range(value)
             if name in ranges:
                 low, high = min(low, ranges[name][0]), max(high, ranges[name][1])
             ranges[name] = low, high
-    histograms = {name: Histogram.spanning(low, high, bins) for name, (low, high) in ranges.items()}
+            if name not in distinct or distinct[name] is not None:  # None: too many values
+                distinct[name] = DistinctValues.merged(value, distinct.get(name))
+    histograms = {name: Histogram.spanning(low, high, bins, distinct[name]) for name, (low, high) in ranges.items()}
     for batch in batches:
         for name, value in activations(batch).items():
             histograms[name].add(value)

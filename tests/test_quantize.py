@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from caffe2_reference import caffe2_l2_norms
 from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, VAL_1300, need, subset_folder
-from pipeline.calibration import Histogram, collect_histograms, expected_l2_errors, l2_optimal_range
+from pipeline.calibration import (DistinctValues, Histogram, collect_histograms, exact_l2_optimal_range,
+                                  expected_l2_errors, l2_optimal_range)
 from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.models import build_model
@@ -73,6 +74,47 @@ def test_l2_range_of_non_negative_activations_starts_at_zero():
     assert lo == 0.0 and 2.0 < hi <= histogram.edges[-1]
 
 
+def actual_squared_error(x: np.ndarray, lo: float, hi: float) -> float:
+    """Total squared error of X quantised as onnxruntime quantises it with range [lo, hi] (lo <= 0 <= hi):
+    the zero point is rounded to a whole step, so the grid may start just off lo."""
+    step = (hi - lo) / 255
+    zero_point = np.round(-lo / step)
+    steps = np.clip(np.round(x / step) + zero_point, 0, 255) - zero_point
+    return float(((x - steps * step) ** 2).sum())
+
+
+def test_an_input_of_256_pixel_levels_keeps_its_whole_range_which_quantises_it_exactly():
+    """tf127 maps pixels to (p - 127) / 128: its min/max range puts every level on the int8 grid. The
+    histogram's estimate (values spread evenly inside bins) would pick a narrower range that shifts
+    every pixel; counting the few distinct values exactly finds the range with no error."""
+    rng = np.random.default_rng(3)
+    pixels = np.clip(rng.normal(120, 60, 400_000), 0, 255).round()
+    x = ((pixels - 127) / 128).astype(np.float32)
+    histogram = histogram_of(x)
+    smooth_lo, smooth_hi = l2_optimal_range(histogram)
+    assert actual_squared_error(x, smooth_lo, smooth_hi) > 0
+    halves = DistinctValues.merged(x[:200_000])
+    histogram.distinct = DistinctValues.merged(x[200_000:], halves)
+    assert histogram.distinct.values.size == 256 and histogram.distinct.counts.sum() == x.size
+    lo, hi = l2_optimal_range(histogram)
+    assert (lo, hi) == (-127 / 128, 1.0) and actual_squared_error(x, lo, hi) == 0
+    # smooth activations are not counted: more than 256 values
+    assert DistinctValues.merged(rng.standard_normal(10_000)) is None
+    assert DistinctValues.merged(x[:10], DistinctValues.merged(rng.standard_normal(255))) is None
+
+
+def test_exact_range_of_few_values_beats_every_other_range_between_them():
+    """Values on no common grid: the exact search is the best of all ranges between two values."""
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.choice(rng.uniform(-3, 5, 40), 50_000), [0.0, 30.0]]).astype(np.float32)
+    distinct = DistinctValues.merged(x)
+    lo, hi = exact_l2_optimal_range(distinct)
+    candidates = [(a, b) for a in list(distinct.values[distinct.values < 0]) + [0.0]
+                  for b in list(distinct.values[distinct.values > 0]) + [0.0] if b > a]
+    assert actual_squared_error(x, lo, hi) == pytest.approx(min(actual_squared_error(x, a, b) for a, b in candidates),
+                                                            rel=1e-4)
+
+
 @pytest.mark.parametrize("distribution", ["laplacian_with_outliers", "relu6", "skewed"])
 def test_l2_range_is_near_caffe2s_optimum_under_its_own_score(distribution, laplacian_with_outliers):
     """Our closed-form error model (step (hi - lo) / 255, clipped values measured to lo and hi)
@@ -117,6 +159,11 @@ def test_activation_histograms_do_not_depend_on_the_order_of_the_batches(efficie
     for name, histogram in in_order.items():
         assert (histogram.start, histogram.width) == (other_order[name].start, other_order[name].width), name
         assert np.array_equal(histogram.counts, other_order[name].counts), name
+        assert (histogram.distinct is None) == (other_order[name].distinct is None), name
+    # only the input, tf127's 256 pixel levels, is counted value by value
+    assert [name for name, h in in_order.items() if h.distinct is not None] == ["input"]
+    assert np.array_equal(in_order["input"].distinct.counts, other_order["input"].distinct.counts)
+    assert in_order["input"].distinct.values.size <= 256
 
 
 def test_l2_int8_efficientnet_agrees_with_fp32(efficientnet_fp32: Path, calibration, tmp_path: Path):
