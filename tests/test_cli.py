@@ -211,3 +211,14 @@ def test_a_cluster_that_cannot_be_joined_is_one_line(tmp_path: Path):
                          "--address", address)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert f"error: cannot join the Ray cluster at {address!r}: {reason}" in result.stderr
+
+
+@pytest.mark.parametrize("format", ["parquet", "lmdb-datum", "lmdb-caffe2"])
+def test_prepare_refuses_an_empty_folder_as_evaluate_does_and_writes_nothing(tmp_path: Path, format: str):
+    """It wrote 0 records (an empty output folder, or an empty LMDB database) with exit code 0."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    folder.mkdir()
+    (folder / "labels.txt").write_text("")  # a labels file naming no image adds no record
+    result = invoke("prepare", "--images", folder, "--out", out, "--format", format)
+    assert result.exit_code == 2 and f"error: {folder}: no files to read" in result.output, result.output
+    assert not out.exists()
