@@ -222,3 +222,35 @@ def test_prepare_refuses_an_empty_folder_as_evaluate_does_and_writes_nothing(tmp
     result = invoke("prepare", "--images", folder, "--out", out, "--format", format)
     assert result.exit_code == 2 and f"error: {folder}: no files to read" in result.output, result.output
     assert not out.exists()
+
+
+def test_an_output_file_that_cannot_be_written_is_named_before_any_work(tmp_path: Path):
+    """quantize and model build/import-caffe2 wrote their model only once it was calibrated, built or
+    converted (minutes), then failed with a bare OSError; here the inputs are absent too, so any work
+    done before the check would fail on them first."""
+    absent = tmp_path / "absent"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    commands = {
+        "quantize": ["quantize", "--model", absent / "fp32.onnx", "--calibration", absent, "--out"],
+        "model build": ["model", "build", "resnet50", "--weights", absent / "weights.pth", "--out"],
+        "model import-caffe2": ["model", "import-caffe2", "--init", absent / "init.pb",
+                                "--predict", absent / "predict.pb", "--out"],
+    }
+    for command, args in commands.items():
+        result = invoke(*args, "/sys/x.onnx")  # sysfs: nobody, not even root, creates a file there
+        assert result.exit_code == 2, (command, result.output)
+        assert "/sys/x.onnx: cannot write the output file there (Permission denied)" in result.output, \
+            (command, result.output)
+        below = invoke(*args, a_file / "x.onnx")
+        assert below.exit_code == 2 and f"{a_file} is a file, not a folder" in below.output, \
+            (command, below.output)
+    assert a_file.read_text() == "not a folder" and list(tmp_path.iterdir()) == [a_file]
+    report = invoke("quantize", "--model", absent / "fp32.onnx", "--calibration", absent, "--eval", absent,
+                    "--out", tmp_path / "int8.onnx", "--report", "/sys/report.json")
+    assert report.exit_code == 2 and "/sys/report.json: cannot write the output file there" in report.output, \
+        report.output
+    folder = invoke("quantize", "--model", absent / "fp32.onnx", "--calibration", absent, "--eval", absent,
+                    "--out", tmp_path / "int8.onnx", "--report", tmp_path)
+    assert folder.exit_code == 2 and f"{tmp_path} is a folder: --report names the JSON file to write" in \
+        " ".join(folder.output.split()), folder.output
