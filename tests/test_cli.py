@@ -254,3 +254,55 @@ def test_an_output_file_that_cannot_be_written_is_named_before_any_work(tmp_path
                     "--out", tmp_path / "int8.onnx", "--report", tmp_path)
     assert folder.exit_code == 2 and f"{tmp_path} is a folder: --report names the JSON file to write" in \
         " ".join(folder.output.split()), folder.output
+
+
+def model_with_nan_outputs(path: Path) -> Path:
+    """A classifier (N x 3 x 224 x 224 in, N x 1000 logits out) whose logits are log(mean pixel + class
+    id / 1000): finite, class 999 first, for a bright image; NaN (log of a negative number) for a dark
+    one, whose normalised pixels are all below -1."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1, 2, 3], keepdims=0),
+         helper.make_node("Unsqueeze", ["mean", "axis"], ["column"]),
+         helper.make_node("Add", ["column", "offsets"], ["shifted"]),
+         helper.make_node("Log", ["shifted"], ["logits"])],
+        "nan_for_dark_images",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])],
+        [numpy_helper.from_array(np.array([1], np.int64), "axis"),
+         numpy_helper.from_array((np.arange(1000, dtype=np.float32) / 1000)[None, :], "offsets")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
+    return path
+
+
+def test_an_image_the_model_scores_nan_is_an_error_row_not_a_prediction(ray_local, tmp_path: Path):
+    """Its top-5 classes were the ranks of NaN scores, reported and counted as a wrong prediction."""
+    from PIL import Image
+
+    from pipeline.inference import NON_FINITE_OUTPUT
+
+    model = model_with_nan_outputs(tmp_path / "nan.onnx")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, grey in (("bright-a.png", 250), ("dark.png", 5), ("bright-b.png", 240)):
+        Image.new("RGB", (256, 256), (grey, grey, grey)).save(folder / name)
+    (folder / "labels.txt").write_text("bright-a.png 999\ndark.png 999\nbright-b.png 999\n")
+
+    evaluated = invoke("evaluate", "--model", model, "--data", folder, "--preset", "torch",
+                       "--output", tmp_path / "evaluation")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert f"error row: dark.png: {NON_FINITE_OUTPUT}" in evaluated.output
+    metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert (metrics["images"], metrics["evaluated"], metrics["errors"], metrics["top1"]) == (3, 2, 1, 1.0)
+    rows = sorted(pq.read_table(tmp_path / "evaluation" / "predictions.parquet").to_pylist(), key=lambda r: r["key"])
+    assert [(row["key"], row["error"], row["top5_ids"][0]) for row in rows] == [
+        ("bright-a.png", "", 999), ("bright-b.png", "", 999), ("dark.png", NON_FINITE_OUTPUT, -1)]
+
+    labelled = invoke("label", "--model", model, "--data", folder, "--preset", "torch",
+                      "--output", tmp_path / "labels")
+    assert labelled.exit_code == 0 and "3 images: 2 labelled, 1 errors" in labelled.output, labelled.output
+    errors = pq.read_table(tmp_path / "labels" / "errors").to_pylist()
+    assert errors == [{"key": "dark.png", "reason": NON_FINITE_OUTPUT}]
