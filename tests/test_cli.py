@@ -306,3 +306,33 @@ def test_an_image_the_model_scores_nan_is_an_error_row_not_a_prediction(ray_loca
     assert labelled.exit_code == 0 and "3 images: 2 labelled, 1 errors" in labelled.output, labelled.output
     errors = pq.read_table(tmp_path / "labels" / "errors").to_pylist()
     assert errors == [{"key": "dark.png", "reason": NON_FINITE_OUTPUT}]
+
+
+def test_a_ctrl_c_as_a_run_finishes_prints_no_traceback(tmp_path: Path):
+    """Ctrl-C once the results are written, while Ray shuts down at exit: Python printed "Exception
+    ignored in atexit callback" and Ray's traceback (in most runs, at any of these delays)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = subset_folder(need(VAL_1300), tmp_path / "images", 4)
+    for delay in (0.05, 0.2, 0.5):
+        # a session of its own: Ctrl-C goes to the terminal's whole foreground process group
+        run = subprocess.Popen([sys.executable, "-m", "pipeline", "evaluate", "--model", need(MOBILENET_INT8),
+                                "--data", folder, "--output", tmp_path / "out"], cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        before = ""
+        for line in run.stderr:
+            before += line
+            if line.startswith("metrics: "):  # the run's last line
+                time.sleep(delay)
+                os.killpg(run.pid, signal.SIGINT)
+                break
+        after = run.communicate(timeout=300)[1]
+        assert "metrics: " in before, before
+        assert "Traceback" not in after and "Exception ignored" not in after, (delay, after)
+        # done; interrupted as the command returned (Typer's quiet 130); or killed once Ray was down
+        assert run.returncode in (0, 130, -signal.SIGINT), (delay, run.returncode)
