@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -76,7 +77,21 @@ def _three_numbers(value: object, key: str, source: str) -> tuple[float, float, 
     if not (isinstance(value, list) and len(value) == 3
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
         raise ConfigError(f"{source}: {key} must be a list of three numbers (one per channel), got {value!r}")
-    return tuple(float(v) for v in value)
+    # YAML's .nan and .inf are floats, and a whole number past float's range is no float: either
+    # would make every preprocessed pixel NaN or infinite without a word
+    numbers = [_finite_float(v) for v in value]
+    if None in numbers:
+        raise ConfigError(f"{source}: {key} must be finite numbers (not .nan or .inf), got {value!r}")
+    return tuple(numbers)
+
+
+def _finite_float(value: int | float) -> float | None:
+    """VALUE as a float, or None when it is NaN, infinite or too large for a float."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _pixels(value: object, key: str, source: str) -> int:

@@ -18,6 +18,11 @@ class ModelError(ValueError):
     """A model file the pipeline cannot run; the message is one sentence saying why."""
 
 
+# the error row of an image whose class scores came out NaN or infinite: ranked, they would be
+# reported as arbitrary classes and counted as a wrong prediction
+NON_FINITE_OUTPUT = "the model's output for this image is not finite (NaN or infinity)"
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the pipeline needs to know about a classifier, read from the model file itself."""
@@ -221,6 +226,14 @@ class Classifier:
             class_probs = np.zeros((n, NUM_CLASSES), dtype=np.float32)
             if ok.any():
                 class_probs[ok] = run_model(self.session, self.info, batch["input"][ok])
+        # checked on the probabilities, not the raw outputs: a logit of -inf is a probability of 0,
+        # while NaN or +inf in the outputs makes its row's probabilities NaN or infinite
+        not_finite = ok & ~np.isfinite(class_probs).all(axis=1)
+        if not_finite.any():
+            errors = errors.astype(object)  # a copy, and one that takes a longer string than it holds
+            errors[not_finite] = NON_FINITE_OUTPUT
+            class_probs[not_finite] = 0.0  # as for every error row
+            ok &= ~not_finite
         ids, probs = top_k(class_probs, self.k)
         ids[~ok] = -1
         return {

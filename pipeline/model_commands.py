@@ -12,7 +12,7 @@ from ray.exceptions import RayError
 from pipeline.console import (PRESET_HELP, USER_ERRORS, InputFormat, fail, fail_in_ray, format_help, format_name,
                               model_and_preset)
 from pipeline.models import ARCHITECTURES, GENERATED, build_model
-from pipeline.output import OutputDirError
+from pipeline.output import OutputDirError, check_output_file
 from pipeline.weights import WeightsError
 
 
@@ -83,9 +83,11 @@ def quantize_command(
     try:
         check_options(method, activations)
         outputs = int8_paths(out, method)
-        folders = [str(path) for path in outputs.values() if path.is_dir()]
-        if folders:
-            raise QuantizeError(f"{folders[0]} is a folder: --out names the .onnx file to write")
+        for path in outputs.values():
+            check_output_file(path)
+        report_path = report or out.parent / "quantize-report.json"
+        if eval:
+            check_output_file(report_path, "--report", "JSON")
         model, preset = model_and_preset(model, preset)
         preset_obj = load_preset(preset)
         info = checked_model_info(model)  # the model and the preset are checked before Ray starts and images are read
@@ -101,7 +103,6 @@ def quantize_command(
             quantize_model(model, calib.batches, path, name, activations)
             typer.echo(f"wrote {path} (int8, {name} calibration)")
         if eval:
-            report_path = report or out.parent / "quantize-report.json"
             typer.echo(f"evaluating fp32 and {len(outputs)} int8 model{'s' * (len(outputs) > 1)} on {eval}")
             result = accuracy_report(str(model), outputs, eval, preset, report_path.parent / "quantize-eval",
                                      labels=str(labels) if labels else None, limit=eval_limit,

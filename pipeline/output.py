@@ -1,7 +1,10 @@
-"""Output folders: what `evaluate` and `label` share about the folder a run writes into."""
+"""Outputs: what `evaluate` and `label` share about the folder a run writes into, and what the
+commands that write one file (`quantize`, `model build`, `model import-caffe2`) check of it."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 
@@ -24,4 +27,23 @@ def make_output_dir(path: str | Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputDirError(f"{path}: cannot make the output folder there ({exc.strerror or exc})") from None
+    return path
+
+
+def check_output_file(path: str | Path, option: str = "--out", kind: str = ".onnx") -> Path:
+    """PATH (given as OPTION, a KIND file) as a file that can be written, checked before any work
+    (a model is written only after minutes of building or calibration): its folder is made, with
+    its parents, and a file can be created there; an OutputDirError saying why otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputDirError(f"{path} is a folder: {option} names the {kind} file to write")
+    folder = make_output_dir(path.parent)
+    try:
+        # a file of our own, deleted at once: PATH itself, if it exists, is left as it is
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as exc:
+        raise OutputDirError(f"{path}: cannot write the output file there ({exc.strerror or exc})") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputDirError(f"{path}: cannot write the output file there (it exists and is read-only)")
     return path

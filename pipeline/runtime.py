@@ -7,8 +7,10 @@ stock recipe, actors with num_cpus=1 on every core, takes all CPUs and the reads
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import signal
 import socket
 import warnings
 from typing import TYPE_CHECKING, Callable, Optional
@@ -71,6 +73,9 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
                 ray.init(address=address, **common)
             except (ConnectionError, ValueError, RuntimeError) as exc:  # nothing there, a bad address, no ray[client]
                 raise ClusterError(f"cannot join the Ray cluster at {address!r}: {' '.join(str(exc).split())}") from None
+    # registered after Ray's own atexit ray.shutdown (at `import ray`), so it runs before it
+    atexit.unregister(_let_ray_shut_down)
+    atexit.register(_let_ray_shut_down)
     context = DataContext.get_current()
     context.enable_progress_bars = False  # the CLI draws its own bar over the streamed output
     context.print_on_execution_start = False
@@ -80,6 +85,16 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
     # an input of fewer read blocks than inference actors (a small folder, --limit) keeps some
     # actors idle; Ray Data's advice to set override_num_blocks is not the user's to follow
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
+
+
+def _let_ray_shut_down() -> None:
+    """At exit, before Ray's shutdown: a Ctrl-C then, when the run's work is done and written,
+    interrupted the shutdown and Python printed Ray's traceback ("Exception ignored in atexit
+    callback"). The first Ctrl-C is ignored; a second one still interrupts a shutdown that hangs."""
+    def interrupt_next_time(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, interrupt_next_time)
 
 
 def inference_slots() -> int:

@@ -211,3 +211,128 @@ def test_a_cluster_that_cannot_be_joined_is_one_line(tmp_path: Path):
                          "--address", address)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert f"error: cannot join the Ray cluster at {address!r}: {reason}" in result.stderr
+
+
+@pytest.mark.parametrize("format", ["parquet", "lmdb-datum", "lmdb-caffe2"])
+def test_prepare_refuses_an_empty_folder_as_evaluate_does_and_writes_nothing(tmp_path: Path, format: str):
+    """It wrote 0 records (an empty output folder, or an empty LMDB database) with exit code 0."""
+    folder, out = tmp_path / "images", tmp_path / "out"
+    folder.mkdir()
+    (folder / "labels.txt").write_text("")  # a labels file naming no image adds no record
+    result = invoke("prepare", "--images", folder, "--out", out, "--format", format)
+    assert result.exit_code == 2 and f"error: {folder}: no files to read" in result.output, result.output
+    assert not out.exists()
+
+
+def test_an_output_file_that_cannot_be_written_is_named_before_any_work(tmp_path: Path):
+    """quantize and model build/import-caffe2 wrote their model only once it was calibrated, built or
+    converted (minutes), then failed with a bare OSError; here the inputs are absent too, so any work
+    done before the check would fail on them first."""
+    absent = tmp_path / "absent"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    commands = {
+        "quantize": ["quantize", "--model", absent / "fp32.onnx", "--calibration", absent, "--out"],
+        "model build": ["model", "build", "resnet50", "--weights", absent / "weights.pth", "--out"],
+        "model import-caffe2": ["model", "import-caffe2", "--init", absent / "init.pb",
+                                "--predict", absent / "predict.pb", "--out"],
+    }
+    for command, args in commands.items():
+        result = invoke(*args, "/sys/x.onnx")  # sysfs: nobody, not even root, creates a file there
+        assert result.exit_code == 2, (command, result.output)
+        assert "/sys/x.onnx: cannot write the output file there (Permission denied)" in result.output, \
+            (command, result.output)
+        below = invoke(*args, a_file / "x.onnx")
+        assert below.exit_code == 2 and f"{a_file} is a file, not a folder" in below.output, \
+            (command, below.output)
+    assert a_file.read_text() == "not a folder" and list(tmp_path.iterdir()) == [a_file]
+    report = invoke("quantize", "--model", absent / "fp32.onnx", "--calibration", absent, "--eval", absent,
+                    "--out", tmp_path / "int8.onnx", "--report", "/sys/report.json")
+    assert report.exit_code == 2 and "/sys/report.json: cannot write the output file there" in report.output, \
+        report.output
+    folder = invoke("quantize", "--model", absent / "fp32.onnx", "--calibration", absent, "--eval", absent,
+                    "--out", tmp_path / "int8.onnx", "--report", tmp_path)
+    assert folder.exit_code == 2 and f"{tmp_path} is a folder: --report names the JSON file to write" in \
+        " ".join(folder.output.split()), folder.output
+
+
+def model_with_nan_outputs(path: Path) -> Path:
+    """A classifier (N x 3 x 224 x 224 in, N x 1000 logits out) whose logits are log(mean pixel + class
+    id / 1000): finite, class 999 first, for a bright image; NaN (log of a negative number) for a dark
+    one, whose normalised pixels are all below -1."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1, 2, 3], keepdims=0),
+         helper.make_node("Unsqueeze", ["mean", "axis"], ["column"]),
+         helper.make_node("Add", ["column", "offsets"], ["shifted"]),
+         helper.make_node("Log", ["shifted"], ["logits"])],
+        "nan_for_dark_images",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])],
+        [numpy_helper.from_array(np.array([1], np.int64), "axis"),
+         numpy_helper.from_array((np.arange(1000, dtype=np.float32) / 1000)[None, :], "offsets")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
+    return path
+
+
+def test_an_image_the_model_scores_nan_is_an_error_row_not_a_prediction(ray_local, tmp_path: Path):
+    """Its top-5 classes were the ranks of NaN scores, reported and counted as a wrong prediction."""
+    from PIL import Image
+
+    from pipeline.inference import NON_FINITE_OUTPUT
+
+    model = model_with_nan_outputs(tmp_path / "nan.onnx")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name, grey in (("bright-a.png", 250), ("dark.png", 5), ("bright-b.png", 240)):
+        Image.new("RGB", (256, 256), (grey, grey, grey)).save(folder / name)
+    (folder / "labels.txt").write_text("bright-a.png 999\ndark.png 999\nbright-b.png 999\n")
+
+    evaluated = invoke("evaluate", "--model", model, "--data", folder, "--preset", "torch",
+                       "--output", tmp_path / "evaluation")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert f"error row: dark.png: {NON_FINITE_OUTPUT}" in evaluated.output
+    metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert (metrics["images"], metrics["evaluated"], metrics["errors"], metrics["top1"]) == (3, 2, 1, 1.0)
+    rows = sorted(pq.read_table(tmp_path / "evaluation" / "predictions.parquet").to_pylist(), key=lambda r: r["key"])
+    assert [(row["key"], row["error"], row["top5_ids"][0]) for row in rows] == [
+        ("bright-a.png", "", 999), ("bright-b.png", "", 999), ("dark.png", NON_FINITE_OUTPUT, -1)]
+
+    labelled = invoke("label", "--model", model, "--data", folder, "--preset", "torch",
+                      "--output", tmp_path / "labels")
+    assert labelled.exit_code == 0 and "3 images: 2 labelled, 1 errors" in labelled.output, labelled.output
+    errors = pq.read_table(tmp_path / "labels" / "errors").to_pylist()
+    assert errors == [{"key": "dark.png", "reason": NON_FINITE_OUTPUT}]
+
+
+def test_a_ctrl_c_as_a_run_finishes_prints_no_traceback(tmp_path: Path):
+    """Ctrl-C once the results are written, while Ray shuts down at exit: Python printed "Exception
+    ignored in atexit callback" and Ray's traceback (in most runs, at any of these delays)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = subset_folder(need(VAL_1300), tmp_path / "images", 4)
+    for delay in (0.05, 0.2, 0.5):
+        # a session of its own: Ctrl-C goes to the terminal's whole foreground process group
+        run = subprocess.Popen([sys.executable, "-m", "pipeline", "evaluate", "--model", need(MOBILENET_INT8),
+                                "--data", folder, "--output", tmp_path / "out"], cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        before = ""
+        for line in run.stderr:
+            before += line
+            if line.startswith("metrics: "):  # the run's last line
+                time.sleep(delay)
+                os.killpg(run.pid, signal.SIGINT)
+                break
+        after = run.communicate(timeout=300)[1]
+        assert "metrics: " in before, before
+        assert "Traceback" not in after and "Exception ignored" not in after, (delay, after)
+        # done; interrupted as the command returned (Typer's quiet 130); or killed once Ray was down
+        assert run.returncode in (0, 130, -signal.SIGINT), (delay, run.returncode)

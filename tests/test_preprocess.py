@@ -37,6 +37,11 @@ def test_unknown_preset_and_bad_yaml_are_clear_errors(tmp_path):
     ("std", "[a, b, c]", r"std must be a list of three numbers \(one per channel\), got \['a', 'b', 'c'\]"),
     ("mean", "[[1, 2], 3, 4]", "mean must be a list of three numbers"),
     ("std", "[1, 0, 1]", r"std must be > 0, got \[1.0, 0.0, 1.0\]"),
+    ("mean", "[.nan, 116.28, 103.53]", r"mean must be finite numbers \(not .nan or .inf\), got \[nan, 116.28, 103.5"),
+    ("std", "[58.395, .inf, 57.375]", r"std must be finite numbers \(not .nan or .inf\), got \[58.395, inf, 57.375\]"),
+    ("std", "[-.inf, 57.12, 57.375]", r"std must be finite numbers"),
+    ("mean", "[1.0e+400, 116.28, 103.53]", r"mean must be finite numbers"),  # YAML reads it as inf
+    ("mean", f"[{10 ** 400}, 116.28, 103.53]", r"mean must be finite numbers"),  # float() overflows
     ("scale", "big", "scale must be a whole number of pixels from 1 to 16384, got 'big'"),
     ("scale", "1000000000000", "scale must be a whole number of pixels from 1 to 16384"),
     ("crop", "224.5", "crop must be a whole number of pixels from 1 to 16384, got 224.5"),

@@ -31,7 +31,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.caffe2.proto import load_net
-from pipeline.output import make_output_dir
+from pipeline.output import check_output_file
 
 OPSET = 13
 MS_DOMAIN = "com.microsoft"
@@ -667,8 +667,7 @@ def _declare_output_shapes(model: onnx.ModelProto, input_name: str, input_size: 
 def import_caffe2(init_path: str | Path, predict_path: str | Path, out_path: str | Path,
                   input_size: int = 224) -> onnx.ModelProto:
     """Read both nets (binary or text), convert them, and save the ONNX model."""
+    out_path = check_output_file(out_path)  # before the nets are read and converted
     model = convert_nets(load_net(init_path), load_net(predict_path), input_size=input_size)
-    out_path = Path(out_path)
-    make_output_dir(out_path.parent)
     onnx.save(model, str(out_path))
     return model

@@ -13,7 +13,7 @@ import onnx
 
 from pipeline.models import efficientnet_lite0, resnet50
 from pipeline.models.state_dict import StateDict
-from pipeline.output import make_output_dir
+from pipeline.output import check_output_file
 from pipeline.weights import WeightsError, load_state_dict
 
 GENERATED = "generated"
@@ -40,6 +40,7 @@ def build_model(arch: str, weights: str | None, out: str | Path) -> Path:
     if arch not in ARCHITECTURES:
         raise WeightsError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
     spec = ARCHITECTURES[arch]
+    out = check_output_file(out)  # before the weights are read and the graph is built
     if weights == GENERATED:
         if spec.generated_weights is None:
             raise WeightsError(f"{arch} has no generated weights; give a weights file")
@@ -51,8 +52,6 @@ def build_model(arch: str, weights: str | None, out: str | Path) -> Path:
             weights = spec.default_weights()
         state = StateDict(load_state_dict(weights), str(weights))
     model = spec.build(state)
-    out = Path(out)
-    make_output_dir(out.parent)
     onnx.save(model, out)
     return out
 
