@@ -178,11 +178,8 @@ def prepare(
             report = f"wrote {counts['records']} records in {counts['shards']} shards to {out}" + (
                 f" ({counts['unreadable']} unreadable files kept as error rows)" if counts["unreadable"] else "")
         else:
-            from pipeline.prepare import folder_records
             from pipeline.sources.lmdb_writer import prepare_lmdb
 
-            # write_lmdb would write an empty database: the folder is listed once more to refuse that
-            folder_records(str(images), labels_file)
             report = prepare_lmdb(str(images), str(out), labels_file, format, encoded, resize)
     except USER_ERRORS as exc:
         fail(str(exc))

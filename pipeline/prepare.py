@@ -10,18 +10,8 @@ from typing import Optional
 import pyarrow.parquet as pq
 
 from pipeline.output import make_output_dir
-from pipeline.sources import RECORDS_PER_BLOCK, SourceError
-from pipeline.sources.folder import list_folder_records, read_folder_records
-
-
-def folder_records(images: str, labels: Optional[str] = None) -> list[tuple[str, int]]:
-    """The records of image folder IMAGES, as `list_folder_records` lists them; a SourceError when
-    there are none, worded as `evaluate` and `label` word it: an empty output would look like a
-    successful run."""
-    records = list_folder_records(images, labels)
-    if not records:
-        raise SourceError(f"{images}: no files to read")
-    return records
+from pipeline.sources import RECORDS_PER_BLOCK
+from pipeline.sources.folder import folder_records_to_read, read_folder_records
 
 
 def write_parquet_shards(images: str, out: str, labels: Optional[str] = None, shard_size: int = 1000) -> dict:
@@ -30,7 +20,7 @@ def write_parquet_shards(images: str, out: str, labels: Optional[str] = None, sh
     Unreadable files are kept as rows with an `error`, so evaluating the shards accounts for them."""
     if shard_size < 1:
         raise ValueError("--shard-size must be at least 1")
-    records = folder_records(images, labels)  # before the output folder is made
+    records = folder_records_to_read(images, labels)  # before the output folder is made
     make_output_dir(out)
     shards, errors = 0, 0
     for shard, start in enumerate(range(0, len(records), shard_size)):

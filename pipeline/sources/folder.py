@@ -36,6 +36,15 @@ def list_folder_records(root: str | Path, labels: Optional[str | Path] = None) -
     return [(key, label_of.get(key, NO_LABEL)) for key in sorted(keys)]
 
 
+def folder_records_to_read(root: str | Path, labels: Optional[str | Path] = None) -> list[tuple[str, int]]:
+    """`list_folder_records`, refusing (SourceError) a folder that has none: every command that reads
+    a folder whole says so the same way, where an empty result would look like a successful run."""
+    records = list_folder_records(root, labels)
+    if not records:
+        raise SourceError(f"{root}: no files to read")
+    return records
+
+
 def folder_root(root: str | Path) -> Path:
     """ROOT as a Path, once it is known to be a folder."""
     root = Path(root)
@@ -76,8 +85,8 @@ class ImageFolderDatasource(Datasource):
     """Reads an image folder's files in `read_task_split` ReadTasks, one block each."""
 
     def __init__(self, root: str | Path, labels: Optional[str | Path] = None, limit: Optional[int] = None):
+        self.records = folder_records_to_read(root, labels)[:limit]
         self.root = Path(root).resolve()
-        self.records = list_folder_records(self.root, labels)[:limit]
         self.per_task, self.tasks = read_task_split(len(self.records))
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
@@ -103,8 +112,6 @@ class ImageFolderDatasource(Datasource):
 def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[int] = None) -> Source:
     """Source rows, one per file in ROOT."""
     datasource = ImageFolderDatasource(root, labels, limit)
-    if not datasource.records:
-        raise SourceError(f"{root}: no files to read")
     # one block per ReadTask: Ray would otherwise split each small block to reach its default
     # parallelism, and a split read is not fused with the preprocessing
     return Source(ray.data.read_datasource(datasource, override_num_blocks=datasource.tasks),

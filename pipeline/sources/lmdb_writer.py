@@ -24,7 +24,7 @@ from PIL import Image
 from pipeline.output import make_output_dir
 from pipeline.preprocess import JPEG_MAGIC, ImageError, decode_image, scale_shorter_side
 from pipeline.sources import LMDB_DATA_FILE, SourceError
-from pipeline.sources.folder import list_folder_records, read_file
+from pipeline.sources.folder import folder_records_to_read, read_file
 from pipeline.sources.lmdb_records import DATUM, ENCODERS, TENSOR_PROTOS
 
 LMDB_FORMATS = {"lmdb-datum": DATUM, "lmdb-caffe2": TENSOR_PROTOS}
@@ -50,10 +50,10 @@ def record_value(record_kind: str, label: int, data: bytes, encoded: bool, resiz
     return encode(label, bgr_hwc=pixels[:, :, ::-1])
 
 
-def _records(images: str, labels: Optional[str], record_kind: str, encoded: bool, resize: Optional[int],
+def _records(images: str, records: list[tuple[str, int]], record_kind: str, encoded: bool, resize: Optional[int],
              skipped: list[tuple[str, str]]) -> Iterator[list[tuple[bytes, bytes]]]:
-    """Chunks of (key, value) in input order; unreadable images go to SKIPPED as (key, reason)."""
-    records = list_folder_records(images, labels)
+    """Chunks of (key, value) of RECORDS (key, label) of folder IMAGES in order; unreadable images go to
+    SKIPPED as (key, reason)."""
     root = Path(images)
     for start in range(0, len(records), READ_CHUNK):
         chunk = []
@@ -81,13 +81,14 @@ def write_lmdb(images: str, out: str, labels: Optional[str] = None, fmt: str = "
     out_dir = Path(out)
     if (out_dir / LMDB_DATA_FILE).exists():
         raise SourceError(f"{out}: already holds an LMDB database; choose a new folder")
+    records = folder_records_to_read(images, labels)  # before the output folder is made
     make_output_dir(out_dir)
     skipped: list[tuple[str, str]] = []
     written = 0
     # lock=False: a single writer, and no lock.mdb left beside the database for readers to trip on.
     env = lmdb.open(str(out_dir), map_size=INITIAL_MAP_SIZE, lock=False, subdir=True)
     try:
-        for chunk in _records(images, labels, LMDB_FORMATS[fmt], encoded, resize, skipped):
+        for chunk in _records(images, records, LMDB_FORMATS[fmt], encoded, resize, skipped):
             while True:
                 try:
                     with env.begin(write=True) as txn:
