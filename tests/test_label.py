@@ -197,6 +197,14 @@ def bad_files() -> dict[str, bytes]:
     }
 
 
+def write_bad_files(folder: Path) -> Path:
+    """FOLDER holding `bad_files()`."""
+    for name, data in bad_files().items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    return folder
+
+
 EXPECTED_REASONS = {
     "empty.jpg": "empty image", "truncated.jpg": "truncated or corrupt", "corrupt.jpg": "not a recognised image",
     "notes.txt": "not a recognised image format", "deeper/meta.json": "not a recognised image format",
@@ -205,10 +213,7 @@ EXPECTED_REASONS = {
 
 def test_bad_files_in_a_folder_and_in_tars_are_error_rows_and_the_counts_add_up(ray_local, tmp_path):
     files = bad_files()
-    folder = tmp_path / "folder"
-    for name, data in files.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(data)
+    folder = write_bad_files(tmp_path / "folder")
     tars = tmp_path / "tars"
     write_tar(tars / "shard-0.tar", list(files.items()))
     whole = write_tar(tmp_path / "whole.tar", [(f"x{i}.jpg", jpeg_bytes(size=(300, 300), seed=i)) for i in range(3)])
@@ -454,10 +459,7 @@ def test_a_resume_over_a_folder_changed_among_its_finished_units_is_refused(ray_
     """Units are runs of the walk: a file added before the end of the finished units would shift
     them, and the resume would label files twice and skip others. It is refused before anything
     runs; a file added after them is labelled, every file once."""
-    folder = tmp_path / "folder"
-    for name, data in bad_files().items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(data)
+    folder = write_bad_files(tmp_path / "folder")
     model, output = str(need(MOBILENET_INT8)), tmp_path / "out"
     label(model, str(folder), str(output), unit_size=3)
     # as if killed after the first unit: the units after it are not done
@@ -478,10 +480,7 @@ def test_a_resume_over_a_folder_changed_among_its_finished_units_is_refused(ray_
 
 
 def test_resume_drops_half_written_files_and_redoes_only_those_units(ray_local, tmp_path):
-    folder = tmp_path / "folder"
-    for name, data in bad_files().items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(data)
+    folder = write_bad_files(tmp_path / "folder")
     model, output = str(need(MOBILENET_INT8)), tmp_path / "out"
     label(model, str(folder), str(output), unit_size=3)
     before = read_output(output)[:2]
