@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pyarrow.parquet as pq
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from conftest import MOBILENET_INT8, REPO, VAL_1300, need, run_cli, subset_folder
@@ -16,6 +19,17 @@ from pipeline.cli import app
 
 def invoke(*args: str):
     return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def save_classifier(path: Path, nodes: list, name: str, initializers: tuple = (),
+                    input_type: int = TensorProto.FLOAT, opset: int = 13) -> Path:
+    """A graph of NODES from `input` (N x 3 x 224 x 224 of INPUT_TYPE) to the last node's output
+    (N x 1000 float), saved at PATH: the shape of classifier the pipeline runs."""
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("input", input_type, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, ["N", 1000])], list(initializers))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8), path)
+    return path
 
 
 def test_preset_and_config_that_disagree_fail_and_that_agree_are_one_preset(tmp_path: Path):
@@ -70,22 +84,15 @@ def test_a_run_that_scores_no_image_writes_every_row_then_fails(ray_local, tmp_p
 def model_failing_at_run_time(path: Path) -> Path:
     """A valid classifier graph (N x 3 x 224 x 224 in, N x 1000 out) whose Reshape to (5, -1) fails in
     onnxruntime for any batch of images not a multiple of 5: it loads, then fails inside the actors."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph(
+    return save_classifier(
+        path,
         [helper.make_node("Reshape", ["input", "shape"], ["rows"]),
          helper.make_node("ReduceMean", ["rows"], ["mean"], axes=[1], keepdims=1),
          helper.make_node("Tile", ["mean", "repeats"], ["logits"]),
          helper.make_node("Softmax", ["logits"], ["probs"], axis=1)],
         "fails_at_run_time",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 224, 224])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 1000])],
-        [numpy_helper.from_array(np.array([5, -1], np.int64), "shape"),
-         numpy_helper.from_array(np.array([1, 1000], np.int64), "repeats")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
-    return path
+        (numpy_helper.from_array(np.array([5, -1], np.int64), "shape"),
+         numpy_helper.from_array(np.array([1, 1000], np.int64), "repeats")))
 
 
 def test_a_run_that_fails_inside_ray_ends_with_the_remote_error_on_one_line(tmp_path: Path):
@@ -162,15 +169,8 @@ def test_an_output_that_cannot_be_a_folder_is_named_before_any_work(tmp_path: Pa
 def test_a_model_onnxruntime_cannot_load_is_named_before_ray_starts(tmp_path: Path):
     """A graph that parses and has the right input and output but an operator onnxruntime does not know:
     before, every inference actor failed to start and Ray printed each one's traceback."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("NoSuchOp", ["input"], ["probs"])], "unknown_op",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 224, 224])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 1000])])
-    model = tmp_path / "unknown-op.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), model)
+    model = save_classifier(tmp_path / "unknown-op.onnx", [helper.make_node("NoSuchOp", ["input"], ["probs"])],
+                            "unknown_op", opset=17)
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 2)
     for args in (["evaluate", "--output", tmp_path / "a"], ["label", "--output", tmp_path / "b"],
                  ["quantize", "--calibration", folder, "--out", tmp_path / "int8.onnx"]):
@@ -181,16 +181,11 @@ def test_a_model_onnxruntime_cannot_load_is_named_before_ray_starts(tmp_path: Pa
 
 def test_a_model_whose_input_is_not_float_is_named_before_ray_starts(tmp_path: Path):
     """It failed on every batch inside Ray, leaving only predictions.parquet.partial."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
+    model = save_classifier(
+        tmp_path / "uint8.onnx",
         [helper.make_node("Cast", ["input"], ["x"], to=TensorProto.FLOAT),
          helper.make_node("ReduceMean", ["x"], ["probs"], axes=[2, 3], keepdims=0)], "uint8_input",
-        [helper.make_tensor_value_info("input", TensorProto.UINT8, ["N", 3, 224, 224])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 1000])])
-    model = tmp_path / "uint8.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), model)
+        input_type=TensorProto.UINT8)
     result = invoke("evaluate", "--model", model, "--data", tmp_path, "--output", tmp_path / "out")
     assert result.exit_code == 2 and "input 'input' takes UINT8, expected FLOAT" in result.output, result.output
     assert not (tmp_path / "out").exists()
@@ -260,22 +255,15 @@ def model_with_nan_outputs(path: Path) -> Path:
     """A classifier (N x 3 x 224 x 224 in, N x 1000 logits out) whose logits are log(mean pixel + class
     id / 1000): finite, class 999 first, for a bright image; NaN (log of a negative number) for a dark
     one, whose normalised pixels are all below -1."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = helper.make_graph(
+    return save_classifier(
+        path,
         [helper.make_node("ReduceMean", ["input"], ["mean"], axes=[1, 2, 3], keepdims=0),
          helper.make_node("Unsqueeze", ["mean", "axis"], ["column"]),
          helper.make_node("Add", ["column", "offsets"], ["shifted"]),
          helper.make_node("Log", ["shifted"], ["logits"])],
         "nan_for_dark_images",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 224, 224])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])],
-        [numpy_helper.from_array(np.array([1], np.int64), "axis"),
-         numpy_helper.from_array((np.arange(1000, dtype=np.float32) / 1000)[None, :], "offsets")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), path)
-    return path
+        (numpy_helper.from_array(np.array([1], np.int64), "axis"),
+         numpy_helper.from_array((np.arange(1000, dtype=np.float32) / 1000)[None, :], "offsets")))
 
 
 def test_an_image_the_model_scores_nan_is_an_error_row_not_a_prediction(ray_local, tmp_path: Path):
