@@ -141,6 +141,13 @@ def nothing_scored(metrics: dict, output: Path) -> str:
     return f"no image could be scored: {metrics['errors']} error rows, {count} of them {reason!r}{hint}"
 
 
+def time_line(time: dict) -> str:
+    """Where the run's time went, in one line: CPU ms per image by stage, and the start-up."""
+    stages = ", ".join(f"{stage} {1000 * seconds:.2f}" for stage, seconds in time["cpu_s_per_image"].items())
+    return (f"CPU ms per image: {stages}; start-up: Ray {time['ray_start_s']:.1f} s, "
+            f"first prediction {time['first_prediction_s']:.1f} s after the command started")
+
+
 def print_summary(metrics: dict, output: Path) -> None:
     # the title on a line of its own: a table wraps its title, and this one holds the data's path
     Console(soft_wrap=True).print(f"{Path(metrics['model']).name} on {metrics['data']} ({metrics['preset']})",
@@ -152,6 +159,7 @@ def print_summary(metrics: dict, output: Path) -> None:
                   f"{100 * metrics['top1']:.2f}%", f"{100 * metrics['top5']:.2f}%",
                   f"{metrics['wall_s']:.1f}", f"{metrics['images_per_s']:.1f}")
     Console().print(table)
+    say(time_line(metrics["time"]))
     for sample in metrics["error_samples"][:5]:
         say(f"  error row: {sample['key']}: {sample['reason']}")
     say(f"metrics: {output / 'metrics.json'}  predictions: {output / 'predictions.parquet'}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -22,6 +23,7 @@ from pipeline.preprocess import NUM_CLASSES, Preprocessor
 from pipeline.runtime import (INFERENCE_RESOURCE, inference_actor_options, inference_slots, init_ray,
                               map_after_read)
 from pipeline.sources import Source, check_source, read_source
+from pipeline.timing import TimeBreakdown, process_age_seconds
 
 
 def check_preset_fits(info: ModelInfo, preset: Preset) -> None:
@@ -39,7 +41,8 @@ def predict(source: Source, info: ModelInfo, preset: Preset, *, require_label: b
                                   source.recut_rows, batch_size=None, batch_format="numpy")
     return preprocessed.map_batches(
         Classifier,
-        fn_constructor_kwargs={"model_path": os.path.abspath(info.path), "top_k": top_k,
+        fn_constructor_kwargs={"info": dataclasses.replace(info, path=os.path.abspath(info.path)), "preset": preset,
+                               "top_k": top_k,
                                "run_id": run_id or uuid.uuid4().hex, "carry": carry,
                                "probabilities": probabilities},
         batch_size=info.batch_size or batch_size,
@@ -96,7 +99,9 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
     fmt = check_source(data, fmt, labels)  # before Ray starts: a bad input is reported at once
     if output:
         make_output_dir(output)
+    ray_started = time.perf_counter()
     init_ray(address)
+    ray_start_s = time.perf_counter() - ray_started
     nodes_at_start = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
     source = read_source(data, fmt=fmt, labels=labels, limit=limit)
     predictions = predict(source, info, preset_obj, require_label=True, top_k=5, batch_size=batch_size,
@@ -107,10 +112,16 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
     if output:
         partial = Path(output) / "predictions.parquet.partial"
         writer = pq.ParquetWriter(partial, prediction_schema(probabilities))
+    breakdown = TimeBreakdown()
+    breakdown.start(ray.get_runtime_context().get_node_id())
     execution_started = time.perf_counter()
+    first_prediction_s = None
     try:
         for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
+            if first_prediction_s is None:
+                first_prediction_s = process_age_seconds()
             counter.update(batch)
+            breakdown.update(batch)
             if writer:
                 writer.write_table(prediction_table(batch))
             if on_progress:
@@ -119,6 +130,7 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
         if writer:
             writer.close()
     finished = time.perf_counter()
+    breakdown.finish()
     wall = finished - started
     source.check_all_read(counter.records, data)  # before any result is written as if it were whole
     if writer:
@@ -133,6 +145,8 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
         # the actors and loading the model
         "run_images_per_s": counter.records / (finished - execution_started),
         "cluster": cluster_summary(counter, wall, nodes_at_start),
+        "time": breakdown.summary(counter.records, {
+            "ray_start_s": ray_start_s, "first_prediction_s": first_prediction_s or 0.0}),
     }
     if output:
         (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -5,13 +5,16 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from pipeline.preprocess import NUM_CLASSES
+from pipeline.config import Preset
+from pipeline.preprocess import NUM_CLASSES, Normalizer
+from pipeline.timing import DECODE, INFERENCE, NODE_BUSY, NORMALIZE, READ, node_busy_seconds, spread
 
 
 class ModelError(ValueError):
@@ -200,17 +203,20 @@ class CorePin:
 
 
 class Classifier:
-    """Ray actor: input rows -> `key, label, top_ids, top_probs, error` (+ where it ran, and with
-    PROBABILITIES the whole distribution over the classes as `probs`).
+    """Ray actor: preprocessed rows (`pipeline.preprocess.Preprocessor`) -> `key, label, top_ids,
+    top_probs, error` (+ where it ran, and with PROBABILITIES the whole distribution over the classes
+    as `probs`). The uint8 crops are normalised here, by PRESET, into the model's float input.
 
     Rows that arrive with an error are passed through with ids -1 and probabilities 0; columns named
     in CARRY are copied through unchanged."""
 
-    def __init__(self, model_path: str, top_k: int = 5, run_id: str = "default", carry: tuple[str, ...] = (),
-                 probabilities: bool = False):
+    def __init__(self, info: ModelInfo, preset: Preset, top_k: int = 5, run_id: str = "default",
+                 carry: tuple[str, ...] = (), probabilities: bool = False):
         self.pin = CorePin(run_id)
-        self.info = ModelInfo.from_path(model_path)
-        self.session = make_session(model_path, threads=1)
+        # INFO was read on the driver: the actor does not import onnx (a second of CPU) to read it again
+        self.info = info
+        self.session = make_session(info.path, threads=1)
+        self.normalize = Normalizer(preset)
         self.k = top_k
         self.carry = carry
         self.probabilities = probabilities
@@ -220,12 +226,16 @@ class Classifier:
         errors = batch["error"]
         ok = errors == ""
         n = len(errors)
-        if ok.all():  # the usual case: no copy of the whole input batch
-            class_probs = run_model(self.session, self.info, batch["input"])
+        started = time.thread_time()
+        inputs = self.normalize(batch["crop"] if ok.all() else batch["crop"][ok])  # all: no copy of the batch
+        normalized = time.thread_time()
+        if ok.all():
+            class_probs = run_model(self.session, self.info, inputs)
         else:
             class_probs = np.zeros((n, NUM_CLASSES), dtype=np.float32)
             if ok.any():
-                class_probs[ok] = run_model(self.session, self.info, batch["input"][ok])
+                class_probs[ok] = run_model(self.session, self.info, inputs)
+        inferred = time.thread_time()
         # checked on the probabilities, not the raw outputs: a logit of -inf is a probability of 0,
         # while NaN or +inf in the outputs makes its row's probabilities NaN or infinite
         not_finite = ok & ~np.isfinite(class_probs).all(axis=1)
@@ -240,6 +250,9 @@ class Classifier:
             "key": batch["key"], "label": batch["label"], "top_ids": ids, "top_probs": probs,
             "error": errors, "node": np.full(n, self.node, dtype=object),
             "core": np.full(n, -1 if self.pin.core is None else self.pin.core, dtype=np.int32),
+            NORMALIZE: spread(normalized - started, n), INFERENCE: spread(inferred - normalized, n),
+            NODE_BUSY: np.full(n, node_busy_seconds()),
+            **{column: batch[column] for column in (READ, DECODE) if column in batch},
             **({"probs": class_probs} if self.probabilities else {}),
             **{column: batch[column] for column in self.carry},
         }

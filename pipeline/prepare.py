@@ -10,8 +10,11 @@ from typing import Optional
 import pyarrow.parquet as pq
 
 from pipeline.output import make_output_dir
-from pipeline.sources import RECORDS_PER_BLOCK
 from pipeline.sources.folder import folder_records_to_read, read_folder_records
+
+# A row group is the smallest piece of a shard that one task can read: the reader gives each task a
+# run of consecutive row groups, so small groups let a small shard still spread over every CPU.
+ROW_GROUP_ROWS = 64
 
 
 def write_parquet_shards(images: str, out: str, labels: Optional[str] = None, shard_size: int = 1000) -> dict:
@@ -28,8 +31,7 @@ def write_parquet_shards(images: str, out: str, labels: Optional[str] = None, sh
         errors += sum(1 for e in table.column("error").to_pylist() if e)
         final = Path(out) / f"part-{shard:05d}.parquet"
         partial = final.with_suffix(".parquet.partial")
-        # row groups of a block each: the reader splits a shard into ReadTasks at row groups
-        pq.write_table(table, partial, row_group_size=RECORDS_PER_BLOCK)
+        pq.write_table(table, partial, row_group_size=ROW_GROUP_ROWS)
         os.replace(partial, final)
         shards += 1
     return {"records": len(records), "shards": shards, "unreadable": errors}

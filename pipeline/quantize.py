@@ -27,7 +27,7 @@ from pipeline.config import Preset
 from pipeline.evaluate import evaluate
 from pipeline.inference import ModelInfo
 from pipeline.output import make_output_dir
-from pipeline.preprocess import Preprocessor
+from pipeline.preprocess import Normalizer, Preprocessor
 from pipeline.runtime import map_after_read
 from pipeline.sources import check_source, read_source
 
@@ -182,12 +182,13 @@ def read_calibration_set(
     # order of the batches, and the same images must give the same model
     rows.context.execution_options.preserve_order = True
     keys, batches, errors = [], [], 0
+    normalize = Normalizer(preset)
     for batch in rows.iter_batches(batch_size=batch_size, batch_format="numpy"):
         good = batch["error"] == ""
         errors += int((~good).sum())
         if good.any():
             keys += [str(k) for k in batch["key"][good]]
-            batches.append(np.ascontiguousarray(batch["input"][good], dtype=np.float32))
+            batches.append(normalize(batch["crop"][good]))
     if not keys:
         raise QuantizeError(f"{data}: no readable calibration images ({errors} unreadable)")
     return CalibrationSet(keys, batches, errors)

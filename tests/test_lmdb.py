@@ -245,7 +245,7 @@ def test_caffe2_bounding_boxes_are_cropped_to_before_scaling(ray_local, val200, 
             ymin, xmin, height, width = box
             image = image[ymin:ymin + height, xmin:xmin + width]
         assert rows[name]["error"] == ""
-        assert np.array_equal(rows[name]["input"], preprocess_image(image, preset)), name
+        assert np.array_equal(Normalizer(preset)(rows[name]["crop"][None])[0], preprocess_image(image, preset)), name
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -161,8 +161,8 @@ def test_preprocessor_turns_bad_rows_into_error_rows():
     out = Preprocessor(load_preset("torch")).preprocess(batch)
     assert list(out["error"]) == ["", "empty image (0 bytes)", "no label for this image",
                                   "label 1000 out of range 0..999", "file not found"]
-    assert out["input"].shape == (5, 3, 224, 224)
-    assert np.abs(out["input"][0]).sum() > 0 and not out["input"][1:].any()
+    assert out["crop"].shape == (5, 224, 224, 3) and out["crop"].dtype == np.uint8
+    assert out["crop"][0].any() and not out["crop"][1:].any()
     # labelling needs no labels
     unlabelled = Preprocessor(load_preset("torch"), require_label=False).preprocess(batch)
     assert unlabelled["error"][2] == ""
@@ -182,4 +182,4 @@ def test_a_whole_block_is_preprocessed_in_chunks_in_order():
     chunks = list(Preprocessor(load_preset("torch"))(block))
     assert [len(c["key"]) for c in chunks] == [PREPROCESS_CHUNK, PREPROCESS_CHUNK, 6]
     assert [k for c in chunks for k in c["key"]] == list(block["key"])
-    assert all(c["input"].shape[1:] == (3, 224, 224) and not (c["error"] != "").any() for c in chunks)
+    assert all(c["crop"].shape[1:] == (224, 224, 3) and not (c["error"] != "").any() for c in chunks)

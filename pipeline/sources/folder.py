@@ -11,12 +11,11 @@ import os
 from pathlib import Path
 from typing import Iterator, Optional
 
-import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, is_directory, read_task_split,
-                              source_table)
+from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, is_directory, read_datasource,
+                              read_task_split, source_table)
 from pipeline.sources.labels import LABELS_FILE, read_labels_file
 
 
@@ -114,7 +113,7 @@ def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[i
     datasource = ImageFolderDatasource(root, labels, limit)
     # one block per ReadTask: Ray would otherwise split each small block to reach its default
     # parallelism, and a split read is not fused with the preprocessing
-    return Source(ray.data.read_datasource(datasource, override_num_blocks=datasource.tasks),
+    return Source(read_datasource(datasource, datasource.tasks),
                   len(datasource.records), exact_count=True)
 
 

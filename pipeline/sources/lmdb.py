@@ -26,12 +26,11 @@ from typing import Iterator, NamedTuple, Optional
 
 import lmdb
 import pyarrow as pa
-import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import (BBOX_COLUMNS, LMDB_DATA_FILE, NO_LABEL, RAW_COLUMNS, RECORDS_PER_BLOCK,
-                              SOURCE_SCHEMA, Source, SourceError, read_task_split)
+from pipeline.sources import (BBOX_COLUMNS, LMDB_DATA_FILE, NO_LABEL, RAW_COLUMNS, RECORDS_PER_BLOCK, SOURCE_SCHEMA,
+                              Source, SourceError, read_datasource, read_task_split)
 from pipeline.sources.lmdb_records import DECODERS, KIND_NAMES, ImageRecord, RecordError, detect_record_kind
 
 RECORDS_PROBED = 16  # records looked at to tell Datum from TensorProtos
@@ -212,7 +211,7 @@ def read_lmdb(path: str, labels: Optional[str] = None, limit: Optional[int] = No
     # otherwise split their blocks to reach its default parallelism, and a split read is not fused
     # with the preprocessing
     _, tasks = read_task_split(datasource.info.entries)
-    dataset = ray.data.read_datasource(datasource, override_num_blocks=tasks)
+    dataset = read_datasource(datasource, tasks)
     if limit is not None:
         return Source(dataset.limit(limit), min(limit, datasource.info.entries), exact_count=True)
     return Source(dataset, datasource.info.entries, exact_count=True)

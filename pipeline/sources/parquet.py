@@ -18,12 +18,12 @@ from typing import Iterator, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, SOURCE_SCHEMA, Source, SourceError, is_glob,
-                              names_below_common_folder, read_task_split, recut_rows, source_table)
+                              names_below_common_folder, read_datasource, read_task_split,
+                              recut_rows, source_table)
 
 
 def parquet_files(path: str) -> list[str]:
@@ -144,7 +144,7 @@ class ParquetRowGroupDatasource(Datasource):
     (per ~128 MB of files), so a few large shards, or one small input, would be read and preprocessed
     on that many cores however many the cluster has. A row group is the smallest piece a Parquet file
     can be read by: a shard written as one row group is still one task (`pipeline prepare` writes
-    row groups of RECORDS_PER_BLOCK rows), whose rows are re-cut for preprocessing."""
+    row groups of 64 rows), whose rows are re-cut for preprocessing."""
 
     def __init__(self, files: list[str], metadata: list[pq.FileMetaData], columns: list[str]):
         self.columns = columns
@@ -185,7 +185,7 @@ def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional
     num_records = sum(m.num_rows for m in metadata)
     # one block per ReadTask planned: Ray would otherwise split blocks to reach its default
     # parallelism, and a split read is not fused with the preprocessing
-    ds = ray.data.read_datasource(datasource, override_num_blocks=max(1, len(datasource.runs)))
+    ds = read_datasource(datasource, max(1, len(datasource.runs)))
     if limit is not None:
         ds, num_records = ds.limit(limit), min(limit, num_records)
     return Source(ds, num_records, datasource.recut_rows, exact_count=True)

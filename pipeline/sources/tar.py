@@ -28,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, NamedTuple, Optional
 
-import ray.data
+import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, is_glob, is_tar_name,
-                              names_below_common_folder, read_task_split, read_task_target, recut_rows,
-                              source_table)
+                              names_below_common_folder, read_datasource, read_task_split,
+                              read_task_target, recut_rows, source_table)
 from pipeline.sources.labels import read_labels_file
 
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
@@ -336,7 +336,7 @@ def read_tar_shards(path: str, labels: Optional[str] = None, limit: Optional[int
     # one block per ReadTask planned: Ray would otherwise split blocks to reach its default
     # parallelism, and a split read is not fused with the preprocessing
     plan = datasource.plan
-    dataset = ray.data.read_datasource(datasource, override_num_blocks=max(1, len(plan.pieces)))
+    dataset = read_datasource(datasource, max(1, len(plan.pieces)))
     if limit is None:
         return Source(dataset, plan.records, plan.recut_rows)
     return Source(dataset.limit(limit), min(limit, plan.records) if plan.records is not None else None,

@@ -25,12 +25,11 @@ import re
 from typing import Callable, Iterable, Iterator, Optional
 
 import pyarrow as pa
-import ray.data
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.runtime import map_after_read
-from pipeline.sources import Source, check_source, read_source, recut_rows
+from pipeline.sources import Source, check_source, read_datasource, read_source, recut_rows
 
 UNIT_COLUMNS = ("unit", "unit_rows")
 WHOLE_SOURCE_UNIT = "all"
@@ -136,5 +135,5 @@ def read_work_units(path: str, fmt: Optional[str], done: set[str], unit_size: in
                                  batch_format="pyarrow", batch_size=None)
         return Source(dataset, source.num_records, source.recut_rows, source.exact_count)
     readers, records = PARTITIONERS[fmt](path, done, unit_size)
-    return Source(ray.data.read_datasource(WorkUnitDatasource(readers), override_num_blocks=max(len(readers), 1)),
+    return Source(read_datasource(WorkUnitDatasource(readers), max(len(readers), 1)),
                   records, recut_rows([None] * len(readers), records))  # a unit holds up to UNIT_SIZE records
