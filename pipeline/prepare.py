@@ -10,11 +10,8 @@ from typing import Optional
 import pyarrow.parquet as pq
 
 from pipeline.output import make_output_dir
+from pipeline.sources import SMALL_READ_ROWS
 from pipeline.sources.folder import folder_records_to_read, read_folder_records
-
-# A row group is the smallest piece of a shard that one task can read: the reader gives each task a
-# run of consecutive row groups, so small groups let a small shard still spread over every CPU.
-ROW_GROUP_ROWS = 64
 
 
 def write_parquet_shards(images: str, out: str, labels: Optional[str] = None, shard_size: int = 1000) -> dict:
@@ -31,7 +28,7 @@ def write_parquet_shards(images: str, out: str, labels: Optional[str] = None, sh
         errors += sum(1 for e in table.column("error").to_pylist() if e)
         final = Path(out) / f"part-{shard:05d}.parquet"
         partial = final.with_suffix(".parquet.partial")
-        pq.write_table(table, partial, row_group_size=ROW_GROUP_ROWS)
+        pq.write_table(table, partial, row_group_size=SMALL_READ_ROWS)
         os.replace(partial, final)
         shards += 1
     return {"records": len(records), "shards": shards, "unreadable": errors}

@@ -253,6 +253,12 @@ def test_cli_evaluate_writes_metrics_and_table(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["images"] == metrics["evaluated"] == 40
     assert "top-1" in result.stdout and f"{100 * metrics['top1']:.2f}%" in result.stdout
+    # where the time went: every stage measured itself, and the command's start-up is counted from its start
+    time = metrics["time"]
+    assert set(time["cpu_s_per_image"]) == {"read", "decode", "normalize", "inference", "rest"}
+    assert all(time["cpu_s_per_image"][stage] > 0 for stage in ("read", "decode", "normalize", "inference"))
+    assert 0 < time["ray_start_s"] < time["first_prediction_s"] < metrics["wall_s"] + 10
+    assert "CPU ms per image: read" in result.stderr
     # neither Ray's notice on every local start nor its advice for an input of one block (40 images)
     assert "Token authentication is enabled" not in result.stderr and "Warning" not in result.stderr
 

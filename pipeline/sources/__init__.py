@@ -45,6 +45,10 @@ SOURCE_SCHEMA = pa.schema(
 # the cluster still gets TASKS_PER_CPU of them.
 RECORDS_PER_BLOCK = 256
 TASKS_PER_CPU = 4
+# A read of at most this many records is preprocessed inside its own task even when the reads are
+# fewer than the cluster wants tasks (`recut_rows`); `pipeline prepare` writes Parquet row groups of
+# this size, the smallest piece a shard can be read by, so that a small shard still spreads.
+SMALL_READ_ROWS = 64
 
 
 class SourceError(ValueError):
@@ -90,8 +94,8 @@ def read_task_split(records: int) -> tuple[int, int]:
 def recut_rows(read_rows: list[Optional[int]], records: Optional[int]) -> Optional[int]:
     """`Source.recut_rows` for reads of READ_ROWS records each (None where unknown), RECORDS in all:
     a task's share (`read_task_split`) when the reads are too few to keep every CPU busy and some
-    holds more than a block, None when they are preprocessed well enough inside the read tasks."""
-    if len(read_rows) >= read_task_target() or all(rows is not None and rows <= RECORDS_PER_BLOCK
+    holds more than SMALL_READ_ROWS, None when they are preprocessed well enough inside the read tasks."""
+    if len(read_rows) >= read_task_target() or all(rows is not None and rows <= SMALL_READ_ROWS
                                                     for rows in read_rows):
         return None
     return read_task_split(records)[0] if records else RECORDS_PER_BLOCK
