@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from pipeline.caffe2.netbuilder import int8_fill, int32_fill, make_net, make_op
 
@@ -228,4 +229,37 @@ def zoo_init_net(predict_net: Any, architecture: str, seed: int = 0, num_classes
             blobs[op.output[0]] = (c, float(_arg(op, "Y_scale")), int(_arg(op, "Y_zero_point", 0)), moment)
         elif op.output and op.input and op.input[0] in blobs:
             blobs[op.output[0]] = blobs[op.input[0]]
-    return make_net(f"{predict_net.name}_init", fills)
+    init_net = make_net(f"{predict_net.name}_init", fills)
+    _center_classifier(init_net, predict_net, rng)
+    return init_net
+
+
+def _center_classifier(init_net: Any, predict_net: Any, rng: np.random.Generator) -> None:
+    """Refit the last Int8FC's weight scale and bias on the features of a few random images.
+
+    Random convolutions give every channel a large image-independent mean; left in, it would
+    make the same classes win (and saturate) for every image. The bias cancels each class's
+    mean logit and the scale spreads what varies from image to image over LOGIT_STEPS steps."""
+    from pipeline.caffe2.importer import convert_nets, int8_trace_name, read_constants
+
+    fc_index = max(i for i, op in enumerate(predict_net.op) if op.type == "Int8FC")
+    fc = predict_net.op[fc_index]
+    source = max(i for i, op in enumerate(predict_net.op[:fc_index]) if fc.input[0] in op.output)
+    model = convert_nets(init_net, predict_net, trace_int8=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    # Image-like inputs: smooth random fields (7x7 blocks of 32 pixels) with a little fine noise.
+    coarse = rng.standard_normal((8, 3, 7, 7)).repeat(32, axis=2).repeat(32, axis=3)
+    images = (coarse + 0.2 * rng.standard_normal(coarse.shape)).astype(np.float32)
+    (features,) = session.run([int8_trace_name(source, fc.input[0])], {session.get_inputs()[0].name: images})
+    # The producer's own arguments: a blob name can be reused later in the net for another tensor.
+    x_scale, x_zp = float(_arg(predict_net.op[source], "Y_scale")), int(_arg(predict_net.op[source], "Y_zero_point", 0))
+    weight = read_constants(init_net)[fc.input[1]]
+    centred = (features.reshape(len(features), -1).astype(np.float64) - x_zp) * x_scale
+    logits = centred @ (weight.values.astype(np.float64) - weight.zero_point).T  # in units of the weight scale
+    w_scale = LOGIT_STEPS * float(_arg(fc, "Y_scale")) / (logits - logits.mean(axis=0)).std()
+    bias = np.rint(-logits.mean(axis=0) / x_scale).astype(np.int32)
+    for position, op in enumerate(init_net.op):
+        if op.output[0] == fc.input[1]:
+            init_net.op[position].CopyFrom(int8_fill(fc.input[1], weight.values, w_scale, weight.zero_point))
+        elif op.output[0] == fc.input[2]:
+            init_net.op[position].CopyFrom(int32_fill(fc.input[2], bias, x_scale * w_scale))
