@@ -152,3 +152,17 @@ def test_duplicated_fill_in_init_net_last_one_wins(tmp_path: Path) -> None:
     import_caffe2(tmp_path / "init.pb", tmp_path / "predict.pb", tmp_path / "m.onnx", input_size=4)
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
     assert (weights["w"] == 140).all()
+
+
+def test_qlinear_arithmetic_stays_within_one_step_per_operator(zoo_net: dict, images: np.ndarray) -> None:
+    """`--arithmetic qlinear` (onnxruntime's QLinear* operators): each operator, given the same
+    inputs, lands at most one step from its engine's arithmetic, and on few outputs."""
+    model = convert_nets(zoo_net["init"], zoo_net["predict"], trace_int8=True, arithmetic="qlinear")
+    assert "ConvInteger" not in {node.op_type for node in model.graph.node}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    produced = dict(zip([out.name for out in session.get_outputs()], session.run(None, {zoo_net["input"]: images[:2]})))
+    forced = {int(name.split("/")[1]): nhwc(values) for name, values in produced.items() if name.startswith("int8_trace/")}
+    per_op, _ = ref.run_net(read_constants(zoo_net["init"]), zoo_net["predict"], images[:2], forced=forced)
+    steps = np.concatenate([np.abs(forced[i].astype(np.int32) - expected).ravel() for i, _, expected in per_op])
+    assert steps.max() <= 1
+    assert 0 < (steps > 0).mean() < 0.01, f"{(steps > 0).mean():.3%} of the int8 outputs differ"

@@ -17,9 +17,9 @@ Mapping:
   Conv(Relu)[DNNLOWP], Int8Conv(Relu)[DNNLOWP] -> QLinearConv (+ Clip at the zero point for ReLU)
   Int8Conv(Relu) (QNNPACK, incl. depthwise)    -> ConvInteger + Q31 requantisation (qnnpack.py)
   FC / Int8FC, either engine                   -> the same on [N, K, 1, 1], 1x1 (keeps the bias)
-  Sum(Relu) / Int8Sum(Relu)[DNNLOWP], 2 inputs -> DNNLOWP's fused multiply-adds in float64 (fbgemm.py)
+  Sum(Relu) / Int8Sum(Relu)[DNNLOWP], 2 inputs -> a 65,536-entry table of DNNLOWP's sum (fbgemm.py)
   the same with more inputs                    -> DequantizeLinear, Sum, QuantizeLinear
-  Int8Sum(Relu) / Int8Add(Relu) (QNNPACK)      -> QNNPACK's q8add in int64 (qnnpack.py)
+  Int8Sum(Relu) / Int8Add(Relu) (QNNPACK)      -> a 65,536-entry table of QNNPACK's q8add (qnnpack.py)
   Int8MaxPool / MaxPool[DNNLOWP]               -> MaxPool on uint8
   Int8AveragePool (QNNPACK, no padding)        -> QNNPACK's (global) average pooling (qnnpack.py)
   Int8AveragePool otherwise                    -> com.microsoft QLinear(Global)AveragePool
@@ -49,6 +49,7 @@ MS_DOMAIN = "com.microsoft"
 DNNLOWP_ENGINES = ("DNNLOWP", "DNNLOWP_16", "DNNLOWP_ACC16")
 # LegacyPadding in Caffe2's conv_pool_op_base.h: only NOTSET (0) keeps explicit pads.
 LEGACY_PAD_NOTSET = 0
+ARITHMETICS = ("exact", "qlinear")
 
 
 class Caffe2ImportError(ValueError):
@@ -106,8 +107,11 @@ class OpArgs:
 class ConversionContext:
     """ONNX nodes and initialisers under construction, plus the blob table."""
 
-    def __init__(self, constants: dict[str, Constant]):
+    def __init__(self, constants: dict[str, Constant], arithmetic: str = "exact"):
         self.constants = constants
+        # "exact": each engine's own integer/float arithmetic; "qlinear": onnxruntime's QLinear*
+        # operators wherever they exist (faster, within one step per operator).
+        self.arithmetic = arithmetic
         self.blobs: dict[str, Blob] = {}
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
@@ -155,6 +159,7 @@ class OpConverter:
         self.index = index
         self.args = OpArgs(op)
         self.dnnlowp = op.engine in DNNLOWP_ENGINES
+        self.exact = ctx.arithmetic == "exact"
         self.hint = op.output[0] if op.output else f"op{index}"
 
     def fail(self, reason: str) -> Caffe2ImportError:
@@ -221,6 +226,15 @@ class OpConverter:
             return build()
         except qnnpack.QnnpackParameterError as exc:
             raise self.fail(f"{exc}; Caffe2's QNNPACK operators refuse it too") from None
+
+    def lookup_pair(self, a: str, b: str, table: np.ndarray) -> str:
+        """table[a * 256 + b] for two uint8 tensors: any function of a pair of bytes."""
+        index = self.ctx.node("Add", [
+            self.ctx.node("Mul", [self.ctx.node("Cast", [a], f"{self.hint}_a32", to=TensorProto.INT32),
+                                  self.ctx.initializer(f"{self.hint}_256", np.array(256, np.int32))], f"{self.hint}_a256"),
+            self.ctx.node("Cast", [b], f"{self.hint}_b32", to=TensorProto.INT32),
+        ], f"{self.hint}_pair")
+        return self.ctx.node("Gather", [self.ctx.initializer(f"{self.hint}_table", table), index], self.hint, axis=0)
 
     def qparams_inputs(self, blob: Blob, hint: str) -> list[str]:
         return self.ctx.qparams(hint, blob.scale, blob.zero_point)
@@ -360,7 +374,7 @@ def _int8_conv(cv: OpConverter, x_name: str, x: Blob, weight_oihw: np.ndarray, w
                bias: str | None, relu: bool, **attrs: Any) -> tuple[str, float, int]:
     """The engine's int8 convolution: DNNLOWP's float requantisation is QLinearConv's;
     QNNPACK's fixed-point one needs ConvInteger and integer requantisation."""
-    if cv.dnnlowp:
+    if cv.dnnlowp or not cv.exact:
         return _qlinear_conv(cv, x_name, x, weight_oihw, weight, bias, relu, **attrs)
     scale, zero_point = cv.output_qparams(relu=relu)
     acc = cv.ctx.node("ConvInteger", [
@@ -443,11 +457,15 @@ def convert_sum(cv: OpConverter, relu: bool) -> None:
     if len(inputs) == 2:
         (a, b), y_qparams = inputs, (scale, zero_point)
         a_qparams, b_qparams = (a.scale, a.zero_point), (b.scale, b.zero_point)
-        if cv.dnnlowp:
-            y = fbgemm.elementwise_sum(cv.ctx, a.onnx_name, a_qparams, b.onnx_name, b_qparams, y_qparams, lo, 255, cv.hint)
+        if not cv.exact:
+            y = cv.ctx.node("QLinearAdd", [a.onnx_name, *cv.qparams_inputs(a, f"{cv.hint}_a"), b.onnx_name,
+                                           *cv.qparams_inputs(b, f"{cv.hint}_b"), *cv.ctx.qparams(cv.hint, scale, zero_point)],
+                            f"{cv.hint}_add" if relu else cv.hint, domain=MS_DOMAIN)
+            y = cv.clip_at_zero_point(y, zero_point) if relu else y
         else:
-            y = cv.qnnpack(lambda: qnnpack.add(cv.ctx, a.onnx_name, a_qparams, b.onnx_name, b_qparams, y_qparams,
-                                               lo, 255, cv.hint))
+            table = (fbgemm.sum_table(a_qparams, b_qparams, y_qparams, lo, 255) if cv.dnnlowp else
+                     cv.qnnpack(lambda: qnnpack.add_table(a_qparams, b_qparams, y_qparams, lo, 255)))
+            y = cv.lookup_pair(a.onnx_name, b.onnx_name, table)
     elif not cv.dnnlowp:
         raise cv.fail(f"{len(inputs)} inputs: Caffe2's QNNPACK Int8Add/Int8Sum takes exactly 2")
     else:
@@ -497,7 +515,7 @@ def convert_average_pool(cv: OpConverter) -> None:
         if window["dilations"] != [1, 1]:
             raise cv.fail("dilated average pooling is not supported")
         del window["dilations"]
-        if not cv.dnnlowp and not any(window["pads"]):
+        if not cv.dnnlowp and cv.exact and not any(window["pads"]):
             # Without padding every window has kernel-size elements, as QNNPACK's kernels assume.
             y = cv.qnnpack(lambda: qnnpack.average_pool(cv.ctx, x.onnx_name, (x.scale, x.zero_point),
                                                         (scale, zero_point), window, 0, 255, cv.hint))
@@ -654,13 +672,19 @@ def read_constants(init_net: Any) -> dict[str, Constant]:
 # -- the whole model ------------------------------------------------------------------
 
 
-def convert_nets(init_net: Any, predict_net: Any, input_size: int = 224, trace_int8: bool = False) -> onnx.ModelProto:
+def convert_nets(init_net: Any, predict_net: Any, input_size: int = 224, trace_int8: bool = False,
+                 arithmetic: str = "exact") -> onnx.ModelProto:
     """ONNX model of the Caffe2 predictor, taking float NCHW [N, 3, size, size] input.
+
+    `arithmetic` "exact" builds each engine's own arithmetic; "qlinear" uses onnxruntime's
+    QLinearConv/QLinearAdd/QLinearAveragePool instead (faster, within one step per operator).
 
     `trace_int8` adds every operator's uint8 output as a graph output named
     `int8_trace_name(index, blob)`, to check the model against Caffe2's arithmetic op by op."""
     constants = read_constants(init_net)
-    ctx = ConversionContext(constants)
+    if arithmetic not in ARITHMETICS:
+        raise Caffe2ImportError(f"unknown arithmetic {arithmetic!r}: {' or '.join(ARITHMETICS)}")
+    ctx = ConversionContext(constants, arithmetic)
     # Caffe2's Predictor creates an empty blob for every external input the init net does not
     # fill: one that no operator reads (e.g. a training data queue) is harmless and ignored.
     read = {name for op in predict_net.op for name in op.input}
@@ -750,12 +774,12 @@ def _declare_output_shapes(model: onnx.ModelProto, input_name: str, input_size: 
 
 
 def import_caffe2(init_path: str | Path, predict_path: str | Path, out_path: str | Path,
-                  input_size: int = 224, preset: str = "caffe2") -> onnx.ModelProto:
+                  input_size: int = 224, preset: str = "caffe2", arithmetic: str = "exact") -> onnx.ModelProto:
     """Read both nets (binary or text), convert them, and save the ONNX model carrying `preset`
     (the preprocessing it expects) in its metadata."""
     out_path = check_output_file(out_path)  # before the nets are read and converted
     preset_obj = load_preset(preset)
-    model = convert_nets(load_net(init_path), load_net(predict_path), input_size=input_size)
+    model = convert_nets(load_net(init_path), load_net(predict_path), input_size=input_size, arithmetic=arithmetic)
     attach_preset(model, preset_obj)
     onnx.save(model, str(out_path))
     return model

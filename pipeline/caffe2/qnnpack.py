@@ -8,7 +8,8 @@ lookup tables, the imported graph gives QNNPACK's bytes exactly.
 
 Each `*_params` function derives QNNPACK's constants from the float32 scales the way
 QNNPACK's `requantization.h` does (`qnnp_compute_*_quantization_params`); each graph builder
-adds the nodes through the importer's ConversionContext. Integer division of non-negative
+adds the nodes through the importer's ConversionContext. An addition depends only on its two
+uint8 inputs: `add_table` gives its result for all 65,536 pairs, for the graph to look up. Integer division of non-negative
 int64 values is floor division in onnxruntime, so the graph only ever divides those.
 """
 
@@ -119,18 +120,16 @@ def requantize_q31(ctx: Any, acc_int32: str, scale: float, zero_point: int, lo: 
     return _to_uint8(ctx, _rounding_shift(ctx, q31, shift, hint), zero_point, lo, hi, hint)
 
 
-def add(ctx: Any, a: str, a_qparams: tuple[float, int], b: str, b_qparams: tuple[float, int],
-        y_qparams: tuple[float, int], lo: int, hi: int, hint: str) -> str:
-    """QNNPACK's q8add: a * a_mult + b * b_mult - zero point products, then a rounding shift."""
+def add_table(a_qparams: tuple[float, int], b_qparams: tuple[float, int], y_qparams: tuple[float, int],
+              lo: int, hi: int) -> np.ndarray:
+    """QNNPACK's q8add for every (a, b), at index a * 256 + b: (a - a_zp) * a_mult + (b - b_zp) * b_mult,
+    a rounding shift with ties away from zero, the output zero point, the clamp."""
     (a_scale, a_zp), (b_scale, b_zp), (y_scale, y_zp) = a_qparams, b_qparams, y_qparams
     a_mult, b_mult, shift = add_params(a_scale, b_scale, y_scale)
-    terms = []
-    for name, x, mult, zp in (("a", a, a_mult, a_zp), ("b", b, b_mult, b_zp)):
-        x64 = ctx.node("Cast", [x], f"{hint}_{name}64", to=7)
-        centred = ctx.node("Sub", [x64, _const(ctx, f"{hint}_{name}_zp", zp)], f"{hint}_{name}_centred")
-        terms.append(ctx.node("Mul", [centred, _const(ctx, f"{hint}_{name}_mult", mult)], f"{hint}_{name}_scaled"))
-    acc = ctx.node("Add", terms, f"{hint}_acc")
-    return _to_uint8(ctx, _rounding_shift(ctx, acc, shift, hint), y_zp, lo, hi, hint)
+    a, b = np.divmod(np.arange(256 * 256, dtype=np.int64), 256)
+    acc = (a - a_zp) * a_mult + (b - b_zp) * b_mult
+    n = np.sign(acc) * ((np.abs(acc) + (1 << (shift - 1))) >> shift)
+    return np.clip(n + y_zp, lo, hi).astype(np.uint8)
 
 
 def average_pool(ctx: Any, x: str, x_qparams: tuple[float, int], y_qparams: tuple[float, int],
