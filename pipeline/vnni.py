@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 
 CPUINFO = Path("/proc/cpuinfo")
 VNNI_FLAGS = {"avx512_vnni", "avx_vnni"}
