@@ -24,6 +24,7 @@ from pipeline.runtime import (INFERENCE_RESOURCE, inference_actor_options, infer
                               map_after_read)
 from pipeline.sources import Source, check_source, read_source
 from pipeline.timing import TimeBreakdown, process_age_seconds
+from pipeline.vnni import warn_u8s8_saturation
 
 
 def check_preset_fits(info: ModelInfo, preset: Preset) -> None:
@@ -95,6 +96,7 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
     started = time.perf_counter()
     preset_obj = load_preset(preset)
     info = checked_model_info(model)
+    warn_u8s8_saturation(info.path)
     check_preset_fits(info, preset_obj)
     fmt = check_source(data, fmt, labels)  # before Ray starts: a bad input is reported at once
     if output:

@@ -14,16 +14,24 @@ def import_caffe2_command(
     predict: Path = typer.Option(..., "--predict", help="Caffe2 predict_net (graph): .pb binary or .pbtxt text."),
     out: Path = typer.Option(..., "--out", help="ONNX model to write."),
     input_size: int = typer.Option(224, "--input-size", help="Height and width of the NCHW image input."),
+    preset: str = typer.Option("caffe2", "--preset",
+                               help="Preprocessing preset written into the model's metadata (name or YAML file); "
+                                    "both Caffe2 zoo int8 nets use caffe2."),
+    arithmetic: str = typer.Option("exact", "--arithmetic",
+                                   help="exact: each engine's own arithmetic (bit-exact, slower); qlinear: "
+                                        "onnxruntime's QLinear* operators (faster, within one step per operator). "
+                                        "See docs/caffe2.md."),
 ) -> None:
     """Convert a Caffe2 int8 predictor (e.g. the model zoo's quantised ResNet-50) into an int8 ONNX model."""
     # Imported here so `pipeline --help` does not pay for onnx and onnxruntime.
     from pipeline.caffe2.importer import Caffe2ImportError, import_caffe2
     from pipeline.caffe2.proto import Caffe2FileError
+    from pipeline.config import ConfigError
     from pipeline.output import OutputDirError
 
     try:
-        model = import_caffe2(init, predict, out, input_size=input_size)
-    except (Caffe2ImportError, Caffe2FileError, OutputDirError, OSError) as exc:
+        model = import_caffe2(init, predict, out, input_size=input_size, preset=preset, arithmetic=arithmetic)
+    except (Caffe2ImportError, Caffe2FileError, ConfigError, OutputDirError, OSError) as exc:
         fail(f"import-caffe2: {exc}")
     graph = model.graph
     ops = sorted({node.op_type for node in graph.node})

@@ -1,8 +1,11 @@
 """Convert a Caffe2 int8 predictor (init_net + predict_net) into an int8 ONNX model.
 
-Covered: the operators of Caffe2's quantised ResNet-50, in their QNNPACK (`Int8*`) and
-DNNLOWP-engine forms. Every activation keeps the uint8 scale and zero point stored in the
-Caffe2 files (`Y_scale`, `Y_zero_point`), every weight keeps its uint8 values and zero
+Covered: the operators of the Caffe2 model zoo's int8 ResNet-50 (DNNLOWP engine) and
+MobileNetV2 (Caffe2's default, QNNPACK-based `Int8*` operators), in both engines' forms. The
+engine decides the arithmetic: DNNLOWP (fbgemm) requantises in float with round half to even,
+which onnxruntime's QLinear* operators do too; QNNPACK's fixed-point requantisation is built
+from integer ONNX operators by `pipeline.caffe2.qnnpack`. Every activation keeps the uint8
+scale and zero point stored in the Caffe2 files (`Y_scale`, `Y_zero_point`), every weight keeps its uint8 values and zero
 point, every bias its int32 values (scale = input scale x weight scale, as both Caffe2
 engines compute it). The ONNX graph runs natively in NCHW: weights stored NHWC are
 transposed at import time, and a blob's Caffe2 memory order only matters where a tensor
@@ -11,11 +14,16 @@ is flattened (FC, Flatten, Reshape), where a Transpose is inserted.
 Mapping:
   Int8Quantize / Quantize[DNNLOWP]        -> QuantizeLinear
   Int8Dequantize / Dequantize[DNNLOWP]    -> DequantizeLinear
-  Int8Conv(Relu) / Conv(Relu)[DNNLOWP]    -> QLinearConv (+ Clip at the zero point for ReLU)
-  Int8FC / FC[DNNLOWP]                    -> QLinearConv 1x1 on [N, K, 1, 1] (keeps the bias)
-  Int8Sum(Relu) / Int8Add / Sum[DNNLOWP]  -> com.microsoft QLinearAdd (+ Clip)
-  Int8MaxPool / MaxPool[DNNLOWP]          -> MaxPool on uint8
-  Int8AveragePool / AveragePool[DNNLOWP]  -> com.microsoft QLinear(Global)AveragePool
+  Conv(Relu)[DNNLOWP], Int8Conv(Relu)[DNNLOWP] -> QLinearConv (+ Clip at the zero point for ReLU)
+  Int8Conv(Relu) (QNNPACK, incl. depthwise)    -> ConvInteger + Q31 requantisation (qnnpack.py)
+  FC / Int8FC, either engine                   -> the same on [N, K, 1, 1], 1x1 (keeps the bias)
+  Sum(Relu) / Int8Sum(Relu)[DNNLOWP], 2 inputs -> a 65,536-entry table of DNNLOWP's sum (fbgemm.py)
+  the same with more inputs                    -> DequantizeLinear, Sum, QuantizeLinear
+  Int8Sum(Relu) / Int8Add(Relu) (QNNPACK)      -> a 65,536-entry table of QNNPACK's q8add (qnnpack.py)
+  Int8MaxPool / MaxPool[DNNLOWP]               -> MaxPool on uint8
+  Int8AveragePool (QNNPACK, no padding)        -> QNNPACK's (global) average pooling (qnnpack.py)
+  Int8AveragePool otherwise                    -> com.microsoft QLinear(Global)AveragePool
+  Int8Softmax (QNNPACK)                        -> QNNPACK's softargmax lookup table (qnnpack.py)
   Int8Relu, Int8Flatten, Int8Reshape, NCHW2NHWC, NHWC2NCHW, Softmax (float).
 """
 
@@ -30,7 +38,10 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.caffe2 import fbgemm, qnnpack
 from pipeline.caffe2.proto import load_net
+from pipeline.config import load_preset
+from pipeline.model_preset import attach_preset
 from pipeline.output import check_output_file
 
 OPSET = 13
@@ -38,6 +49,7 @@ MS_DOMAIN = "com.microsoft"
 DNNLOWP_ENGINES = ("DNNLOWP", "DNNLOWP_16", "DNNLOWP_ACC16")
 # LegacyPadding in Caffe2's conv_pool_op_base.h: only NOTSET (0) keeps explicit pads.
 LEGACY_PAD_NOTSET = 0
+ARITHMETICS = ("exact", "qlinear")
 
 
 class Caffe2ImportError(ValueError):
@@ -54,6 +66,7 @@ class Blob:
     zero_point: int | None = None
     layout: str = "NCHW"  # Caffe2's memory order of a 4-D blob; the ONNX tensor is always NCHW
     rank: int | None = None
+    channels: int | None = None  # size of axis 1 where an operator fixes it (Int8Softmax needs it)
 
 
 @dataclass(frozen=True)
@@ -94,12 +107,17 @@ class OpArgs:
 class ConversionContext:
     """ONNX nodes and initialisers under construction, plus the blob table."""
 
-    def __init__(self, constants: dict[str, Constant]):
+    def __init__(self, constants: dict[str, Constant], arithmetic: str = "exact"):
         self.constants = constants
+        # "exact": each engine's own integer/float arithmetic; "qlinear": onnxruntime's QLinear*
+        # operators wherever they exist (faster, within one step per operator).
+        self.arithmetic = arithmetic
         self.blobs: dict[str, Blob] = {}
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.names: set[str] = set()
+        # (operator index, Caffe2 output blob, ONNX tensor) of every uint8 operator output.
+        self.int8_outputs: list[tuple[int, str, str]] = []
 
     def fresh(self, hint: str) -> str:
         name, n = hint, 1
@@ -141,6 +159,7 @@ class OpConverter:
         self.index = index
         self.args = OpArgs(op)
         self.dnnlowp = op.engine in DNNLOWP_ENGINES
+        self.exact = ctx.arithmetic == "exact"
         self.hint = op.output[0] if op.output else f"op{index}"
 
     def fail(self, reason: str) -> Caffe2ImportError:
@@ -194,9 +213,28 @@ class OpConverter:
         return scale, zero_point
 
     def set_output(self, onnx_name: str, like: Blob, position: int = 0, **changes: Any) -> None:
-        self.ctx.blobs[self.op.output[position]] = replace(like, onnx_name=onnx_name, **changes)
+        blob = replace(like, onnx_name=onnx_name, **changes)
+        self.ctx.blobs[self.op.output[position]] = blob
+        if blob.dtype == "uint8":
+            self.ctx.int8_outputs.append((self.index, self.op.output[position], onnx_name))
 
     # -- shared pieces ------------------------------------------------------------------
+
+    def qnnpack(self, build: Callable[[], str]) -> str:
+        """Run a `pipeline.caffe2.qnnpack` builder, turning its parameter errors into this op's."""
+        try:
+            return build()
+        except qnnpack.QnnpackParameterError as exc:
+            raise self.fail(f"{exc}; Caffe2's QNNPACK operators refuse it too") from None
+
+    def lookup_pair(self, a: str, b: str, table: np.ndarray) -> str:
+        """table[a * 256 + b] for two uint8 tensors: any function of a pair of bytes."""
+        index = self.ctx.node("Add", [
+            self.ctx.node("Mul", [self.ctx.node("Cast", [a], f"{self.hint}_a32", to=TensorProto.INT32),
+                                  self.ctx.initializer(f"{self.hint}_256", np.array(256, np.int32))], f"{self.hint}_a256"),
+            self.ctx.node("Cast", [b], f"{self.hint}_b32", to=TensorProto.INT32),
+        ], f"{self.hint}_pair")
+        return self.ctx.node("Gather", [self.ctx.initializer(f"{self.hint}_table", table), index], self.hint, axis=0)
 
     def qparams_inputs(self, blob: Blob, hint: str) -> list[str]:
         return self.ctx.qparams(hint, blob.scale, blob.zero_point)
@@ -332,6 +370,28 @@ def signed_weight(values: np.ndarray) -> np.ndarray:
     return (values.astype(np.int16) - 128).astype(np.int8)
 
 
+def _int8_conv(cv: OpConverter, x_name: str, x: Blob, weight_oihw: np.ndarray, weight: Constant,
+               bias: str | None, relu: bool, **attrs: Any) -> tuple[str, float, int]:
+    """The engine's int8 convolution: DNNLOWP's float requantisation is QLinearConv's;
+    QNNPACK's fixed-point one needs ConvInteger and integer requantisation."""
+    if cv.dnnlowp or not cv.exact:
+        return _qlinear_conv(cv, x_name, x, weight_oihw, weight, bias, relu, **attrs)
+    scale, zero_point = cv.output_qparams(relu=relu)
+    acc = cv.ctx.node("ConvInteger", [
+        x_name, cv.ctx.initializer(cv.op.input[1], weight_oihw),
+        cv.ctx.zero_point(f"{cv.hint}_x", x.zero_point), cv.ctx.zero_point(cv.op.input[1], weight.zero_point),
+    ], f"{cv.hint}_acc", **attrs)
+    if bias is not None:
+        per_channel = cv.ctx.node("Reshape", [bias, cv.ctx.initializer(f"{cv.hint}_c11", np.array([-1, 1, 1], np.int64))],
+                                  f"{cv.hint}_bias_c11")
+        acc = cv.ctx.node("Add", [acc, per_channel], f"{cv.hint}_acc_bias")
+    requant_scale = qnnpack.conv_scale(x.scale, weight.scale, scale)
+    # Caffe2's activationLimits: a fused ReLU clamps at the output zero point.
+    y = cv.qnnpack(lambda: qnnpack.requantize_q31(cv.ctx, acc, requant_scale, zero_point,
+                                                  zero_point if relu else 0, 255, cv.hint))
+    return y, scale, zero_point
+
+
 def _qlinear_conv(cv: OpConverter, x_name: str, x: Blob, weight_oihw: np.ndarray, weight: Constant,
                   bias: str | None, relu: bool, **attrs: Any) -> tuple[str, float, int]:
     scale, zero_point = cv.output_qparams(relu=relu)
@@ -361,8 +421,8 @@ def convert_conv(cv: OpConverter, relu: bool) -> None:
     attrs = cv.window(kernel_from_weights=(int(w.shape[2]), int(w.shape[3])))
     group = cv.args.int("group", 1)
     bias = _bias(cv, x, weight, int(w.shape[0]))
-    y, scale, zero_point = _qlinear_conv(cv, x.onnx_name, x, np.ascontiguousarray(w), weight, bias, relu, group=group, **attrs)
-    cv.set_output(y, x, scale=scale, zero_point=zero_point, layout=order, rank=4)
+    y, scale, zero_point = _int8_conv(cv, x.onnx_name, x, np.ascontiguousarray(w), weight, bias, relu, group=group, **attrs)
+    cv.set_output(y, x, scale=scale, zero_point=zero_point, layout=order, rank=4, channels=int(w.shape[0]))
 
 
 def convert_fc(cv: OpConverter) -> None:
@@ -378,11 +438,11 @@ def convert_fc(cv: OpConverter) -> None:
         f"{cv.hint}_nk11",
     )
     bias = _bias(cv, x, weight, int(w.shape[0]))
-    conv_out, scale, zero_point = _qlinear_conv(
+    conv_out, scale, zero_point = _int8_conv(
         cv, as_image, x, w.reshape(*w.shape, 1, 1), weight, bias, False, kernel_shape=[1, 1]
     )
     y = cv.ctx.node("Reshape", [conv_out, cv.ctx.initializer(f"{cv.hint}_nm", np.array([0, -1], np.int64))], cv.hint)
-    cv.set_output(y, x, scale=scale, zero_point=zero_point, layout="NCHW", rank=2)
+    cv.set_output(y, x, scale=scale, zero_point=zero_point, layout="NCHW", rank=2, channels=int(w.shape[0]))
 
 
 def convert_sum(cv: OpConverter, relu: bool) -> None:
@@ -393,26 +453,31 @@ def convert_sum(cv: OpConverter, relu: bool) -> None:
     if cv.args.int("broadcast", 0):
         raise cv.fail("broadcast=1 (Caffe2's legacy axis broadcasting) is not supported")
     scale, zero_point = cv.output_qparams(relu=relu)
+    lo = zero_point if relu else 0  # a fused ReLU clamps at the output zero point
     if len(inputs) == 2:
-        a, b = inputs
-        y = cv.ctx.node(
-            "QLinearAdd",
-            [a.onnx_name, *cv.qparams_inputs(a, f"{cv.hint}_a"), b.onnx_name, *cv.qparams_inputs(b, f"{cv.hint}_b"),
-             *cv.ctx.qparams(cv.hint, scale, zero_point)],
-            f"{cv.hint}_add" if relu else cv.hint, domain=MS_DOMAIN,
-        )
+        (a, b), y_qparams = inputs, (scale, zero_point)
+        a_qparams, b_qparams = (a.scale, a.zero_point), (b.scale, b.zero_point)
+        if not cv.exact:
+            y = cv.ctx.node("QLinearAdd", [a.onnx_name, *cv.qparams_inputs(a, f"{cv.hint}_a"), b.onnx_name,
+                                           *cv.qparams_inputs(b, f"{cv.hint}_b"), *cv.ctx.qparams(cv.hint, scale, zero_point)],
+                            f"{cv.hint}_add" if relu else cv.hint, domain=MS_DOMAIN)
+            y = cv.clip_at_zero_point(y, zero_point) if relu else y
+        else:
+            table = (fbgemm.sum_table(a_qparams, b_qparams, y_qparams, lo, 255) if cv.dnnlowp else
+                     cv.qnnpack(lambda: qnnpack.add_table(a_qparams, b_qparams, y_qparams, lo, 255)))
+            y = cv.lookup_pair(a.onnx_name, b.onnx_name, table)
+    elif not cv.dnnlowp:
+        raise cv.fail(f"{len(inputs)} inputs: Caffe2's QNNPACK Int8Add/Int8Sum takes exactly 2")
     else:
         reals = [
             cv.ctx.node("DequantizeLinear", [blob.onnx_name, *cv.qparams_inputs(blob, f"{cv.hint}_in{i}")], f"{cv.hint}_in{i}_real")
             for i, blob in enumerate(inputs)
         ]
         total = cv.ctx.node("Sum", reals, f"{cv.hint}_real") if len(reals) > 1 else reals[0]
-        y = cv.ctx.node(
-            "QuantizeLinear", [total, *cv.ctx.qparams(cv.hint, scale, zero_point)],
-            f"{cv.hint}_sum" if relu else cv.hint,
-        )
-    if relu:
-        y = cv.clip_at_zero_point(y, zero_point)
+        y = cv.ctx.node("QuantizeLinear", [total, *cv.ctx.qparams(cv.hint, scale, zero_point)],
+                        f"{cv.hint}_sum" if relu else cv.hint)
+        if relu:
+            y = cv.clip_at_zero_point(y, zero_point)
     cv.set_output(y, first, scale=scale, zero_point=zero_point)
 
 
@@ -440,16 +505,23 @@ def convert_average_pool(cv: OpConverter) -> None:
     x = cv.blob(0)
     order = cv.order()
     scale, zero_point = cv.output_qparams(default=x)
-    qinputs = [x.onnx_name, *cv.qparams_inputs(x, f"{cv.hint}_x"), *cv.ctx.qparams(cv.hint, scale, zero_point)]
+
+    def qinputs() -> list[str]:
+        return [x.onnx_name, *cv.qparams_inputs(x, f"{cv.hint}_x"), *cv.ctx.qparams(cv.hint, scale, zero_point)]
     if cv.args.int("global_pooling", 0):
-        y = cv.ctx.node("QLinearGlobalAveragePool", qinputs, cv.hint, domain=MS_DOMAIN, channels_last=0)
+        y = cv.ctx.node("QLinearGlobalAveragePool", qinputs(), cv.hint, domain=MS_DOMAIN, channels_last=0)
     else:
         window = cv.window()
         if window["dilations"] != [1, 1]:
             raise cv.fail("dilated average pooling is not supported")
         del window["dilations"]
-        # Caffe2's int8 average pooling divides by the number of non-padding elements.
-        y = cv.ctx.node("QLinearAveragePool", qinputs, cv.hint, domain=MS_DOMAIN, count_include_pad=0, **window)
+        if not cv.dnnlowp and cv.exact and not any(window["pads"]):
+            # Without padding every window has kernel-size elements, as QNNPACK's kernels assume.
+            y = cv.qnnpack(lambda: qnnpack.average_pool(cv.ctx, x.onnx_name, (x.scale, x.zero_point),
+                                                        (scale, zero_point), window, 0, 255, cv.hint))
+        else:
+            # Caffe2's int8 average pooling divides by the number of non-padding elements.
+            y = cv.ctx.node("QLinearAveragePool", qinputs(), cv.hint, domain=MS_DOMAIN, count_include_pad=0, **window)
     cv.set_output(y, x, scale=scale, zero_point=zero_point, layout=order, rank=4)
 
 
@@ -459,7 +531,7 @@ def convert_flatten(cv: OpConverter) -> None:
     scale, zero_point = cv.output_qparams(default=x)
     flat = cv.ctx.node("Flatten", [cv.to_nchw_memory_order(x)], cv.hint, axis=axis)
     y = cv.requantize(replace(x, onnx_name=flat), scale, zero_point)
-    cv.set_output(y, x, scale=scale, zero_point=zero_point, layout="NCHW", rank=2)
+    cv.set_output(y, x, scale=scale, zero_point=zero_point, layout="NCHW", rank=2, channels=None)
 
 
 def convert_reshape(cv: OpConverter) -> None:
@@ -475,7 +547,7 @@ def convert_reshape(cv: OpConverter) -> None:
         "Reshape", [cv.to_nchw_memory_order(x), cv.ctx.initializer(f"{cv.hint}_shape", np.array(shape, np.int64))], cv.hint
     )
     y = cv.requantize(replace(x, onnx_name=shaped), scale, zero_point)
-    cv.set_output(y, x, scale=scale, zero_point=zero_point, layout="NCHW", rank=len(shape))
+    cv.set_output(y, x, scale=scale, zero_point=zero_point, layout="NCHW", rank=len(shape), channels=None)
     if len(cv.op.output) > 1:
         # Caffe2's second output (old_shape) is a shape tensor nothing downstream of a
         # classifier consumes; recorded as "shape" so a consumer fails with a clear message.
@@ -500,6 +572,19 @@ def convert_softmax(cv: OpConverter) -> None:
         probs = cv.ctx.node("Softmax", [flat], f"{cv.hint}_2d_softmax", axis=1)
         y = cv.ctx.node("Reshape", [probs, cv.ctx.node("Shape", [source], f"{cv.hint}_shape")], cv.hint)
     cv.set_output(y, x, layout="NCHW")
+
+
+def convert_int8_softmax(cv: OpConverter) -> None:
+    """QNNPACK's softargmax over the classes of an [N, classes] uint8 tensor."""
+    x = cv.blob(0)
+    scale, zero_point = cv.output_qparams()
+    if (np.float32(scale), zero_point) != (np.float32(1 / 256), 0):
+        raise cv.fail(f"output scale {scale:.7g} and zero point {zero_point}: QNNPACK's softargmax "
+                      "only produces scale 1/256 with zero point 0")
+    if x.rank != 2 or x.channels is None:
+        raise cv.fail("input must be the [N, classes] output of an Int8FC (its class count sets QNNPACK's table)")
+    y = qnnpack.softargmax(cv.ctx, x.onnx_name, x.scale, x.channels, cv.hint)
+    cv.set_output(y, x, scale=scale, zero_point=zero_point)
 
 
 PREDICT_CONVERTERS: dict[tuple[str, bool], Callable[[OpConverter], None]] = {}
@@ -537,6 +622,8 @@ _register(["Int8Reshape"], convert_reshape)
 _register(["NCHW2NHWC", "Int8NCHW2NHWC"], lambda cv: convert_layout(cv, "NHWC"))
 _register(["NHWC2NCHW", "Int8NHWC2NCHW"], lambda cv: convert_layout(cv, "NCHW"))
 _register(["Softmax"], convert_softmax)
+# QNNPACK's operator only: DNNLOWP has no Int8Softmax of its own.
+PREDICT_CONVERTERS[("Int8Softmax", False)] = convert_int8_softmax
 
 
 # -- the init net ---------------------------------------------------------------------
@@ -585,19 +672,31 @@ def read_constants(init_net: Any) -> dict[str, Constant]:
 # -- the whole model ------------------------------------------------------------------
 
 
-def convert_nets(init_net: Any, predict_net: Any, input_size: int = 224) -> onnx.ModelProto:
-    """ONNX model of the Caffe2 predictor, taking float NCHW [N, 3, size, size] input."""
+def convert_nets(init_net: Any, predict_net: Any, input_size: int = 224, trace_int8: bool = False,
+                 arithmetic: str = "exact") -> onnx.ModelProto:
+    """ONNX model of the Caffe2 predictor, taking float NCHW [N, 3, size, size] input.
+
+    `arithmetic` "exact" builds each engine's own arithmetic; "qlinear" uses onnxruntime's
+    QLinearConv/QLinearAdd/QLinearAveragePool instead (faster, within one step per operator).
+
+    `trace_int8` adds every operator's uint8 output as a graph output named
+    `int8_trace_name(index, blob)`, to check the model against Caffe2's arithmetic op by op."""
     constants = read_constants(init_net)
-    ctx = ConversionContext(constants)
-    candidates = [name for name in predict_net.external_input if name not in constants]
+    if arithmetic not in ARITHMETICS:
+        raise Caffe2ImportError(f"unknown arithmetic {arithmetic!r}: {' or '.join(ARITHMETICS)}")
+    ctx = ConversionContext(constants, arithmetic)
+    # Caffe2's Predictor creates an empty blob for every external input the init net does not
+    # fill: one that no operator reads (e.g. a training data queue) is harmless and ignored.
+    read = {name for op in predict_net.op for name in op.input}
+    candidates = [name for name in predict_net.external_input if name not in constants and name in read]
     if not candidates:
         # Some exported predictors also fill the data blob in the init net: Caffe2
         # lists the data input first.
         candidates = list(predict_net.external_input[:1])
     if len(candidates) != 1:
         raise Caffe2ImportError(
-            f"predict net has {len(candidates)} external inputs not filled by the init net "
-            f"({', '.join(candidates) or 'none'}); expected exactly one image input"
+            f"predict net has {len(candidates)} external inputs that operators read and the init net "
+            f"does not fill ({', '.join(candidates) or 'none'}); expected exactly one image input"
         )
     input_name = candidates[0]
     constants.pop(input_name, None)
@@ -628,6 +727,10 @@ def convert_nets(init_net: Any, predict_net: Any, input_size: int = 224) -> onnx
         if onnx_name != name:
             ctx.nodes.append(helper.make_node("Identity", [onnx_name], [name], name=ctx.fresh(f"{name}/Identity")))
         graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    for index, blob_name, onnx_name in ctx.int8_outputs if trace_int8 else ():
+        traced = int8_trace_name(index, blob_name)
+        ctx.nodes.append(helper.make_node("Identity", [onnx_name], [traced], name=ctx.fresh(f"{traced}/Identity")))
+        graph_outputs.append(helper.make_tensor_value_info(traced, TensorProto.UINT8, None))
 
     graph = helper.make_graph(
         ctx.nodes,
@@ -647,6 +750,11 @@ def convert_nets(init_net: Any, predict_net: Any, input_size: int = 224) -> onnx
     return model
 
 
+def int8_trace_name(index: int, blob_name: str) -> str:
+    """The graph output holding operator `index`'s uint8 output `blob_name` (see convert_nets)."""
+    return f"int8_trace/{index}/{blob_name}"
+
+
 def _declare_output_shapes(model: onnx.ModelProto, input_name: str, input_size: int) -> None:
     """Give the graph outputs their shapes (e.g. [N, 1000]) from one onnxruntime run.
 
@@ -661,13 +769,17 @@ def _declare_output_shapes(model: onnx.ModelProto, input_name: str, input_size: 
             f"onnxruntime cannot run the converted model with input [1, 3, {input_size}, {input_size}]: {exc}"
         ) from exc
     for out, value in zip(model.graph.output, results):
-        out.CopyFrom(helper.make_tensor_value_info(out.name, TensorProto.FLOAT, ["N", *value.shape[1:]]))
+        out.CopyFrom(helper.make_tensor_value_info(out.name, helper.np_dtype_to_tensor_dtype(value.dtype),
+                                                   ["N", *value.shape[1:]]))
 
 
 def import_caffe2(init_path: str | Path, predict_path: str | Path, out_path: str | Path,
-                  input_size: int = 224) -> onnx.ModelProto:
-    """Read both nets (binary or text), convert them, and save the ONNX model."""
+                  input_size: int = 224, preset: str = "caffe2", arithmetic: str = "exact") -> onnx.ModelProto:
+    """Read both nets (binary or text), convert them, and save the ONNX model carrying `preset`
+    (the preprocessing it expects) in its metadata."""
     out_path = check_output_file(out_path)  # before the nets are read and converted
-    model = convert_nets(load_net(init_path), load_net(predict_path), input_size=input_size)
+    preset_obj = load_preset(preset)
+    model = convert_nets(load_net(init_path), load_net(predict_path), input_size=input_size, arithmetic=arithmetic)
+    attach_preset(model, preset_obj)
     onnx.save(model, str(out_path))
     return model
