@@ -13,6 +13,8 @@ from PIL import Image
 from conftest import jpeg_bytes
 from pipeline.config import load_preset
 from pipeline.preprocess import Preprocessor
+from pipeline.sources import NO_LABEL
+from pipeline.sources.folder import read_file, read_folder_records
 
 
 def png_bytes(width: int, height: int) -> bytes:
@@ -42,3 +44,21 @@ def test_prepare_lmdb_resizing_skips_a_too_wide_image_and_writes_the_rest(tmp_pa
     (images / "ok.jpg").write_bytes(jpeg_bytes(seed=2))
     counts = write_lmdb(str(images), str(tmp_path / "db"), fmt="lmdb-datum", resize=64)
     assert counts["records"] == 1 and [key for key, _ in counts["skipped"]] == ["wide.png"], counts
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_a_device_and_an_oversized_file_are_error_rows_not_a_hang(tmp_path):
+    """A FIFO blocked the read for ever, a symlink to /dev/zero was read until the OOM killer came."""
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    with open(tmp_path / "huge.jpg", "wb") as f:  # sparse: 1 GB on paper, nothing on disk
+        f.truncate(1 << 30)
+    (tmp_path / "ok.jpg").write_bytes(jpeg_bytes(seed=3))
+    keys = ["huge.jpg", "ok.jpg", "pipe.jpg", "zero.jpg"]
+    table = read_folder_records(tmp_path, [(key, NO_LABEL) for key in keys])
+    errors = dict(zip(table.column("key").to_pylist(), table.column("error").to_pylist()))
+    assert errors["pipe.jpg"] == "not a regular file: a FIFO (named pipe)"
+    assert errors["zero.jpg"] == "not a regular file: a character device"
+    assert errors["huge.jpg"].startswith("file larger than the") and errors["huge.jpg"].endswith("limit of one record")
+    assert errors["ok.jpg"] == ""
+    assert read_file(tmp_path, "ok.jpg", max_bytes=100) == (b"", "file larger than the 100-byte limit of one record")

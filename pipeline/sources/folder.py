@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -63,14 +64,39 @@ def folder_labels_file(root: str | Path, labels: Optional[str | Path] = None) ->
     return own if own.is_file() else None
 
 
-def read_file(root: Path, key: str) -> tuple[bytes, str]:
-    """The bytes of file KEY below ROOT and "", or b"" and why it cannot be read."""
+# The most bytes read for one record: Pillow refuses images over 89M pixels, which even as
+# uncompressed RGB are under 270 MB. A bigger file (or one that never ends) is an error row, not a
+# worker filled until the OOM killer ends it.
+MAX_RECORD_BYTES = 512 << 20
+
+FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+              stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+def read_file(root: Path, key: str, max_bytes: int = MAX_RECORD_BYTES) -> tuple[bytes, str]:
+    """The bytes of file KEY below ROOT and "", or b"" and why it cannot be read. Only a regular
+    file (a symlink is followed) of at most MAX_BYTES is read: a FIFO would block the read for
+    ever, /dev/zero never end."""
     try:
-        return (root / key).read_bytes(), ""
+        # non-blocking: opening a FIFO would otherwise wait for a writer; its type is then refused
+        handle = os.open(root / key, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return b"", "file not found"
     except OSError as exc:
         return b"", f"cannot read file: {exc.strerror or exc}"
+    with open(handle, "rb") as f:
+        try:
+            info = os.fstat(handle)
+            if not stat.S_ISREG(info.st_mode):
+                kind = FILE_KINDS.get(stat.S_IFMT(info.st_mode), "a special file")
+                return b"", f"not a regular file: {kind}"
+            # one byte over the limit is read at most: a file still growing is stopped there too
+            data = b"" if info.st_size > max_bytes else f.read(max_bytes + 1)
+        except OSError as exc:
+            return b"", f"cannot read file: {exc.strerror or exc}"
+    if info.st_size > max_bytes or len(data) > max_bytes:
+        return b"", f"file larger than the {max_bytes}-byte limit of one record"
+    return data, ""
 
 
 def read_folder_records(root: str | Path, records: list[tuple[str, int]]):
