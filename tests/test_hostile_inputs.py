@@ -8,10 +8,12 @@ import os
 
 import numpy as np
 import pytest
+from onnx import helper
 from PIL import Image
 
-from conftest import jpeg_bytes
+from conftest import jpeg_bytes, save_classifier
 from pipeline.config import load_preset
+from pipeline.inference import ModelError, ModelInfo, make_session, run_model
 from pipeline.preprocess import Preprocessor
 from pipeline.sources import NO_LABEL
 from pipeline.sources.folder import read_file, read_folder_records
@@ -62,3 +64,24 @@ def test_a_fifo_a_device_and_an_oversized_file_are_error_rows_not_a_hang(tmp_pat
     assert errors["huge.jpg"].startswith("file larger than the") and errors["huge.jpg"].endswith("limit of one record")
     assert errors["ok.jpg"] == ""
     assert read_file(tmp_path, "ok.jpg", max_bytes=100) == (b"", "file larger than the 100-byte limit of one record")
+
+
+def classifier_of_three_scores(path):
+    """Declares [N, 1000] class scores but returns [N, 3] (each channel's mean)."""
+    return save_classifier(path, [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+                                  helper.make_node("Flatten", ["pooled"], ["scores"])], "three_scores")
+
+
+def test_a_model_whose_output_is_not_n_by_classes_is_refused_at_load(tmp_path):
+    model = save_classifier(tmp_path / "rank3.onnx", [helper.make_node("Identity", ["input"], ["scores"])],
+                            "rank3", output_shape=("N", 2, 1000))
+    with pytest.raises(ModelError, match=r"has shape \[None, 2, 1000\], expected \[N, 1000\]"):
+        ModelInfo.from_path(model)
+
+
+def test_a_model_returning_other_scores_than_it_declares_fails_the_batch_with_one_sentence(tmp_path):
+    """onnxruntime only warns when the output shape differs from the declared one; the scores of
+    3 classes were then ranked as if they were the 1,000 (or failed in Arrow with top-k 20)."""
+    info = ModelInfo.from_path(classifier_of_three_scores(tmp_path / "three.onnx"))
+    with pytest.raises(ModelError, match=r"returned scores of shape \[2, 3\] for 2 images, not the \[2, 1000\]"):
+        run_model(make_session(info.path), info, np.zeros((2, 3, 224, 224), np.float32))
