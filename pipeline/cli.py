@@ -17,6 +17,7 @@ from ray.exceptions import RayError
 from pipeline.config import ConfigError, load_preset
 from pipeline.console import (PRESET_HELP, USER_ERRORS, InputFormat, console, fail, fail_in_ray, format_help,
                               format_name, model_and_preset, say)
+from pipeline.output import exclusive_output
 
 app = typer.Typer(
     help="Evaluate and run int8 ONNX ImageNet classifiers with Ray Data.",
@@ -109,7 +110,7 @@ def evaluate(
 
     try:
         model, preset = model_and_preset(model, preset_or_config(preset, config))
-        with progress_bar() as progress:
+        with exclusive_output(output, "evaluate"), progress_bar() as progress:
             metrics = run_evaluation(
                 str(model), data, preset, str(output), fmt=format_name(format),
                 labels=str(labels) if labels else None, limit=limit, batch_size=batch_size, address=address,
@@ -210,7 +211,7 @@ def label(
 
     try:
         model, preset = model_and_preset(model, preset)
-        with progress_bar() as progress:
+        with exclusive_output(output, "label"), progress_bar() as progress:
             manifest = run_labelling(
                 str(model), data, str(output), top_k=top_k, preset=preset, fmt=format_name(format), resume=resume,
                 overwrite=overwrite, unit_size=shard_size, batch_size=batch_size, address=address,

@@ -3,9 +3,15 @@ commands that write one file (`quantize`, `model build`, `model import-caffe2`) 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
+from typing import Iterator
 
 
 class OutputDirError(ValueError):
@@ -47,3 +53,43 @@ def check_output_file(path: str | Path, option: str = "--out", kind: str = ".onn
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputDirError(f"{path}: cannot write the output file there (it exists and is read-only)")
     return path
+
+
+def claim_file(path: Path) -> Path:
+    """The lock file of output folder PATH: in the machine's temp folder, named by PATH's absolute
+    path, so that it can be taken before the folder exists (a run refused for bad input makes
+    none) and leaves nothing in it."""
+    absolute = os.path.abspath(path.resolve())
+    digest = hashlib.sha1(absolute.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / "int8-pipeline-outputs"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{digest}.lock"
+
+
+@contextlib.contextmanager
+def exclusive_output(path: str | Path, command: str) -> Iterator[None]:
+    """Hold an exclusive claim on output folder PATH for the length of the block, or raise
+    OutputDirError naming the run that holds it. Two runs into one folder would interleave their
+    files (one model's labels under another's manifest, an unreadable predictions.parquet).
+
+    The claim is an flock, which the kernel releases when its process ends, however it ends; it
+    guards runs whose drivers share this machine (and its temp folder)."""
+    try:
+        handle = os.open(claim_file(Path(path)), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise OutputDirError(f"{path}: cannot take the lock that keeps other runs out of it "
+                             f"({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(handle, 4096, 0).decode(errors="replace").strip() or "another run"
+            raise OutputDirError(f"{path} is the output of a run still going on ({holder}): wait for it "
+                                 "to end, or give another output folder") from None
+        os.ftruncate(handle, 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        os.pwrite(handle, f"pipeline {command}, pid {os.getpid()} on {socket.gethostname()}, "
+                          f"started {started}".encode(), 0)
+        yield
+    finally:
+        os.close(handle)  # releases the flock

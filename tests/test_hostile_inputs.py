@@ -85,3 +85,28 @@ def test_a_model_returning_other_scores_than_it_declares_fails_the_batch_with_on
     info = ModelInfo.from_path(classifier_of_three_scores(tmp_path / "three.onnx"))
     with pytest.raises(ModelError, match=r"returned scores of shape \[2, 3\] for 2 images, not the \[2, 1000\]"):
         run_model(make_session(info.path), info, np.zeros((2, 3, 224, 224), np.float32))
+
+
+def test_an_output_folder_is_held_by_one_run_at_a_time_and_the_refusal_names_it(tmp_path):
+    """Two label runs into one --output both exited 0, one model's labels under the other's
+    manifest; two evaluate runs left an unreadable predictions.parquet."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.output import OutputDirError, exclusive_output
+
+    output = tmp_path / "out"
+    with exclusive_output(output, "label"):
+        # the claim is taken before the folder exists, and makes none
+        assert not output.exists()
+        with pytest.raises(OutputDirError, match=rf"is the output of a run still going on \(pipeline label, pid "
+                                                 rf"{os.getpid()} on .*, started .* UTC\)"):
+            with exclusive_output(tmp_path / "." / "out", "evaluate"):  # the same folder, spelt otherwise
+                pass
+        for command in (["evaluate"], ["label"]):  # refused by the command itself before any work
+            result = CliRunner().invoke(app, [*command, "--model", str(tmp_path / "absent.onnx"),
+                                              "--data", str(tmp_path), "--output", str(output)])
+            assert result.exit_code == 2 and "is the output of a run still going on (pipeline label" in \
+                " ".join(result.output.split()), result.output
+    with exclusive_output(output, "evaluate"):  # released at the end of the run
+        pass
