@@ -110,3 +110,56 @@ def test_an_output_folder_is_held_by_one_run_at_a_time_and_the_refusal_names_it(
                 " ".join(result.output.split()), result.output
     with exclusive_output(output, "evaluate"):  # released at the end of the run
         pass
+
+
+def test_label_resume_refuses_a_preset_file_of_the_same_name_with_other_values(tmp_path):
+    """run.json recorded only the preset's name: a torch.yaml of other mean/std resumed happily, and
+    the output mixed units labelled two ways under a manifest naming one preset."""
+    from pipeline.label import RUN_FILE, check_output, run_description, write_json
+    from pipeline.output import OutputDirError
+
+    model, data, output = tmp_path / "model.onnx", tmp_path / "images", tmp_path / "out"
+    model.write_bytes(b"the model's bytes")
+    data.mkdir()
+    output.mkdir()
+    torch = load_preset("torch")
+    edited = tmp_path / "torch.yaml"
+    edited.write_text("name: torch\nchannel_order: RGB\nmean: [0, 0, 0]\nstd: [1, 1, 1]\ninterpolation: bilinear\n"
+                      "scale: 256\ncrop: 224\ncrop_offset: round\n")
+    first = run_description(str(model), str(data), "folder", torch, 5, 1000)
+    write_json(output / RUN_FILE, first)
+    assert check_output(output, first, resume=True, overwrite=False) == set()  # the same preset resumes
+    with pytest.raises(OutputDirError, match="holds an interrupted run with other settings "
+                                             r"\(preset_values was \{.*'mean': \[123.675"):
+        check_output(output, run_description(str(model), str(data), "folder", load_preset(str(edited)), 5, 1000),
+                     resume=True, overwrite=False)
+
+
+def test_damaged_run_state_is_one_sentence_naming_the_file_and_what_to_do(tmp_path):
+    """An empty run.json or manifest.json (which a crash before the rename could leave), or a
+    truncated labels shard, gave a 48-line traceback."""
+    import pyarrow.parquet as pq
+
+    from pipeline.label import (ERRORS_SCHEMA, MANIFEST_FILE, RUN_FILE, check_output, labels_schema,
+                                shard_counts)
+    from pipeline.output import OutputDirError
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / RUN_FILE).write_text("")
+    with pytest.raises(OutputDirError, match=rf"^{output / RUN_FILE}: damaged run state \(empty\).*: "
+                                             "pass --overwrite to label again$"):
+        check_output(output, {}, resume=True, overwrite=False)
+    (output / MANIFEST_FILE).write_text('{"images": 3, "lab')
+    with pytest.raises(OutputDirError, match=rf"^{output / MANIFEST_FILE}: damaged run state \(not JSON: .*\).*: "
+                                             "delete it and pass --resume to write it again from the shards$"):
+        check_output(output, {}, resume=True, overwrite=False)
+    for table, schema in (("labels", labels_schema(5)), ("errors", ERRORS_SCHEMA)):
+        (output / table).mkdir()
+        pq.write_table(schema.empty_table(), output / table / "unit.parquet")
+    assert shard_counts(output) == {"unit": {"labelled": 0, "errors": 0}}
+    shard = output / "labels" / "unit.parquet"
+    shard.write_bytes(shard.read_bytes()[:20])
+    with pytest.raises(OutputDirError, match=rf"^{shard}: damaged labels shard \(.*\).*: "
+                                             "delete it and pass --resume to label its unit again$"):
+        shard_counts(output)
