@@ -319,22 +319,20 @@ def shard_rows(path: Path, labels_shard: Path) -> int:
 
 class RecordCount:
     """How many records the input holds, for the progress bar's ETA: KNOWN (done before plus the work
-    units' own count) when the work units know it; else an image folder's files, or tar shards'
-    members, counted in a background thread, so that walking millions of files does not delay the
-    start."""
+    units' own count) when the work units know it (an image folder's are listed); else tar shards'
+    members, counted in a background thread, so that scanning many shards does not delay the start."""
 
     def __init__(self, data: str, fmt: str, known: Optional[int]):
         self.value = known
-        self.thread = threading.Thread(target=self._count, args=(data, fmt), daemon=True)
-        if known is None and fmt in ("folder", "tar"):
+        self.thread = threading.Thread(target=self._count, args=(data,), daemon=True)
+        if known is None and fmt == "tar":
             self.thread.start()
 
-    def _count(self, data: str, fmt: str) -> None:
-        from pipeline.sources.folder import walk_files
+    def _count(self, data: str) -> None:
         from pipeline.sources.tar import count_tar_records
 
         try:
-            self.value = sum(1 for _ in walk_files(data)) if fmt == "folder" else count_tar_records(data)
+            self.value = count_tar_records(data)
         except Exception:  # an unreadable input is reported by the readers; the bar just has no total
             self.value = None
 

@@ -163,3 +163,19 @@ def test_damaged_run_state_is_one_sentence_naming_the_file_and_what_to_do(tmp_pa
     with pytest.raises(OutputDirError, match=rf"^{shard}: damaged labels shard \(.*\).*: "
                                              "delete it and pass --resume to label its unit again$"):
         shard_counts(output)
+
+
+def test_a_file_added_while_label_reads_a_folder_shifts_no_unit(tmp_path):
+    """Each read task listed the folder itself: a file added between their listings shifted the
+    units, and 15 images were labelled twice and 16 never, in a run that exited 0."""
+    from pipeline.sources.folder import folder_unit_readers
+
+    for i in range(12):
+        (tmp_path / f"{i:02d}.jpg").write_bytes(b"x")
+    readers, records = folder_unit_readers(tmp_path, set(), unit_size=2, tasks=3)
+    keys = [key for _, blocks in readers[0]() for block in blocks for key in block.column("key").to_pylist()]
+    (tmp_path / "00-added.jpg").write_bytes(b"x")  # after the first task has read, before the others
+    for reader in readers[1:]:
+        keys += [key for _, blocks in reader() for block in blocks for key in block.column("key").to_pylist()]
+    assert sorted(keys) == [f"{i:02d}.jpg" for i in range(12)]  # every listed file once, the new one next run
+    assert records == 12

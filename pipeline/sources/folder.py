@@ -144,11 +144,11 @@ def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[i
                   len(datasource.records), exact_count=True)
 
 
-# Labelling archives of millions of files: the driver never lists the folder. Each ReadTask walks
-# the tree itself in one fixed order and reads only the units dealt to it (units are runs of
-# UNIT_SIZE consecutive files in that order, dealt round-robin to the tasks), so the walk costs
-# every task a directory listing of the whole tree but nobody holds more than one directory's names.
-WALK_TASKS = 4
+# Labelling: the driver walks the folder once and deals its units round-robin to UNIT_READ_TASKS
+# ReadTasks, each given its units' file names. Tasks that walked the folder themselves would each
+# see it as it was at their own walk: a file added in between shifted the units, and some files were
+# labelled twice, others never.
+UNIT_READ_TASKS = 4
 
 
 def walk_files(root: str | Path) -> Iterator[str]:
@@ -182,17 +182,13 @@ def folder_units(root: Path, unit_size: int) -> Iterator[tuple[str, list[str]]]:
         yield f"files-{number:08d}-{digest}", keys
 
 
-def check_finished_units(root: Path, done: set[str], unit_size: int) -> None:
-    """Refuse (SourceError) to resume over ROOT when a unit in DONE no longer holds the same files.
-    Units are runs of the walk, so one file added, removed or renamed before the end of the finished
-    units shifts them: the resume would label some files twice and never label others. The walk
-    stops once every finished unit is found."""
-    missing = set(done)
+def check_finished_units(root: Path, units: list[tuple[str, list[str]]], done: set[str]) -> None:
+    """Refuse (SourceError) to resume over ROOT, whose units are now UNITS, when a unit in DONE no
+    longer holds the same files. Units are runs of the walk, so one file added, removed or renamed
+    before the end of the finished units shifts them: the resume would label some files twice and
+    never label others."""
+    missing = done - {unit for unit, _ in units}
     if missing:
-        for unit, _ in folder_units(root, unit_size):
-            missing.discard(unit)
-            if not missing:
-                return
         raise SourceError(
             f"{root}: the folder changed since the interrupted run into this output: {len(missing)} of its "
             f"{len(done)} finished units no longer hold the same files (files were added, removed or renamed), "
@@ -201,22 +197,23 @@ def check_finished_units(root: Path, done: set[str], unit_size: int) -> None:
 
 
 def folder_unit_readers(root: str | Path, done: set[str], unit_size: int,
-                        tasks: int = WALK_TASKS) -> tuple[list, None]:
-    """Readers for `pipeline.sources.units`, one per walking task, each reading every TASKS-th unit
-    of `folder_units` not in DONE. How many files they hold is not known: the driver never lists the
-    folder (it walks it only on a resume, to check the finished units)."""
+                        tasks: int = UNIT_READ_TASKS) -> tuple[list, int]:
+    """Readers for `pipeline.sources.units`, one per ReadTask, each reading every TASKS-th unit of
+    `folder_units` not in DONE, and how many files those units hold. The folder is walked here, once:
+    every reader reads the file names it was given, whatever the folder holds by then."""
     from pipeline.sources.units import chunked
 
     root = folder_root(root).resolve()
-    check_finished_units(root, done, unit_size)
+    units = list(folder_units(root, unit_size))
+    check_finished_units(root, units, done)
+    todo = [(unit, keys) for unit, keys in units if unit not in done]
 
-    def reader_for(task: int):
-        def units():
-            for number, (unit, keys) in enumerate(folder_units(root, unit_size)):
-                if number % tasks == task and unit not in done:
-                    yield unit, (read_folder_records(root, [(key, NO_LABEL) for key in block])
-                                 for block in chunked(keys, RECORDS_PER_BLOCK))
+    def reader_for(share: list[tuple[str, list[str]]]):
+        def read_units():
+            for unit, keys in share:
+                yield unit, (read_folder_records(root, [(key, NO_LABEL) for key in block])
+                             for block in chunked(keys, RECORDS_PER_BLOCK))
 
-        return units
+        return read_units
 
-    return [reader_for(task) for task in range(tasks)], None
+    return [reader_for(todo[task::tasks]) for task in range(tasks)], sum(len(keys) for _, keys in todo)
