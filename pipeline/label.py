@@ -359,6 +359,7 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "
         raise OutputDirError(f"{out} is inside the input {data}: its own files would be read as records; "
                              "give an --output outside it")
     run = run_description(model, data, fmt, preset_obj, top_k, unit_size)
+    make_output_dir(out)  # writable, before Ray starts
     done = check_output(out, run, resume, overwrite)
     init_ray(address)
     source = read_work_units(data, fmt, done, unit_size)  # before claiming OUTPUT: a bad input leaves it as it was

@@ -11,7 +11,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 class OutputDirError(ValueError):
@@ -25,14 +25,24 @@ def check_not_a_file(path: Path) -> None:
         raise OutputDirError(f"{path} is a file, not a folder")
 
 
-def make_output_dir(path: str | Path) -> Path:
-    """PATH created as a folder, with its parents; an OutputDirError saying why when it cannot be."""
+def make_output_dir(path: str | Path, for_file: Optional[Path] = None) -> Path:
+    """PATH created as a folder, with its parents, in which a file can be created (checked before
+    any work: an output written only at the end would otherwise fail after the whole run); an
+    OutputDirError saying why otherwise, naming FOR_FILE when it is the file to be written there."""
     path = Path(path)
     check_not_a_file(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputDirError(f"{path}: cannot make the output folder there ({exc.strerror or exc})") from None
+    try:
+        # a file of our own, deleted at once: what the folder holds is left as it is
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".pipeline-", suffix=".check"):
+            pass
+    except OSError as exc:
+        named = f"{for_file}: cannot write the output file there" if for_file else \
+            f"{path}: cannot write files in the output folder"
+        raise OutputDirError(f"{named} ({exc.strerror or exc})") from None
     return path
 
 
@@ -43,13 +53,7 @@ def check_output_file(path: str | Path, option: str = "--out", kind: str = ".onn
     path = Path(path)
     if path.is_dir():
         raise OutputDirError(f"{path} is a folder: {option} names the {kind} file to write")
-    folder = make_output_dir(path.parent)
-    try:
-        # a file of our own, deleted at once: PATH itself, if it exists, is left as it is
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".check"):
-            pass
-    except OSError as exc:
-        raise OutputDirError(f"{path}: cannot write the output file there ({exc.strerror or exc})") from None
+    make_output_dir(path.parent, for_file=path)
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputDirError(f"{path}: cannot write the output file there (it exists and is read-only)")
     return path

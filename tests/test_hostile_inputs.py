@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from onnx import helper
 from PIL import Image
 
-from conftest import jpeg_bytes, save_classifier
+from conftest import MOBILENET_INT8, jpeg_bytes, need, save_classifier
 from pipeline.config import load_preset
 from pipeline.inference import ModelError, ModelInfo, make_session, run_model
 from pipeline.preprocess import Preprocessor
@@ -179,3 +180,37 @@ def test_a_file_added_while_label_reads_a_folder_shifts_no_unit(tmp_path):
         keys += [key for _, blocks in reader() for block in blocks for key in block.column("key").to_pylist()]
     assert sorted(keys) == [f"{i:02d}.jpg" for i in range(12)]  # every listed file once, the new one next run
     assert records == 12
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """An existing folder in which no file can be created: a read-only one, or for root (who writes
+    in those too) a folder of the kernel's own /sys."""
+    if os.geteuid() == 0:
+        return Path("/sys/kernel")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_an_output_folder_that_exists_but_cannot_be_written_is_refused_before_any_work(tmp_path):
+    """It gave a 43-line PermissionError traceback once Ray had started (at the first file written)."""
+    from pipeline.evaluate import evaluate
+    from pipeline.label import label
+    from pipeline.output import OutputDirError
+    from pipeline.prepare import write_parquet_shards
+    from pipeline.sources.lmdb_writer import write_lmdb
+
+    model = str(need(MOBILENET_INT8))
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(jpeg_bytes())
+    (images / "labels.txt").write_text("a.jpg 1\n")
+    output = unwritable_folder(tmp_path)
+    refusal = rf"^{output}: cannot write files in the output folder \(.+\)$"
+    for command in (lambda: write_parquet_shards(str(images), str(output)),
+                    lambda: write_lmdb(str(images), str(output)),
+                    lambda: label(model, str(images), str(output)),
+                    lambda: evaluate(model, str(images), "torch", str(output))):
+        with pytest.raises(OutputDirError, match=refusal):
+            command()
