@@ -168,6 +168,7 @@ def prepare(
                                                           "or lmdb-caffe2 (Caffe2 TensorProtos records)"),
     encoded: bool = typer.Option(True, "--encoded/--raw", help="LMDB: image files as stored, or raw BGR pixels"),
     resize: Optional[int] = typer.Option(None, min=1, help="LMDB: scale the shorter side to N pixels first"),
+    overwrite: bool = typer.Option(False, help="Parquet: replace the shards OUT holds (refused otherwise)"),
 ) -> None:
     """Write Parquet shards (key, image bytes as stored, label), or an LMDB database, from an image folder."""
     labels_file = str(labels) if labels else None
@@ -175,9 +176,11 @@ def prepare(
         if format == "parquet":
             from pipeline.prepare import write_parquet_shards
 
-            counts = write_parquet_shards(str(images), str(out), labels_file, shard_size)
+            counts = write_parquet_shards(str(images), str(out), labels_file, shard_size, overwrite)
             report = f"wrote {counts['records']} records in {counts['shards']} shards to {out}" + (
                 f" ({counts['unreadable']} unreadable files kept as error rows)" if counts["unreadable"] else "")
+        elif overwrite:
+            fail("--overwrite replaces Parquet shards: an LMDB database is written into a new folder")
         else:
             from pipeline.sources.lmdb_writer import prepare_lmdb
 

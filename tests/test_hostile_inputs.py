@@ -214,3 +214,26 @@ def test_an_output_folder_that_exists_but_cannot_be_written_is_refused_before_an
                     lambda: evaluate(model, str(images), "torch", str(output))):
         with pytest.raises(OutputDirError, match=refusal):
             command()
+
+
+def test_prepare_into_a_folder_of_shards_is_refused_and_overwrite_replaces_them(tmp_path):
+    """It kept the old shards: the second run said "wrote 40 records", evaluate then scored 290."""
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    images, out = tmp_path / "images", tmp_path / "shards"
+    images.mkdir()
+    for i in range(5):
+        (images / f"{i}.jpg").write_bytes(jpeg_bytes(seed=i))
+    prepare = ["prepare", "--images", str(images), "--out", str(out), "--shard-size", "2"]
+    assert CliRunner().invoke(app, prepare).exit_code == 0
+    for name in ("0.jpg", "1.jpg", "2.jpg"):
+        (images / name).unlink()
+    refused = CliRunner().invoke(app, prepare)
+    assert refused.exit_code == 2 and f"{out} already holds 3 Parquet shards, which would be read with the new " \
+        "ones: give a new --out, or pass --overwrite" in " ".join(refused.output.split()), refused.output
+    assert CliRunner().invoke(app, [*prepare, "--overwrite"]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet"]
+    assert pq.read_table(out).column("key").to_pylist() == ["3.jpg", "4.jpg"]
