@@ -237,3 +237,21 @@ def test_prepare_into_a_folder_of_shards_is_refused_and_overwrite_replaces_them(
     assert CliRunner().invoke(app, [*prepare, "--overwrite"]).exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet"]
     assert pq.read_table(out).column("key").to_pylist() == ["3.jpg", "4.jpg"]
+
+
+def test_a_labels_file_names_files_with_spaces_and_no_key_leads_out_of_the_folder(tmp_path):
+    """A name holding a space refused the whole run; a key `../outside.JPEG` read a file outside --data."""
+    from pipeline.sources.folder import list_folder_records
+    from pipeline.sources.labels import read_labels_file
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a photo.jpg").write_bytes(b"a")
+    (tmp_path / "outside.JPEG").write_bytes(b"secret")
+    (data / "labels.txt").write_text("a photo.jpg 3\n../outside.JPEG 4\n")
+    assert read_labels_file(data / "labels.txt") == {"a photo.jpg": 3, "../outside.JPEG": 4}
+    records = list_folder_records(data)
+    table = read_folder_records(data, records)
+    rows = {key: (image, error) for key, image, error in zip(*(table.column(c).to_pylist()
+                                                                 for c in ("key", "image", "error")))}
+    assert rows == {"a photo.jpg": (b"a", ""), "../outside.JPEG": (b"", "the key names a file outside the folder")}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import stat
 from pathlib import Path
 from typing import Iterator, Optional
@@ -76,7 +77,10 @@ FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character de
 def read_file(root: Path, key: str, max_bytes: int = MAX_RECORD_BYTES) -> tuple[bytes, str]:
     """The bytes of file KEY below ROOT and "", or b"" and why it cannot be read. Only a regular
     file (a symlink is followed) of at most MAX_BYTES is read: a FIFO would block the read for
-    ever, /dev/zero never end."""
+    ever, /dev/zero never end. A key that leads out of ROOT (a labels file's `../x.jpg` or `/x.jpg`)
+    is not read at all."""
+    if posixpath.isabs(key) or key.split("/", 1)[0] == "..":  # keys are normalised (posixpath.normpath)
+        return b"", "the key names a file outside the folder"
     try:
         # non-blocking: opening a FIFO would otherwise wait for a writer; its type is then refused
         handle = os.open(root / key, os.O_RDONLY | os.O_NONBLOCK)
