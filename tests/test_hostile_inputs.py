@@ -255,3 +255,16 @@ def test_a_labels_file_names_files_with_spaces_and_no_key_leads_out_of_the_folde
     rows = {key: (image, error) for key, image, error in zip(*(table.column(c).to_pylist()
                                                                  for c in ("key", "image", "error")))}
     assert rows == {"a photo.jpg": (b"a", ""), "../outside.JPEG": (b"", "the key names a file outside the folder")}
+
+
+def test_keys_repeated_across_shards_are_scored_and_counted_in_the_metrics():
+    """Duplicate keys across Parquet shards or tar members were scored twice without a word."""
+    from pipeline.metrics import AccuracyCounter
+
+    counter = AccuracyCounter()
+    for keys in (["a", "b"], ["b", "c"], ["a"]):
+        n = len(keys)
+        counter.update({"key": np.array(keys, dtype=object), "label": np.zeros(n, np.int64),
+                        "top_ids": np.zeros((n, 5), np.int32), "error": np.array([""] * n, dtype=object)})
+    summary = counter.summary()
+    assert (summary["images"], summary["evaluated"], summary["duplicate_keys"]) == (5, 5, 2)
