@@ -268,3 +268,22 @@ def test_keys_repeated_across_shards_are_scored_and_counted_in_the_metrics():
                         "top_ids": np.zeros((n, 5), np.int32), "error": np.array([""] * n, dtype=object)})
     summary = counter.summary()
     assert (summary["images"], summary["evaluated"], summary["duplicate_keys"]) == (5, 5, 2)
+
+
+def test_an_lmdb_whose_first_records_are_damaged_is_read_by_its_first_good_one(tmp_path):
+    """Only the first 16 records were looked at: a database of 16 damaged records and 20 good ones
+    after them was refused whole."""
+    import lmdb
+
+    from pipeline.sources.lmdb import inspect_lmdb
+    from pipeline.sources.lmdb_records import DATUM, ENCODERS
+
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 24, lock=False)
+    with env.begin(write=True) as txn:
+        for i in range(16):
+            txn.put(b"%08d" % i, b"\x08damaged")
+        for i in range(16, 36):
+            txn.put(b"%08d" % i, ENCODERS[DATUM](i, encoded=jpeg_bytes(seed=i)))
+    env.close()
+    info = inspect_lmdb(tmp_path / "db")
+    assert (info.record_kind, info.entries) == (DATUM, 36)
