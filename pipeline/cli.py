@@ -16,7 +16,7 @@ from ray.exceptions import RayError
 
 from pipeline.config import ConfigError, load_preset
 from pipeline.console import (PRESET_HELP, USER_ERRORS, InputFormat, console, fail, fail_in_ray, format_help,
-                              format_name, model_and_preset, say)
+                              format_name, interrupted, model_and_preset, say)
 from pipeline.output import exclusive_output
 
 app = typer.Typer(
@@ -120,6 +120,8 @@ def evaluate(
         fail(str(exc))
     except RayError as exc:
         fail_in_ray(exc)
+    except KeyboardInterrupt:
+        interrupted(f"the evaluation stopped before its end: {output} holds no result of it")
     print_summary(metrics, output)
     if not metrics["evaluated"]:
         fail(nothing_scored(metrics, output))
@@ -228,6 +230,8 @@ def label(
     except RayError as exc:
         fail_in_ray(exc, f"; {output} keeps the units finished so far: --resume finishes the run with the "
                          "same options, --overwrite starts again")
+    except KeyboardInterrupt:
+        interrupted(f"{output} keeps the units finished so far: --resume finishes the run with the same options")
     say(f"{manifest['images']} images: {manifest['labelled']} labelled, {manifest['errors']} errors "
         f"({manifest['this_run_images']} in this run, {manifest['images_per_s']:.1f} images/s); "
         f"{len(manifest['shards'])} shards in {output}")

@@ -36,6 +36,14 @@ def run_cli(*args, cwd=REPO, extra_env=None) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env, timeout=600)
 
 
+def start_cli(*args) -> subprocess.Popen:
+    """`python -m pipeline ARGS` started in a session of its own (a signal to its process group reaches
+    the driver and the Ray it starts, as a Ctrl-C in a terminal does), stdout and stderr as one text."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local single-node Ray for the whole session, as `pipeline evaluate` starts it."""

@@ -12,7 +12,7 @@ import pytest
 from onnx import helper
 from PIL import Image
 
-from conftest import MOBILENET_INT8, jpeg_bytes, need, save_classifier
+from conftest import MOBILENET_INT8, VAL_1300, jpeg_bytes, need, save_classifier, start_cli, subset_folder
 from pipeline.config import load_preset
 from pipeline.inference import ModelError, ModelInfo, make_session, run_model
 from pipeline.preprocess import Preprocessor
@@ -268,6 +268,33 @@ def test_keys_repeated_across_shards_are_scored_and_counted_in_the_metrics():
                         "top_ids": np.zeros((n, 5), np.int32), "error": np.array([""] * n, dtype=object)})
     summary = counter.summary()
     assert (summary["images"], summary["evaluated"], summary["duplicate_keys"]) == (5, 5, 2)
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_says_what_was_interrupted_and_leaves_no_older_result_looking_current(tmp_path):
+    """evaluate exited 130 without a word, an earlier run's metrics.json and predictions.parquet left
+    beside the new .partial; label did not say that --resume continues the run."""
+    import signal
+    import time
+
+    folder = subset_folder(need(VAL_1300), tmp_path / "images", 400)
+    model, output = need(MOBILENET_INT8), tmp_path / "out"
+    output.mkdir()
+    for name in ("metrics.json", "predictions.parquet"):  # an earlier run's results
+        (output / name).write_text("earlier")
+    for command, started, said in (
+            (["evaluate", "--output", output], output / "predictions.parquet.partial",
+             f"interrupted: the evaluation stopped before its end: {output} holds no result of it"),
+            (["label", "--output", output / "labels"], output / "labels" / "run.json",
+             f"interrupted: {output / 'labels'} keeps the units finished so far: --resume finishes the run")):
+        run = start_cli(*command, "--model", model, "--data", folder)
+        while not started.exists():
+            assert run.poll() is None, run.stdout.read()
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
+        text = " ".join(run.communicate(timeout=120)[0].split())
+        assert run.returncode == 130 and said in text and "Traceback" not in text, text
+    assert not (output / "metrics.json").exists() and not (output / "predictions.parquet").exists()
 
 
 def test_an_lmdb_whose_first_records_are_damaged_is_read_by_its_first_good_one(tmp_path):

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import MOBILENET_INT8, REPO, RESNET50_INT8, SAMPLE_1000, jpeg_bytes, need, subset_folder
+from conftest import MOBILENET_INT8, RESNET50_INT8, SAMPLE_1000, jpeg_bytes, need, start_cli, subset_folder
 from pipeline.classes import imagenet_classes
 from pipeline.evaluate import evaluate
 from pipeline.label import AlreadyFinished, label
@@ -243,9 +242,7 @@ def test_bad_files_in_a_folder_and_in_tars_are_error_rows_and_the_counts_add_up(
 
 
 def run_cli(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "label", *args], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return start_cli("label", *args)
 
 
 def test_a_finished_dir_is_left_alone_and_a_foreign_one_refused(ray_local, tmp_path):
