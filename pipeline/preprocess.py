@@ -36,6 +36,8 @@ JPEG_MAGIC = b"\xff\xd8\xff"  # start of image, then a marker: how Pillow recogn
 # The widest aspect ratio scaled: the shorter side goes to the preset's scale, so a 1 x 10,000,000
 # image would be scaled to 256 x 2.56e9 pixels (gigabytes, or an overflow). Panoramas are under 10:1.
 MAX_ASPECT_RATIO = 100
+# The most pixels an image is scaled to (`prepare --resize` takes any size): 200 MB of RGB
+MAX_SCALED_PIXELS = 1 << 26
 
 
 class ImageError(ValueError):
@@ -148,6 +150,9 @@ def scale_shorter_side(pixels: np.ndarray, scale: int, interpolation: str) -> np
         raise ImageError(f"image of {width}x{height} pixels: its aspect ratio is beyond {MAX_ASPECT_RATIO}:1, "
                          "too wide to scale")
     size = scaled_size(width, height, scale)
+    if size[0] * size[1] > MAX_SCALED_PIXELS:
+        raise ImageError(f"image of {width}x{height} pixels: scaled to {size[0]}x{size[1]}, it would be over "
+                         f"the {MAX_SCALED_PIXELS}-pixel limit")
     return pixels if size == (width, height) else resize_pixels(pixels, size, interpolation)
 
 

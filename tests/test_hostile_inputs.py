@@ -47,6 +47,10 @@ def test_prepare_lmdb_resizing_skips_a_too_wide_image_and_writes_the_rest(tmp_pa
     (images / "ok.jpg").write_bytes(jpeg_bytes(seed=2))
     counts = write_lmdb(str(images), str(tmp_path / "db"), fmt="lmdb-datum", resize=64)
     assert counts["records"] == 1 and [key for key, _ in counts["skipped"]] == ["wide.png"], counts
+    # a size asked for that no image should be scaled to: refused before the pixels are allocated
+    counts = write_lmdb(str(images), str(tmp_path / "huge"), fmt="lmdb-datum", resize=20_000)
+    assert counts["records"] == 0 and counts["skipped"][0] == (
+        "ok.jpg", "image of 64x48 pixels: scaled to 26666x20000, it would be over the 67108864-pixel limit")
 
 
 @pytest.mark.timeout(60)
