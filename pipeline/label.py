@@ -13,8 +13,8 @@ holds open writers for the units in flight only, never a list of keys or predict
 
 DIR layout: labels/*.parquet (`key`, `class_ids`, `synsets`, `names`, `probs`: the top K, best
 first; probabilities from a softmax over all 1,000 classes), errors/*.parquet (`key`, `reason`),
-run.json (what the run was asked to do: model and the sha256 of its bytes, data, format, preset, top-k,
-unit size), manifest.json (those settings and the counts, once finished). A resume or a re-run into a
+run.json (what the run was asked to do: model and the sha256 of its bytes, data, format, preset and its
+values, top-k, unit size), manifest.json (those settings and the counts, once finished). A resume or a re-run into a
 DIR whose recorded settings differ is refused: its labels would mix two runs.
 """
 
