@@ -16,7 +16,8 @@ from ray.exceptions import RayError
 
 from pipeline.config import ConfigError, load_preset
 from pipeline.console import (PRESET_HELP, USER_ERRORS, InputFormat, console, fail, fail_in_ray, format_help,
-                              format_name, model_and_preset, say)
+                              format_name, interrupted, model_and_preset, say)
+from pipeline.output import exclusive_output
 
 app = typer.Typer(
     help="Evaluate and run int8 ONNX ImageNet classifiers with Ray Data.",
@@ -109,7 +110,7 @@ def evaluate(
 
     try:
         model, preset = model_and_preset(model, preset_or_config(preset, config))
-        with progress_bar() as progress:
+        with exclusive_output(output, "evaluate"), progress_bar() as progress:
             metrics = run_evaluation(
                 str(model), data, preset, str(output), fmt=format_name(format),
                 labels=str(labels) if labels else None, limit=limit, batch_size=batch_size, address=address,
@@ -119,6 +120,8 @@ def evaluate(
         fail(str(exc))
     except RayError as exc:
         fail_in_ray(exc)
+    except KeyboardInterrupt:
+        interrupted(f"the evaluation stopped before its end: {output} holds no result of it")
     print_summary(metrics, output)
     if not metrics["evaluated"]:
         fail(nothing_scored(metrics, output))
@@ -175,6 +178,7 @@ def prepare(
                                                           "or lmdb-caffe2 (Caffe2 TensorProtos records)"),
     encoded: bool = typer.Option(True, "--encoded/--raw", help="LMDB: image files as stored, or raw BGR pixels"),
     resize: Optional[int] = typer.Option(None, min=1, help="LMDB: scale the shorter side to N pixels first"),
+    overwrite: bool = typer.Option(False, help="Parquet: replace the shards OUT holds (refused otherwise)"),
 ) -> None:
     """Write Parquet shards (key, image bytes as stored, label), or an LMDB database, from an image folder."""
     labels_file = str(labels) if labels else None
@@ -182,9 +186,11 @@ def prepare(
         if format == "parquet":
             from pipeline.prepare import write_parquet_shards
 
-            counts = write_parquet_shards(str(images), str(out), labels_file, shard_size)
+            counts = write_parquet_shards(str(images), str(out), labels_file, shard_size, overwrite)
             report = f"wrote {counts['records']} records in {counts['shards']} shards to {out}" + (
                 f" ({counts['unreadable']} unreadable files kept as error rows)" if counts["unreadable"] else "")
+        elif overwrite:
+            fail("--overwrite replaces Parquet shards: an LMDB database is written into a new folder")
         else:
             from pipeline.sources.lmdb_writer import prepare_lmdb
 
@@ -218,7 +224,7 @@ def label(
 
     try:
         model, preset = model_and_preset(model, preset)
-        with progress_bar() as progress:
+        with exclusive_output(output, "label"), progress_bar() as progress:
             manifest = run_labelling(
                 str(model), data, str(output), top_k=top_k, preset=preset, fmt=format_name(format), resume=resume,
                 overwrite=overwrite, unit_size=shard_size, batch_size=batch_size, address=address,
@@ -232,6 +238,8 @@ def label(
     except RayError as exc:
         fail_in_ray(exc, f"; {output} keeps the units finished so far: --resume finishes the run with the "
                          "same options, --overwrite starts again")
+    except KeyboardInterrupt:
+        interrupted(f"{output} keeps the units finished so far: --resume finishes the run with the same options")
     say(f"{manifest['images']} images: {manifest['labelled']} labelled, {manifest['errors']} errors "
         f"({manifest['this_run_images']} in this run, {manifest['images_per_s']:.1f} images/s); "
         f"{len(manifest['shards'])} shards in {output}")

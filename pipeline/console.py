@@ -50,6 +50,15 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT: what a shell reports for a command ended by Ctrl-C
+
+
+def interrupted(message: str) -> None:
+    """A run ended by Ctrl-C: say what was left, and exit as an interrupted command does."""
+    console.print(f"[bold yellow]interrupted:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(INTERRUPTED_EXIT)
+
+
 RAY_DATA_ATTEMPTS = "Failed to apply UDF transform after"
 
 

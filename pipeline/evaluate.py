@@ -86,6 +86,16 @@ def prediction_table(batch: dict[str, np.ndarray]) -> pa.Table:
     ], schema=schema)
 
 
+RESULT_FILES = ("metrics.json", "predictions.parquet")
+
+
+def drop_previous_results(output: Path) -> None:
+    """Delete an earlier run's results from OUTPUT as a run into it starts: were this run
+    interrupted, or to fail, they would stay beside its .partial file, looking like its own."""
+    for name in RESULT_FILES:
+        (output / name).unlink(missing_ok=True)
+
+
 def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str] = None, *,
              fmt: Optional[str] = None, labels: Optional[str] = None, limit: Optional[int] = None,
              batch_size: int = 32, address: Optional[str] = None, probabilities: bool = False,
@@ -100,7 +110,7 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
     check_preset_fits(info, preset_obj)
     fmt = check_source(data, fmt, labels)  # before Ray starts: a bad input is reported at once
     if output:
-        make_output_dir(output)
+        drop_previous_results(make_output_dir(output))
     ray_started = time.perf_counter()
     init_ray(address)
     ray_start_s = time.perf_counter() - ray_started

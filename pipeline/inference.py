@@ -66,7 +66,7 @@ class ModelInfo:
                              f"expected [N, 3, H, W] with fixed H and W.")
         out_dims = [d.dim_value if d.HasField("dim_value") else None
                     for d in graph.output[0].type.tensor_type.shape.dim]
-        num_outputs = out_dims[-1] if out_dims else None
+        num_outputs = out_dims[-1] if len(out_dims) == 2 else None  # [N, classes]: one score per class
         if num_outputs not in (NUM_CLASSES, NUM_CLASSES + 1):
             raise ModelError(f"{path}: output {graph.output[0].name!r} has shape {out_dims}, "
                              f"expected [N, 1000] or [N, 1001] class scores.")
@@ -135,17 +135,28 @@ def make_session(model_path: str, threads: int = 1):
     return ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
 
 
+def checked_outputs(outputs: np.ndarray, info: ModelInfo, images: int) -> np.ndarray:
+    """OUTPUTS of one model call on IMAGES images, once they are the [IMAGES, classes] its output
+    declares: onnxruntime only warns when a model returns another shape, and scores of the wrong
+    shape would be ranked as class ids that do not exist."""
+    if outputs.shape != (images, info.num_outputs):
+        raise ModelError(f"{info.path}: the model returned scores of shape {list(outputs.shape)} for {images} "
+                         f"images, not the [{images}, {info.num_outputs}] its output declares")
+    return outputs
+
+
 def run_model(session, info: ModelInfo, inputs: np.ndarray) -> np.ndarray:
     """[N, 3, H, W] float32 -> [N, 1000] probabilities; a fixed-batch model is fed padded chunks."""
     if info.batch_size is None:
-        return class_probabilities(session.run(None, {info.input_name: inputs})[0], info)
+        return class_probabilities(checked_outputs(session.run(None, {info.input_name: inputs})[0], info,
+                                                   len(inputs)), info)
     size = info.batch_size
     chunks = []
     for start in range(0, len(inputs), size):
         chunk = inputs[start:start + size]
         padded = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:], chunk.dtype)]) \
             if len(chunk) < size else chunk
-        chunks.append(session.run(None, {info.input_name: padded})[0][:len(chunk)])
+        chunks.append(checked_outputs(session.run(None, {info.input_name: padded})[0], info, size)[:len(chunk)])
     return class_probabilities(np.concatenate(chunks), info)
 
 

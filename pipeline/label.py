@@ -13,13 +13,14 @@ holds open writers for the units in flight only, never a list of keys or predict
 
 DIR layout: labels/*.parquet (`key`, `class_ids`, `synsets`, `names`, `probs`: the top K, best
 first; probabilities from a softmax over all 1,000 classes), errors/*.parquet (`key`, `reason`),
-run.json (what the run was asked to do: model and the sha256 of its bytes, data, format, preset, top-k,
-unit size), manifest.json (those settings and the counts, once finished). A resume or a re-run into a
+run.json (what the run was asked to do: model and the sha256 of its bytes, data, format, preset and its
+values, top-k, unit size), manifest.json (those settings and the counts, once finished). A resume or a re-run into a
 DIR whose recorded settings differ is refused: its labels would mix two runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -35,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.classes import imagenet_classes
-from pipeline.config import load_preset
+from pipeline.config import Preset, load_preset
 from pipeline.evaluate import check_preset_fits, fixed_size_lists, predict
 from pipeline.inference import checked_model_info
 from pipeline.output import OutputDirError, check_not_a_file, make_output_dir
@@ -168,10 +169,39 @@ class UnitWriter:
 
 
 def write_json(path: Path, data: dict) -> None:
-    """Write PATH whole or not at all: a reader never sees half a file."""
+    """Write PATH whole or not at all: a reader never sees half a file, even after a crash (the
+    bytes are on disk before the rename makes them PATH)."""
     partial = path.with_name(f"{path.name}.tmp")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
+    with open(partial, "w") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(partial, path)
+    fsync_dir(path.parent)
+
+
+# what to do about a damaged file of a run's state, by its name
+DAMAGED_STATE_ADVICE = {
+    RUN_FILE: "pass --overwrite to label again",
+    MANIFEST_FILE: "delete it and pass --resume to write it again from the shards",
+    LABELS_DIR: "delete it and pass --resume to label its unit again",
+}
+
+
+def damaged_state(path: Path, what: str, advice: str, problem: object) -> OutputDirError:
+    return OutputDirError(f"{path}: damaged {what} ({problem}), left by a crash or a full disk: {advice}")
+
+
+def read_run_json(path: Path) -> dict:
+    """run.json or manifest.json of a run, or an OutputDirError saying it is damaged and what to do."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise damaged_state(path, "run state", DAMAGED_STATE_ADVICE[path.name],
+                            "empty" if not path.stat().st_size else f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise damaged_state(path, "run state", DAMAGED_STATE_ADVICE[path.name], "not a JSON object")
+    return data
 
 
 def fsync_dir(path: Path) -> None:
@@ -191,11 +221,14 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def run_description(model: str, data: str, fmt: str, preset: str, top_k: int, unit_size: int) -> dict:
-    # the model's bytes, not only its path: a model rebuilt or replaced in place labels differently
+def run_description(model: str, data: str, fmt: str, preset: Preset, top_k: int, unit_size: int) -> dict:
+    # the model's bytes, not only its path, and the preset's values, not only its name: a model
+    # rebuilt, or a preset file edited, in place labels differently
     return {"model": os.path.abspath(model), "model_sha256": file_sha256(model),
             "data": os.path.abspath(data) if os.path.exists(data) else data,
-            "format": fmt, "preset": preset, "top_k": top_k, "unit_size": unit_size}
+            "format": fmt, "preset": preset.name,
+            "preset_values": json.loads(json.dumps(dataclasses.asdict(preset))),  # as run.json holds them
+            "top_k": top_k, "unit_size": unit_size}
 
 
 def changed_settings(previous: dict, run: dict) -> list[str]:
@@ -212,7 +245,7 @@ def check_output(output: Path, run: dict, resume: bool, overwrite: bool) -> set[
     if overwrite:
         return set()
     if (output / MANIFEST_FILE).is_file():
-        manifest = json.loads((output / MANIFEST_FILE).read_text())
+        manifest = read_run_json(output / MANIFEST_FILE)
         changed = changed_settings(manifest, run)
         if changed:
             raise OutputDirError(f"{output} holds a finished labelling run with other settings ({'; '.join(changed)}): "
@@ -226,7 +259,7 @@ def check_output(output: Path, run: dict, resume: bool, overwrite: bool) -> set[
     if not (output / RUN_FILE).is_file():
         raise OutputDirError(f"{output} holds no labelling run to resume (no {RUN_FILE}); "
                              "pass --overwrite to label into it anyway")
-    changed = changed_settings(json.loads((output / RUN_FILE).read_text()), run)
+    changed = changed_settings(read_run_json(output / RUN_FILE), run)
     if changed:
         raise OutputDirError(f"{output} holds an interrupted run with other settings ({'; '.join(changed)}): "
                              "resume it with the same options, pass a new --output, or --overwrite")
@@ -268,30 +301,38 @@ def shard_counts(output: Path) -> dict[str, dict[str, int]]:
     """labelled and error rows of every committed unit, from the shards' footers."""
     counts = {}
     for shard in sorted((output / LABELS_DIR).glob("*.parquet")):
-        errors = shard_path(output, ERRORS_DIR, shard.stem)
-        counts[shard.stem] = {"labelled": pq.read_metadata(shard).num_rows,
-                              "errors": pq.read_metadata(errors).num_rows}
+        counts[shard.stem] = {"labelled": shard_rows(shard, shard),
+                              "errors": shard_rows(shard_path(output, ERRORS_DIR, shard.stem), shard)}
     return counts
+
+
+def shard_rows(path: Path, labels_shard: Path) -> int:
+    """The rows of shard PATH of the unit of LABELS_SHARD, from its footer; an OutputDirError naming
+    the labels shard, whose deletion redoes the unit, when it cannot be read."""
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, pa.ArrowException) as exc:
+        problem = " ".join(str(exc).split())
+        raise damaged_state(labels_shard, "labels shard", DAMAGED_STATE_ADVICE[LABELS_DIR],
+                            problem if path == labels_shard else f"its errors shard {path}: {problem}") from None
 
 
 class RecordCount:
     """How many records the input holds, for the progress bar's ETA: KNOWN (done before plus the work
-    units' own count) when the work units know it; else an image folder's files, or tar shards'
-    members, counted in a background thread, so that walking millions of files does not delay the
-    start."""
+    units' own count) when the work units know it (an image folder's are listed); else tar shards'
+    members, counted in a background thread, so that scanning many shards does not delay the start."""
 
     def __init__(self, data: str, fmt: str, known: Optional[int]):
         self.value = known
-        self.thread = threading.Thread(target=self._count, args=(data, fmt), daemon=True)
-        if known is None and fmt in ("folder", "tar"):
+        self.thread = threading.Thread(target=self._count, args=(data,), daemon=True)
+        if known is None and fmt == "tar":
             self.thread.start()
 
-    def _count(self, data: str, fmt: str) -> None:
-        from pipeline.sources.folder import walk_files
+    def _count(self, data: str) -> None:
         from pipeline.sources.tar import count_tar_records
 
         try:
-            self.value = sum(1 for _ in walk_files(data)) if fmt == "folder" else count_tar_records(data)
+            self.value = count_tar_records(data)
         except Exception:  # an unreadable input is reported by the readers; the bar just has no total
             self.value = None
 
@@ -317,7 +358,8 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "
     if Path(data).is_dir() and out.resolve().is_relative_to(Path(data).resolve()):
         raise OutputDirError(f"{out} is inside the input {data}: its own files would be read as records; "
                              "give an --output outside it")
-    run = run_description(model, data, fmt, preset_obj.name, top_k, unit_size)
+    run = run_description(model, data, fmt, preset_obj, top_k, unit_size)
+    make_output_dir(out)  # writable, before Ray starts
     done = check_output(out, run, resume, overwrite)
     init_ray(address)
     source = read_work_units(data, fmt, done, unit_size)  # before claiming OUTPUT: a bad input leaves it as it was
@@ -358,7 +400,7 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "
     labelled = sum(c["labelled"] for c in shards.values())
     errors = sum(c["errors"] for c in shards.values())
     manifest = {
-        **json.loads((out / RUN_FILE).read_text()),
+        **read_run_json(out / RUN_FILE),
         "images": labelled + errors, "labelled": labelled, "errors": errors,
         "resumed_from": done_before, "this_run_images": records,
         "wall_s": round(wall, 3), "images_per_s": records / wall if wall else 0.0,

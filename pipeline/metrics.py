@@ -25,6 +25,10 @@ class AccuracyCounter:
         self.error_samples: list[dict] = []
         self.node_images: Counter = Counter()
         self.cores: set[tuple[str, int]] = set()
+        # keys seen, to count records that repeat one (Parquet shards or tar members of one name):
+        # each is scored, and the count says so
+        self.keys: set[str] = set()
+        self.duplicate_keys = 0
 
     @property
     def evaluated(self) -> int:
@@ -33,6 +37,9 @@ class AccuracyCounter:
     def update(self, batch: dict[str, np.ndarray]) -> None:
         ok = batch["error"] == ""
         self.records += len(ok)
+        for key in batch["key"].tolist():
+            self.duplicate_keys += key in self.keys
+            self.keys.add(key)
         self.errors += int((~ok).sum())
         for key, reason in zip(batch["key"][~ok], batch["error"][~ok]):
             if len(self.error_samples) < ERROR_SAMPLES:
@@ -56,6 +63,7 @@ class AccuracyCounter:
             "images": self.records,
             "evaluated": evaluated,
             "errors": self.errors,
+            "duplicate_keys": self.duplicate_keys,
             "top1": self.top1 / evaluated if evaluated else 0.0,
             "top5": self.top5 / evaluated if evaluated else 0.0,
             "top1_correct": self.top1,

@@ -35,9 +35,23 @@ PILLOW_FILTERS = {
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # start of image, then a marker: how Pillow recognises a JPEG
 
+# The widest aspect ratio scaled: the shorter side goes to the preset's scale, so a 1 x 10,000,000
+# image would be scaled to 256 x 2.56e9 pixels (gigabytes, or an overflow). Panoramas are under 10:1.
+MAX_ASPECT_RATIO = 100
+# The most pixels an image is scaled to (`prepare --resize` takes any size): 200 MB of RGB
+MAX_SCALED_PIXELS = 1 << 26
+
 
 class ImageError(ValueError):
     """A record whose image cannot be used; the message is the reason written to the error row."""
+
+
+def record_error(exc: Exception) -> str:
+    """The error row's reason for an exception raised by one record's decode or resize: an
+    ImageError's own sentence; any other (a decoder or resampler bug that one file trips) named."""
+    if isinstance(exc, ImageError):
+        return str(exc)
+    return f"cannot preprocess image: {type(exc).__name__}: {exc}"
 
 
 def decode_with_pillow(data: bytes) -> np.ndarray:
@@ -134,7 +148,13 @@ def scale_shorter_side(pixels: np.ndarray, scale: int, interpolation: str) -> np
     height, width = pixels.shape[:2]
     if width < 1 or height < 1:
         raise ImageError(f"image has no pixels ({width}x{height})")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageError(f"image of {width}x{height} pixels: its aspect ratio is beyond {MAX_ASPECT_RATIO}:1, "
+                         "too wide to scale")
     size = scaled_size(width, height, scale)
+    if size[0] * size[1] > MAX_SCALED_PIXELS:
+        raise ImageError(f"image of {width}x{height} pixels: scaled to {size[0]}x{size[1]}, it would be over "
+                         f"the {MAX_SCALED_PIXELS}-pixel limit")
     return pixels if size == (width, height) else resize_pixels(pixels, size, interpolation)
 
 
@@ -237,8 +257,8 @@ class Preprocessor:
             started = time.thread_time()
             try:
                 crops[i] = resize_and_crop(self._pixels(batch, i), self.preset)
-            except ImageError as exc:
-                errors[i] = str(exc)
+            except Exception as exc:  # one record's failure, whatever it is, is that record's error row
+                errors[i] = record_error(exc)
             decode_seconds[i] = time.thread_time() - started
         return {"key": batch["key"], "label": labels, "crop": crops, "error": errors, DECODE: decode_seconds,
                 **{column: batch[column] for column in (*self.carry, READ) if column in batch}}

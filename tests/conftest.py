@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +34,14 @@ def run_cli(*args, cwd=REPO, extra_env=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
+
+
+def start_cli(*args) -> subprocess.Popen:
+    """`python -m pipeline ARGS` started in a session of its own (a signal to its process group reaches
+    the driver and the Ray it starts, as a Ctrl-C in a terminal does), stdout and stderr as one text."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 @pytest.fixture(scope="session")
@@ -68,3 +78,15 @@ def subset_folder(src: Path, dst: Path, count: int) -> Path:
         (dst / name).symlink_to(src / name)
     (dst / "labels.txt").write_text("\n".join(lines) + "\n")
     return dst
+
+
+def save_classifier(path: Path, nodes: list, name: str, initializers: tuple = (),
+                    input_type: int = TensorProto.FLOAT, opset: int = 13, output_shape: tuple = ("N", 1000)) -> Path:
+    """A graph of NODES from `input` (N x 3 x 224 x 224 of INPUT_TYPE) to the last node's output
+    (declared OUTPUT_SHAPE float: N x 1000 by default), saved at PATH: the shape of classifier the
+    pipeline runs."""
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("input", input_type, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, list(output_shape))], list(initializers))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8), path)
+    return path

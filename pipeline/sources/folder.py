@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
+import stat
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -62,14 +64,42 @@ def folder_labels_file(root: str | Path, labels: Optional[str | Path] = None) ->
     return own if own.is_file() else None
 
 
-def read_file(root: Path, key: str) -> tuple[bytes, str]:
-    """The bytes of file KEY below ROOT and "", or b"" and why it cannot be read."""
+# The most bytes read for one record: Pillow refuses images over 89M pixels, which even as
+# uncompressed RGB are under 270 MB. A bigger file (or one that never ends) is an error row, not a
+# worker filled until the OOM killer ends it.
+MAX_RECORD_BYTES = 512 << 20
+
+FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device",
+              stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}
+
+
+def read_file(root: Path, key: str, max_bytes: int = MAX_RECORD_BYTES) -> tuple[bytes, str]:
+    """The bytes of file KEY below ROOT and "", or b"" and why it cannot be read. Only a regular
+    file (a symlink is followed) of at most MAX_BYTES is read: a FIFO would block the read for
+    ever, /dev/zero never end. A key that leads out of ROOT (a labels file's `../x.jpg` or `/x.jpg`)
+    is not read at all."""
+    if posixpath.isabs(key) or key.split("/", 1)[0] == "..":  # keys are normalised (posixpath.normpath)
+        return b"", "the key names a file outside the folder"
     try:
-        return (root / key).read_bytes(), ""
+        # non-blocking: opening a FIFO would otherwise wait for a writer; its type is then refused
+        handle = os.open(root / key, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return b"", "file not found"
     except OSError as exc:
         return b"", f"cannot read file: {exc.strerror or exc}"
+    with open(handle, "rb") as f:
+        try:
+            info = os.fstat(handle)
+            if not stat.S_ISREG(info.st_mode):
+                kind = FILE_KINDS.get(stat.S_IFMT(info.st_mode), "a special file")
+                return b"", f"not a regular file: {kind}"
+            # one byte over the limit is read at most: a file still growing is stopped there too
+            data = b"" if info.st_size > max_bytes else f.read(max_bytes + 1)
+        except OSError as exc:
+            return b"", f"cannot read file: {exc.strerror or exc}"
+    if info.st_size > max_bytes or len(data) > max_bytes:
+        return b"", f"file larger than the {max_bytes}-byte limit of one record"
+    return data, ""
 
 
 def read_folder_records(root: str | Path, records: list[tuple[str, int]]):
@@ -117,11 +147,11 @@ def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[i
                   len(datasource.records), exact_count=True)
 
 
-# Labelling archives of millions of files: the driver never lists the folder. Each ReadTask walks
-# the tree itself in one fixed order and reads only the units dealt to it (units are runs of
-# UNIT_SIZE consecutive files in that order, dealt round-robin to the tasks), so the walk costs
-# every task a directory listing of the whole tree but nobody holds more than one directory's names.
-WALK_TASKS = 4
+# Labelling: the driver walks the folder once and deals its units round-robin to UNIT_READ_TASKS
+# ReadTasks, each given its units' file names. Tasks that walked the folder themselves would each
+# see it as it was at their own walk: a file added in between shifted the units, and some files were
+# labelled twice, others never.
+UNIT_READ_TASKS = 4
 
 
 def walk_files(root: str | Path) -> Iterator[str]:
@@ -155,17 +185,13 @@ def folder_units(root: Path, unit_size: int) -> Iterator[tuple[str, list[str]]]:
         yield f"files-{number:08d}-{digest}", keys
 
 
-def check_finished_units(root: Path, done: set[str], unit_size: int) -> None:
-    """Refuse (SourceError) to resume over ROOT when a unit in DONE no longer holds the same files.
-    Units are runs of the walk, so one file added, removed or renamed before the end of the finished
-    units shifts them: the resume would label some files twice and never label others. The walk
-    stops once every finished unit is found."""
-    missing = set(done)
+def check_finished_units(root: Path, units: list[tuple[str, list[str]]], done: set[str]) -> None:
+    """Refuse (SourceError) to resume over ROOT, whose units are now UNITS, when a unit in DONE no
+    longer holds the same files. Units are runs of the walk, so one file added, removed or renamed
+    before the end of the finished units shifts them: the resume would label some files twice and
+    never label others."""
+    missing = done - {unit for unit, _ in units}
     if missing:
-        for unit, _ in folder_units(root, unit_size):
-            missing.discard(unit)
-            if not missing:
-                return
         raise SourceError(
             f"{root}: the folder changed since the interrupted run into this output: {len(missing)} of its "
             f"{len(done)} finished units no longer hold the same files (files were added, removed or renamed), "
@@ -174,22 +200,23 @@ def check_finished_units(root: Path, done: set[str], unit_size: int) -> None:
 
 
 def folder_unit_readers(root: str | Path, done: set[str], unit_size: int,
-                        tasks: int = WALK_TASKS) -> tuple[list, None]:
-    """Readers for `pipeline.sources.units`, one per walking task, each reading every TASKS-th unit
-    of `folder_units` not in DONE. How many files they hold is not known: the driver never lists the
-    folder (it walks it only on a resume, to check the finished units)."""
+                        tasks: int = UNIT_READ_TASKS) -> tuple[list, int]:
+    """Readers for `pipeline.sources.units`, one per ReadTask, each reading every TASKS-th unit of
+    `folder_units` not in DONE, and how many files those units hold. The folder is walked here, once:
+    every reader reads the file names it was given, whatever the folder holds by then."""
     from pipeline.sources.units import chunked
 
     root = folder_root(root).resolve()
-    check_finished_units(root, done, unit_size)
+    units = list(folder_units(root, unit_size))
+    check_finished_units(root, units, done)
+    todo = [(unit, keys) for unit, keys in units if unit not in done]
 
-    def reader_for(task: int):
-        def units():
-            for number, (unit, keys) in enumerate(folder_units(root, unit_size)):
-                if number % tasks == task and unit not in done:
-                    yield unit, (read_folder_records(root, [(key, NO_LABEL) for key in block])
-                                 for block in chunked(keys, RECORDS_PER_BLOCK))
+    def reader_for(share: list[tuple[str, list[str]]]):
+        def read_units():
+            for unit, keys in share:
+                yield unit, (read_folder_records(root, [(key, NO_LABEL) for key in block])
+                             for block in chunked(keys, RECORDS_PER_BLOCK))
 
-        return units
+        return read_units
 
-    return [reader_for(task) for task in range(tasks)], None
+    return [reader_for(todo[task::tasks]) for task in range(tasks)], sum(len(keys) for _, keys in todo)

@@ -27,9 +27,10 @@ def read_labels_file(path: str | Path) -> dict[str, int]:
     labels: dict[str, int] = {}
     with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for number, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
+            if not line.strip():
                 continue
+            # FILE is all before the last field, as ImageNet's tools read it: a name may hold spaces
+            fields = line.strip().rsplit(None, 1)
             if len(fields) != 2 or not CLASS_INDEX.fullmatch(fields[1]):
                 raise SourceError(f"{path}:{number}: expected 'FILE CLASS_INDEX', got {utf8_key(line.strip())!r}")
             key = posixpath.normpath(fields[0])

@@ -33,7 +33,10 @@ from pipeline.sources import (BBOX_COLUMNS, LMDB_DATA_FILE, NO_LABEL, RAW_COLUMN
                               Source, SourceError, read_datasource, read_task_split)
 from pipeline.sources.lmdb_records import DECODERS, KIND_NAMES, ImageRecord, RecordError, detect_record_kind
 
-RECORDS_PROBED = 16  # records looked at to tell Datum from TensorProtos
+# records looked at, from the first, to tell Datum from TensorProtos by the first that decodes:
+# damaged records before it are error rows, as anywhere else; a database none of whose first
+# RECORDS_PROBED records decodes is taken for one that holds no image records
+RECORDS_PROBED = 1000
 INTERPOLATED_BYTES = 8
 LMDB_SCHEMA = pa.schema(list(SOURCE_SCHEMA) + [(name, pa.int32()) for name in RAW_COLUMNS + BBOX_COLUMNS])
 EMPTY_RECORD = ImageRecord(label=NO_LABEL, image=b"")  # what an error row carries

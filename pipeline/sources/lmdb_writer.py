@@ -22,7 +22,7 @@ import lmdb
 from PIL import Image
 
 from pipeline.output import make_output_dir
-from pipeline.preprocess import JPEG_MAGIC, ImageError, decode_image, scale_shorter_side
+from pipeline.preprocess import JPEG_MAGIC, decode_image, record_error, scale_shorter_side
 from pipeline.sources import LMDB_DATA_FILE, SourceError
 from pipeline.sources.folder import folder_records_to_read, read_file
 from pipeline.sources.lmdb_records import DATUM, ENCODERS, TENSOR_PROTOS
@@ -64,8 +64,8 @@ def _records(images: str, records: list[tuple[str, int]], record_kind: str, enco
                     value = record_value(record_kind, label, data, encoded, resize)
                     chunk.append((b"%08d_%s" % (index, key.encode()), value))
                     continue
-                except ImageError as exc:
-                    error = str(exc)
+                except Exception as exc:  # one record's failure, whatever it is, skips that record only
+                    error = record_error(exc)
             skipped.append((key, error))
         yield chunk
 
