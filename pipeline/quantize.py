@@ -30,6 +30,7 @@ from pipeline.output import make_output_dir
 from pipeline.preprocess import Preprocessor
 from pipeline.runtime import map_after_read
 from pipeline.sources import check_source, read_source
+from pipeline.stats import kl_divergence
 
 METHODS = ("l2", "minmax", "entropy", "percentile")
 ORT_METHODS = {
@@ -199,13 +200,6 @@ def class_distributions(output: Path) -> dict[str, np.ndarray]:
     table = table.filter(pc.equal(table["error"], ""))
     probs = table["probs"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
     return dict(zip(table["key"].to_pylist(), probs))
-
-
-def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """KL(reference || other) per row, in nats: how much information OTHER's class distribution
-    loses against REFERENCE's (0 when identical)."""
-    tiny = np.finfo(np.float32).tiny
-    return np.sum(reference * (np.log(np.maximum(reference, tiny)) - np.log(np.maximum(other, tiny))), axis=1)
 
 
 def accuracy_report(
