@@ -84,7 +84,7 @@ def prediction_table(batch: dict[str, np.ndarray]) -> pa.Table:
     ], schema=schema)
 
 
-def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str] = None, *,
+def evaluate(model: str, data: str, preset: str | Preset = "torch", output: Optional[str] = None, *,
              fmt: Optional[str] = None, labels: Optional[str] = None, limit: Optional[int] = None,
              batch_size: int = 32, address: Optional[str] = None, probabilities: bool = False,
              on_progress: Optional[Callable[[int, Optional[int]], None]] = None,

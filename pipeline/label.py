@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.classes import imagenet_classes
-from pipeline.config import load_preset
+from pipeline.config import Preset, load_preset
 from pipeline.evaluate import check_preset_fits, fixed_size_lists, predict
 from pipeline.inference import checked_model_info
 from pipeline.output import OutputDirError, check_not_a_file, make_output_dir
@@ -296,7 +296,7 @@ class RecordCount:
             self.value = None
 
 
-def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "torch",
+def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str | Preset = "torch",
           fmt: Optional[str] = None, resume: bool = False, overwrite: bool = False,
           unit_size: int = UNIT_SIZE, batch_size: int = 32, address: Optional[str] = None,
           on_progress: Optional[Callable[[int, Optional[int]], None]] = None) -> dict:

@@ -244,7 +244,7 @@ def test_bad_files_in_a_folder_and_in_tars_are_error_rows_and_the_counts_add_up(
 
 def run_cli(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "label", *args], env=env, cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "label", "--preset", "torch", *args], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 

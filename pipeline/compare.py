@@ -1,0 +1,223 @@
+"""`pipeline compare`: several models on the same images in one pass, the first the baseline.
+
+Every record is read and decoded in one task and preprocessed once per distinct preset; one
+inference actor per core holds a session of every model (pinned as `Classifier` is) and runs them
+all on the same batch. The driver splits the stream into one prediction stream per model, counted
+by the same AccuracyCounter and written by the same prediction_table as `evaluate`'s, so each
+model's top-1/top-5 are what `evaluate` gives for it alone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray.data
+
+from pipeline.config import Preset
+from pipeline.evaluate import check_preset_fits, prediction_schema, prediction_table
+from pipeline.inference import CorePin, ModelError, ModelInfo, _ray_node_id, checked_model_info, classify, make_session
+from pipeline.metrics import AccuracyCounter
+from pipeline.output import make_output_dir
+from pipeline.preprocess import NUM_CLASSES, Preprocessor
+from pipeline.quality import Predictions, against_baseline, model_quality
+from pipeline.real_labels import RealLabels
+from pipeline.report import THUMBNAIL_SIZE, model_name, write_report
+from pipeline.runtime import inference_actor_options, inference_slots, init_ray, map_after_read
+from pipeline.sources import check_source, read_source
+
+
+def classes(info: ModelInfo) -> int:
+    """The ImageNet classes a model scores (a 1,001st output is the background class, dropped)."""
+    return NUM_CLASSES if info.num_outputs in (NUM_CLASSES, NUM_CLASSES + 1) else info.num_outputs
+
+
+def check_comparable(infos: list[ModelInfo]) -> None:
+    """Every model takes the baseline's input size and scores its classes; the first that does not
+    is named (before Ray starts and any image is read)."""
+    base = infos[0]
+    for info in infos[1:]:
+        if (info.height, info.width) != (base.height, base.width):
+            raise ModelError(f"{info.path} takes {info.height}x{info.width} images, the baseline {base.path} "
+                             f"{base.height}x{base.width}: compare models of one input size")
+        if classes(info) != classes(base):
+            raise ModelError(f"{info.path} scores {classes(info)} classes, the baseline {base.path} "
+                             f"{classes(base)}: compare models of the same classes")
+
+
+def unique_names(paths: list[str]) -> list[str]:
+    """Each model's file stem, numbered where two models share one: the name of its output folder."""
+    stems = [model_name(p) for p in paths]
+    return [f"{stem}-{i + 1}" if stems.count(stem) > 1 else stem for i, stem in enumerate(stems)]
+
+
+class PresetsPreprocessor:
+    """Ray Data map_batches callable: source rows -> `key, label, error` and `input<j>` for each
+    distinct preset j (the Preprocessor of each, over the same rows). A row that fails under any
+    preset keeps the first reason."""
+
+    def __init__(self, presets: list[Preset]):
+        self.stages = [Preprocessor(preset) for preset in presets]
+
+    def __call__(self, block: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for chunks in zip(*(stage(block) for stage in self.stages)):
+            errors = chunks[0]["error"].copy()
+            for chunk in chunks[1:]:
+                errors = np.where(errors == "", chunk["error"], errors)
+            yield {"key": chunks[0]["key"], "label": chunks[0]["label"], "error": errors,
+                   **{f"input{j}": chunk["input"] for j, chunk in enumerate(chunks)}}
+
+
+class ModelSet:
+    """Ray actor: one session per model, all pinned to one core; preprocessed rows -> for each model
+    j the columns of `Classifier`'s rows suffixed with j (`top_ids<j>`, `top_probs<j>`, `probs<j>`,
+    `error<j>`) and `seconds<j>`, the model's inference time shared out over the rows."""
+
+    def __init__(self, model_paths: list[str], preset_of_model: list[int], run_id: str):
+        self.pin = CorePin(run_id)
+        self.infos = [ModelInfo.from_path(path) for path in model_paths]
+        self.sessions = [make_session(path, threads=1) for path in model_paths]
+        self.preset_of_model = preset_of_model
+        self.node = _ray_node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        out = {"key": batch["key"], "label": batch["label"], "error": batch["error"],
+               "node": np.full(n, self.node, dtype=object),
+               "core": np.full(n, -1 if self.pin.core is None else self.pin.core, dtype=np.int32)}
+        for j, (session, info) in enumerate(zip(self.sessions, self.infos)):
+            started = time.perf_counter()
+            ids, probs, class_probs, errors = classify(session, info, batch[f"input{self.preset_of_model[j]}"],
+                                                       batch["error"], 5)
+            out.update({f"top_ids{j}": ids, f"top_probs{j}": probs, f"probs{j}": class_probs, f"error{j}": errors,
+                        f"seconds{j}": np.full(n, (time.perf_counter() - started) / max(n, 1))})
+        return out
+
+
+def model_rows(batch: dict[str, np.ndarray], j: int) -> dict[str, np.ndarray]:
+    """Model J's prediction rows of a ModelSet batch, in `Classifier`'s columns."""
+    return {"key": batch["key"], "label": batch["label"], "node": batch["node"], "core": batch["core"],
+            "top_ids": batch[f"top_ids{j}"], "top_probs": batch[f"top_probs{j}"], "error": batch[f"error{j}"],
+            "probs": batch[f"probs{j}"]}
+
+
+def image_thumbnails(data: str, fmt: str, labels: Optional[str], keys: set[str], preset: Preset) -> dict[str, bytes]:
+    """JPEG thumbnails of the records KEYS, read again from the source (a few flipped images: a pass
+    over the records that decodes only those, as PRESET's Preprocessor does: raw pixels, boxes)."""
+    from PIL import Image
+
+    if not keys:
+        return {}
+    with warnings.catch_warnings():  # Ray Data prefers an expression; a set lookup in Python is simpler here
+        warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'")
+        rows = read_source(data, fmt=fmt, labels=labels).dataset.filter(lambda row: row["key"] in keys).take_all()
+    pixels_of = Preprocessor(preset)._pixels
+    thumbnails = {}
+    for row in rows:
+        try:
+            pixels = pixels_of({column: [value] for column, value in row.items()}, 0)
+        except ValueError:
+            continue  # shown as "image not read"
+        image = Image.fromarray(pixels)
+        image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=85)
+        thumbnails[row["key"]] = buffer.getvalue()
+    return thumbnails
+
+
+def compare(models: list[str], data: str, presets: list[str | Preset], output: str, *,
+            fmt: Optional[str] = None, labels: Optional[str] = None, limit: Optional[int] = None,
+            batch_size: int = 32, address: Optional[str] = None, real_labels: Optional[str] = None,
+            on_progress: Optional[Callable[[int, Optional[int]], None]] = None) -> dict:
+    """MODELS (the first the baseline, each with its preset in PRESETS) on DATA in one pass: OUTPUT gets
+    <name>/predictions.parquet (with the class distributions) and <name>/metrics.json per model,
+    comparison.json and report.html; returns the comparison."""
+    from pipeline.config import load_preset
+
+    started = time.perf_counter()
+    if len(models) < 2:
+        raise ModelError("compare needs at least two --model, the first the baseline")
+    real = RealLabels.load(real_labels)
+    preset_objs = [load_preset(p) for p in presets]
+    infos = [checked_model_info(m) for m in models]
+    check_comparable(infos)
+    for info, preset in zip(infos, preset_objs):
+        check_preset_fits(info, preset)
+    distinct = list(dict.fromkeys(preset_objs))
+    fmt = check_source(data, fmt, labels)
+    names = unique_names(models)
+    folders = [make_output_dir(Path(output) / name) for name in names]
+    init_ray(address)
+    source = read_source(data, fmt=fmt, labels=labels, limit=limit)
+    preprocessed = map_after_read(source.dataset, PresetsPreprocessor(distinct), source.recut_rows, batch_size=None,
+                                  batch_format="numpy")
+    batch_size = min([info.batch_size for info in infos if info.batch_size] or [batch_size])
+    predictions = preprocessed.map_batches(
+        ModelSet, fn_constructor_kwargs={"model_paths": [os.path.abspath(m) for m in models],
+                                         "preset_of_model": [distinct.index(p) for p in preset_objs],
+                                         "run_id": uuid.uuid4().hex},
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=inference_slots()),
+        **inference_actor_options())
+
+    counters = [AccuracyCounter() for _ in models]
+    seconds = [0.0 for _ in models]
+    partials = [folder / "predictions.parquet.partial" for folder in folders]
+    writers = [pq.ParquetWriter(partial, prediction_schema(True)) for partial in partials]
+    execution_started = time.perf_counter()
+    try:
+        for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
+            for j, (counter, writer) in enumerate(zip(counters, writers)):
+                rows = model_rows(batch, j)
+                counter.update(rows)
+                writer.write_table(prediction_table(rows))
+                seconds[j] += float(batch[f"seconds{j}"].sum())
+            if on_progress:
+                on_progress(counters[0].records, source.num_records)
+    finally:
+        for writer in writers:
+            writer.close()
+    finished = time.perf_counter()
+    wall = finished - started
+    source.check_all_read(counters[0].records, data)
+    for partial, folder in zip(partials, folders):
+        os.replace(partial, folder / "predictions.parquet")
+
+    read = [Predictions.read(folder / "predictions.parquet") for folder in folders]
+    reports = []
+    for model, name, preset, counter, time_s, folder, predicted in zip(models, names, preset_objs, counters, seconds,
+                                                                        folders, read):
+        metrics = {
+            "model": os.path.abspath(model), "data": os.path.abspath(data) if os.path.exists(data) else data,
+            "preset": preset.name, **counter.summary(),
+            # the pass, shared by every model
+            "wall_s": round(wall, 3), "images_per_s": counter.records / wall if wall else 0.0,
+            # this model's own inference time on one core, summed over the actors
+            "inference_s": round(time_s, 3),
+            "inference_images_per_core_s": counter.evaluated / time_s if time_s else 0.0,
+            **model_quality(predicted, real),
+        }
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        reports.append({"name": name, "metrics": metrics})
+    comparisons = [{"name": names[j], **against_baseline(read[0], read[j])} for j in range(1, len(models))]
+    flipped = {f["key"] for c in comparisons for f in c["flipped_right_to_wrong"] + c["flipped_wrong_to_right"]}
+    thumbnails = image_thumbnails(data, fmt, labels, flipped, preset_objs[0])
+    comparison = {
+        "data": reports[0]["metrics"]["data"], "images": counters[0].records, "baseline": names[0],
+        "wall_s": round(wall, 3), "images_per_s": counters[0].records / wall if wall else 0.0,
+        "run_images_per_s": counters[0].records / (finished - execution_started),
+        "models": [{"name": r["name"], **{k: v for k, v in r["metrics"].items() if k != "per_class"}} for r in reports],
+        "comparisons": comparisons,
+    }
+    (Path(output) / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    write_report(Path(output) / "report.html", f"{' vs '.join(names)} on {Path(str(comparison['data'])).name}",
+                 reports, comparisons, thumbnails)
+    return comparison
