@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +34,17 @@ def run_cli(*args, cwd=REPO, extra_env=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=600)
+
+
+def save_classifier(path: Path, nodes: list, name: str, initializers: tuple = (),
+                    input_type: int = TensorProto.FLOAT, opset: int = 13, size: int = 224, classes: int = 1000) -> Path:
+    """A graph of NODES from `input` (N x 3 x SIZE x SIZE of INPUT_TYPE) to the last node's output
+    (N x CLASSES float), saved at PATH: the shape of classifier the pipeline runs."""
+    graph = helper.make_graph(
+        nodes, name, [helper.make_tensor_value_info("input", input_type, ["N", 3, size, size])],
+        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, ["N", classes])], list(initializers))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8), path)
+    return path
 
 
 @pytest.fixture(scope="session")

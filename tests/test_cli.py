@@ -13,23 +13,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from conftest import MOBILENET_INT8, REPO, VAL_1300, need, run_cli, subset_folder
+from conftest import MOBILENET_INT8, REPO, VAL_1300, need, run_cli, save_classifier, subset_folder
 from pipeline.cli import app
 
 
 def invoke(*args: str):
     return CliRunner().invoke(app, [str(arg) for arg in args])
-
-
-def save_classifier(path: Path, nodes: list, name: str, initializers: tuple = (),
-                    input_type: int = TensorProto.FLOAT, opset: int = 13) -> Path:
-    """A graph of NODES from `input` (N x 3 x 224 x 224 of INPUT_TYPE) to the last node's output
-    (N x 1000 float), saved at PATH: the shape of classifier the pipeline runs."""
-    graph = helper.make_graph(
-        nodes, name, [helper.make_tensor_value_info("input", input_type, ["N", 3, 224, 224])],
-        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, ["N", 1000])], list(initializers))
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8), path)
-    return path
 
 
 def test_preset_and_config_that_disagree_fail_and_that_agree_are_one_preset(tmp_path: Path):
