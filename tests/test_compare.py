@@ -185,3 +185,53 @@ def test_a_real_labels_file_that_does_not_cover_the_keys_is_named(ray_local, tmp
     assert result.exit_code == 2 and f"--real-labels {broken}: expected a JSON list of lists of class indices" in \
         " ".join(result.output.split()), result.output
     assert not (tmp_path / "out2").exists()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def open_in_chromium(page: Path, profile: Path) -> tuple[str, list[str]]:
+    """PAGE loaded by headless Chromium, offline: the DOM it rendered, and every message the page wrote
+    to the console (an uncaught script error is one)."""
+    import subprocess
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent: the report is checked in a real browser (apt-get install chromium)")
+    result = subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--dump-dom", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout, [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def rendered_text(dom: str) -> str:
+    import html
+    import re
+
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
+
+
+def test_the_browser_check_sees_a_script_error(tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text("<!DOCTYPE html><html><body><p>42.00%</p><script>notAFunction();</script></body></html>")
+    dom, console = open_in_chromium(page, tmp_path / "profile")
+    assert "42.00%" in rendered_text(dom)
+    assert any("Uncaught ReferenceError: notAFunction is not defined" in line for line in console), console
+
+
+def test_the_report_loads_in_a_browser_without_errors_and_shows_the_headline_numbers(compared, tmp_path):
+    comparison = json.loads((compared / "comparison.json").read_text())
+    dom, console = open_in_chromium(compared / "report.html", tmp_path / "profile")
+    assert console == []
+    text = rendered_text(dom)
+    for model in comparison["models"]:
+        assert f"{model['name']} {model['evaluated']:,} 0 {100 * model['top1']:.2f}% " \
+               f"[{100 * model['top1_ci']['low']:.2f}%, {100 * model['top1_ci']['high']:.2f}%] " \
+               f"{100 * model['top5']:.2f}%" in text
+        assert f"{100 * model['real_top1']:.2f}% {100 * model['ece']:.2f}%" in text
+    for against in comparison["comparisons"]:
+        assert f"{against['name']} {against['images']:,} {100 * against['top1_agreement']:.2f}% " \
+               f"{against['right_to_wrong']} {against['wrong_to_right']} {against['mcnemar_p']:.3g} " \
+               f"{against['mean_kl_from_baseline']:.5f}" in text
