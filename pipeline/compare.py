@@ -27,7 +27,7 @@ from pipeline.evaluate import check_preset_fits, prediction_schema, prediction_t
 from pipeline.inference import CorePin, ModelError, ModelInfo, _ray_node_id, checked_model_info, classify, make_session
 from pipeline.metrics import AccuracyCounter
 from pipeline.output import make_output_dir
-from pipeline.preprocess import NUM_CLASSES, Preprocessor
+from pipeline.preprocess import Preprocessor
 from pipeline.quality import Predictions, against_baseline, model_quality
 from pipeline.real_labels import RealLabels
 from pipeline.report import THUMBNAIL_SIZE, model_name, write_report
@@ -35,22 +35,15 @@ from pipeline.runtime import inference_actor_options, inference_slots, init_ray,
 from pipeline.sources import check_source, read_source
 
 
-def classes(info: ModelInfo) -> int:
-    """The ImageNet classes a model scores (a 1,001st output is the background class, dropped)."""
-    return NUM_CLASSES if info.num_outputs in (NUM_CLASSES, NUM_CLASSES + 1) else info.num_outputs
-
-
 def check_comparable(infos: list[ModelInfo]) -> None:
-    """Every model takes the baseline's input size and scores its classes; the first that does not
-    is named (before Ray starts and any image is read)."""
+    """Every model takes the baseline's input size; the first that does not is named (before Ray
+    starts and any image is read). Their classes are the same: ModelInfo names any model that does
+    not score the 1,000 ImageNet classes (a 1,001st background output is dropped)."""
     base = infos[0]
     for info in infos[1:]:
         if (info.height, info.width) != (base.height, base.width):
             raise ModelError(f"{info.path} takes {info.height}x{info.width} images, the baseline {base.path} "
                              f"{base.height}x{base.width}: compare models of one input size")
-        if classes(info) != classes(base):
-            raise ModelError(f"{info.path} scores {classes(info)} classes, the baseline {base.path} "
-                             f"{classes(base)}: compare models of the same classes")
 
 
 def unique_names(paths: list[str]) -> list[str]:

@@ -42,7 +42,8 @@ def compare_command(
     address: Optional[str] = typer.Option(None, help="Ray cluster to join from one of its nodes: 'auto' or "
                                                      "HOST:PORT; default: start a local single-node Ray"),
     format: Optional[InputFormat] = typer.Option(None, "--format", help=format_help("--data")),
-    labels: Optional[Path] = typer.Option(None, help="labels file (KEY CLASS_INDEX) for an image folder or .tar shards"),
+    labels: Optional[Path] = typer.Option(None, help="labels file (KEY CLASS_INDEX) for an image folder or "
+                                                     ".tar shards"),
     limit: Optional[int] = typer.Option(None, min=1, help="compare on the first N records only"),
     batch_size: int = typer.Option(32, min=1, help="images per inference call (dynamic-batch models)"),
     real_labels: Optional[Path] = typer.Option(None, help=REAL_LABELS_HELP),

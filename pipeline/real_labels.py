@@ -63,14 +63,16 @@ class RealLabels:
                     "real_note": f"ReaL top-1 not computed: {len(keys) - named} of {len(keys)} keys are not "
                                  "ILSVRC2012 validation file names (ILSVRC2012_val_NNNNNNNN.JPEG)"}
         indices = np.array([int(n.group(1)) - 1 for n in numbers])
-        outside = indices[(indices < 0) | (indices >= len(self.sets))]
+        outside = np.flatnonzero((indices < 0) | (indices >= len(self.sets)))
         if len(outside):
             return {"real_top1": None,
                     "real_note": f"ReaL top-1 not computed: {self.source} holds {len(self.sets)} images' labels and "
-                                 f"does not cover {len(outside)} of the {len(keys)} keys "
-                                 f"(such as {keys[int(np.flatnonzero((indices < 0) | (indices >= len(self.sets)))[0])]})"}
+                                 f"does not cover {len(outside)} of the {len(keys)} keys (such as {keys[outside[0]]})"}
         labelled = [i for i, index in enumerate(indices) if self.sets[index]]
         correct = sum(int(top1[i]) in self.sets[indices[i]] for i in labelled)
-        return {"real_top1": correct / len(labelled) if labelled else None, "real_top1_correct": correct,
-                "real_images": len(labelled), "real_left_out": len(keys) - len(labelled),
-                "real_labels": self.source}
+        scored = {"real_top1_correct": correct, "real_images": len(labelled),
+                  "real_left_out": len(keys) - len(labelled), "real_labels": self.source}
+        if not labelled:
+            return {"real_top1": None, **scored,
+                    "real_note": f"ReaL top-1 not computed: no image of these {len(keys)} has a ReaL label"}
+        return {"real_top1": correct / len(labelled), **scored}

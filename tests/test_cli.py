@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pyarrow.parquet as pq
 import pytest
 from onnx import TensorProto, helper, numpy_helper

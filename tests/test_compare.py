@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
 from conftest import MOBILENET_INT8, SAMPLE_1000, SHARED, VAL_1300, need, save_classifier, subset_folder
