@@ -58,7 +58,8 @@ def reliability_diagram(name: str, quality: dict) -> str:
               label="mean confidence")
     axes.set(xlim=(0, 1), ylim=(0, 1), xlabel="top-1 confidence", ylabel="top-1 accuracy",
              title=f"{name}: ECE {100 * quality['ece']:.2f}%")
-    axes.legend(loc="upper left", fontsize=8)
+    # below the axes: inside, it hides the bars of whichever corner it is put in
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=7, frameon=False)
     return svg_image(figure)
 
 
