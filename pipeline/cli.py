@@ -158,8 +158,8 @@ def print_summary(metrics: dict, output: Path) -> None:
         say(f"  error row: {sample['key']}: {sample['reason']}")
     if metrics.get("real_note"):
         say(metrics["real_note"])
-    say(f"metrics: {output / 'metrics.json'}  predictions: {output / 'predictions.parquet'}  "
-        f"report: {output / 'report.html'}")
+    say(f"metrics: {output / 'metrics.json'}  predictions: {output / 'predictions.parquet'}")
+    say(f"report: {output / 'report.html'}")
 
 
 @app.command()

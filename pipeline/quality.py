@@ -39,8 +39,8 @@ class Predictions:
         table = table.filter(pc.equal(table["error"], "")).sort_by("key")
         n = table.num_rows
 
-        def matrix(column: str) -> np.ndarray:
-            return table[column].combine_chunks().flatten().to_numpy().reshape(n, -1)
+        def matrix(column: str) -> np.ndarray:  # fixed-size lists: their width even with no rows
+            return table[column].combine_chunks().flatten().to_numpy().reshape(n, table[column].type.list_size)
 
         return cls(np.array(table["key"].to_pylist(), dtype=object), table["label"].to_numpy(),
                    matrix("top5_ids"), matrix("top5_probs"),

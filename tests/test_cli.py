@@ -304,7 +304,7 @@ def test_a_ctrl_c_as_a_run_finishes_prints_no_traceback(tmp_path: Path):
         before = ""
         for line in run.stderr:
             before += line
-            if line.startswith("metrics: "):  # the run's last line
+            if line.startswith("report: "):  # the run's last line
                 time.sleep(delay)
                 os.killpg(run.pid, signal.SIGINT)
                 break
