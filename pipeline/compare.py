@@ -1,7 +1,7 @@
 """`pipeline compare`: several models on the same images in one pass, the first the baseline.
 
-Every record is read and decoded in one task and preprocessed once per distinct preset; one
-inference actor per core holds a session of every model (pinned as `Classifier` is) and runs them
+Every record is read once, and decoded and preprocessed in that read task once per distinct preset
+(models that share a preset share its input); one inference actor per core holds a `Classifier` of every model, all pinned to its core, and runs them
 all on the same batch. The driver splits the stream into one prediction stream per model, counted
 by the same AccuracyCounter and written by the same prediction_table as `evaluate`'s, so each
 model's top-1/top-5 are what `evaluate` gives for it alone.
@@ -24,7 +24,7 @@ import ray.data
 
 from pipeline.config import Preset
 from pipeline.evaluate import check_preset_fits, prediction_schema, prediction_table
-from pipeline.inference import CorePin, ModelError, ModelInfo, _ray_node_id, checked_model_info, classify, make_session
+from pipeline.inference import Classifier, CorePin, ModelError, ModelInfo, checked_model_info
 from pipeline.metrics import AccuracyCounter
 from pipeline.output import make_output_dir
 from pipeline.preprocess import Preprocessor
@@ -70,36 +70,33 @@ class PresetsPreprocessor:
 
 
 class ModelSet:
-    """Ray actor: one session per model, all pinned to one core; preprocessed rows -> for each model
-    j the columns of `Classifier`'s rows suffixed with j (`top_ids<j>`, `top_probs<j>`, `probs<j>`,
-    `error<j>`) and `seconds<j>`, the model's inference time shared out over the rows."""
+    """Ray actor: one `Classifier` per model, all pinned to the actor's one core; preprocessed rows ->
+    for each model j its Classifier's `top_ids, top_probs, probs, error` suffixed with j, and
+    `seconds<j>`, the model's time shared out over the rows."""
+
+    PER_MODEL = ("top_ids", "top_probs", "probs", "error")
 
     def __init__(self, model_paths: list[str], preset_of_model: list[int], run_id: str):
-        self.pin = CorePin(run_id)
-        self.infos = [ModelInfo.from_path(path) for path in model_paths]
-        self.sessions = [make_session(path, threads=1) for path in model_paths]
+        pin = CorePin(run_id)
+        self.classifiers = [Classifier(path, top_k=5, probabilities=True, pin=pin) for path in model_paths]
         self.preset_of_model = preset_of_model
-        self.node = _ray_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
-        out = {"key": batch["key"], "label": batch["label"], "error": batch["error"],
-               "node": np.full(n, self.node, dtype=object),
-               "core": np.full(n, -1 if self.pin.core is None else self.pin.core, dtype=np.int32)}
-        for j, (session, info) in enumerate(zip(self.sessions, self.infos)):
+        out = {}
+        for j, (classifier, preset) in enumerate(zip(self.classifiers, self.preset_of_model)):
             started = time.perf_counter()
-            ids, probs, class_probs, errors = classify(session, info, batch[f"input{self.preset_of_model[j]}"],
-                                                       batch["error"], 5)
-            out.update({f"top_ids{j}": ids, f"top_probs{j}": probs, f"probs{j}": class_probs, f"error{j}": errors,
-                        f"seconds{j}": np.full(n, (time.perf_counter() - started) / max(n, 1))})
-        return out
+            rows = classifier({"key": batch["key"], "label": batch["label"], "error": batch["error"],
+                               "input": batch[f"input{preset}"]})
+            out.update({f"{column}{j}": rows[column] for column in self.PER_MODEL})
+            out[f"seconds{j}"] = np.full(n, (time.perf_counter() - started) / max(n, 1))
+        return {**{column: rows[column] for column in ("key", "label", "node", "core")}, **out}
 
 
 def model_rows(batch: dict[str, np.ndarray], j: int) -> dict[str, np.ndarray]:
     """Model J's prediction rows of a ModelSet batch, in `Classifier`'s columns."""
-    return {"key": batch["key"], "label": batch["label"], "node": batch["node"], "core": batch["core"],
-            "top_ids": batch[f"top_ids{j}"], "top_probs": batch[f"top_probs{j}"], "error": batch[f"error{j}"],
-            "probs": batch[f"probs{j}"]}
+    return {**{column: batch[column] for column in ("key", "label", "node", "core")},
+            **{column: batch[f"{column}{j}"] for column in ModelSet.PER_MODEL}}
 
 
 def image_thumbnails(data: str, fmt: str, labels: Optional[str], keys: set[str], preset: Preset) -> dict[str, bytes]:

@@ -199,32 +199,6 @@ class CorePin:
             break
 
 
-def classify(session, info: ModelInfo, inputs: np.ndarray, errors: np.ndarray,
-             k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The model run on the rows without an error: top-K class ids (-1 on error rows) and their
-    probabilities, the whole [N, 1000] distributions (0 on error rows) and the rows' errors, with
-    NON_FINITE_OUTPUT added where the model's scores were NaN or infinite."""
-    ok = errors == ""
-    n = len(errors)
-    if ok.all():  # the usual case: no copy of the whole input batch
-        class_probs = run_model(session, info, inputs)
-    else:
-        class_probs = np.zeros((n, NUM_CLASSES), dtype=np.float32)
-        if ok.any():
-            class_probs[ok] = run_model(session, info, inputs[ok])
-    # checked on the probabilities, not the raw outputs: a logit of -inf is a probability of 0,
-    # while NaN or +inf in the outputs makes its row's probabilities NaN or infinite
-    not_finite = ok & ~np.isfinite(class_probs).all(axis=1)
-    if not_finite.any():
-        errors = errors.astype(object)  # a copy, and one that takes a longer string than it holds
-        errors[not_finite] = NON_FINITE_OUTPUT
-        class_probs[not_finite] = 0.0  # as for every error row
-        ok &= ~not_finite
-    ids, probs = top_k(class_probs, k)
-    ids[~ok] = -1
-    return ids, probs, class_probs, errors
-
-
 class Classifier:
     """Ray actor: input rows -> `key, label, top_ids, top_probs, error` (+ where it ran, and with
     PROBABILITIES the whole distribution over the classes as `probs`).
@@ -233,8 +207,9 @@ class Classifier:
     in CARRY are copied through unchanged."""
 
     def __init__(self, model_path: str, top_k: int = 5, run_id: str = "default", carry: tuple[str, ...] = (),
-                 probabilities: bool = False):
-        self.pin = CorePin(run_id)
+                 probabilities: bool = False, pin: Optional[CorePin] = None):
+        # PIN: the core of an actor that holds several classifiers (pipeline.compare.ModelSet)
+        self.pin = pin or CorePin(run_id)
         self.info = ModelInfo.from_path(model_path)
         self.session = make_session(model_path, threads=1)
         self.k = top_k
@@ -243,8 +218,25 @@ class Classifier:
         self.node = _ray_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["error"])
-        ids, probs, class_probs, errors = classify(self.session, self.info, batch["input"], batch["error"], self.k)
+        errors = batch["error"]
+        ok = errors == ""
+        n = len(errors)
+        if ok.all():  # the usual case: no copy of the whole input batch
+            class_probs = run_model(self.session, self.info, batch["input"])
+        else:
+            class_probs = np.zeros((n, NUM_CLASSES), dtype=np.float32)
+            if ok.any():
+                class_probs[ok] = run_model(self.session, self.info, batch["input"][ok])
+        # checked on the probabilities, not the raw outputs: a logit of -inf is a probability of 0,
+        # while NaN or +inf in the outputs makes its row's probabilities NaN or infinite
+        not_finite = ok & ~np.isfinite(class_probs).all(axis=1)
+        if not_finite.any():
+            errors = errors.astype(object)  # a copy, and one that takes a longer string than it holds
+            errors[not_finite] = NON_FINITE_OUTPUT
+            class_probs[not_finite] = 0.0  # as for every error row
+            ok &= ~not_finite
+        ids, probs = top_k(class_probs, self.k)
+        ids[~ok] = -1
         return {
             "key": batch["key"], "label": batch["label"], "top_ids": ids, "top_probs": probs,
             "error": errors, "node": np.full(n, self.node, dtype=object),
