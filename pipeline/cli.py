@@ -15,8 +15,8 @@ from rich.table import Table
 from ray.exceptions import RayError
 
 from pipeline.config import ConfigError, load_preset
-from pipeline.console import (PRESET_HELP, USER_ERRORS, InputFormat, console, fail, fail_in_ray, format_help,
-                              format_name, interrupted, model_and_preset, say)
+from pipeline.console import (PRESET_HELP, REAL_LABELS_HELP, USER_ERRORS, InputFormat, console, fail, fail_in_ray,
+                              format_help, format_name, interrupted, model_and_preset, say)
 from pipeline.output import exclusive_output
 
 app = typer.Typer(
@@ -104,6 +104,7 @@ def evaluate(
                                                      "named) for an image folder or .tar shards"),
     limit: Optional[int] = typer.Option(None, min=1, help="evaluate only the first N records"),
     batch_size: int = typer.Option(32, min=1, help="images per inference call (dynamic-batch models)"),
+    real_labels: Optional[Path] = typer.Option(None, help=REAL_LABELS_HELP),
 ) -> None:
     """Measure top-1/top-5 accuracy and throughput of a classifier on labelled ImageNet images."""
     from pipeline.evaluate import evaluate as run_evaluation
@@ -115,6 +116,7 @@ def evaluate(
                 str(model), data, preset, str(output), fmt=format_name(format),
                 labels=str(labels) if labels else None, limit=limit, batch_size=batch_size, address=address,
                 on_progress=ProgressReporter(progress, "evaluating"),
+                real_labels=str(real_labels) if real_labels else None,
             )
     except USER_ERRORS as exc:
         fail(str(exc))
@@ -165,7 +167,10 @@ def print_summary(metrics: dict, output: Path) -> None:
     say(time_line(metrics["time"]))
     for sample in metrics["error_samples"][:5]:
         say(f"  error row: {sample['key']}: {sample['reason']}")
+    if metrics.get("real_note"):
+        say(metrics["real_note"])
     say(f"metrics: {output / 'metrics.json'}  predictions: {output / 'predictions.parquet'}")
+    say(f"report: {output / 'report.html'}")
 
 
 @app.command()
@@ -253,3 +258,7 @@ from pipeline.model_commands import build_command, quantize_command  # noqa: E40
 
 model_app.command("build")(build_command)
 app.command("quantize")(quantize_command)
+
+from pipeline.compare_command import compare_command  # noqa: E402
+
+app.command("compare")(compare_command)

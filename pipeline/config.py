@@ -111,8 +111,11 @@ def preset_names() -> list[str]:
     return sorted({p.stem for d in conf_dirs() if d.is_dir() for p in d.glob("*.yaml")})
 
 
-def load_preset(name_or_path: str) -> Preset:
-    """A preset by name (conf/NAME.yaml) or by path to a YAML file."""
+def load_preset(name_or_path: str | Preset) -> Preset:
+    """A preset by name (conf/NAME.yaml) or by path to a YAML file; a Preset as it is (one read from a
+    model's metadata)."""
+    if isinstance(name_or_path, Preset):
+        return name_or_path
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = next((d / f"{name_or_path}.yaml" for d in conf_dirs() if (d / f"{name_or_path}.yaml").is_file()), path)

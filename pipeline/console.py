@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.config import ConfigError, preset_names
+from pipeline.config import ConfigError, Preset, preset_names
 from pipeline.inference import ModelError
 from pipeline.output import OutputDirError
 from pipeline.runtime import ClusterError
@@ -25,7 +25,10 @@ console = Console(stderr=True)
 USER_ERRORS = (ConfigError, ModelError, SourceError, OutputDirError, ClusterError, FileNotFoundError)
 
 PRESET_HELP = (f"preprocessing preset: a name in conf/ ({', '.join(preset_names())}) or a preset YAML file; "
-               "default: torch, or the default model's own")
+               "default: the one the model carries in its metadata")
+
+REAL_LABELS_HELP = ("ImageNet-ReaL labels file (JSON list of class-index lists, one per ILSVRC2012 validation image); "
+                    "default: the packaged copy, used when the keys are ILSVRC2012_val_NNNNNNNN.JPEG names")
 
 # the values --format takes: Typer lists them in the help and refuses any other before the command runs
 InputFormat = Enum("InputFormat", {name: name for name in sorted(FORMATS)}, type=str)
@@ -84,7 +87,7 @@ def fail_in_ray(exc: Exception, after: str = "") -> None:
     fail(f"the Ray pipeline failed: {ray_failure_reason(exc)}{after}")
 
 
-def model_and_preset(model: Optional[Path], preset: Optional[str]) -> tuple[Path, str]:
+def model_and_preset(model: Optional[Path], preset: Optional[str]) -> tuple[Path, str | Preset]:
     """The user's model and preset, or the default model with its own preset where none is given."""
     if model is None:
         from pipeline.models import default_model
@@ -92,4 +95,18 @@ def model_and_preset(model: Optional[Path], preset: Optional[str]) -> tuple[Path
         model, own_preset = default_model()
         say(f"no --model given: using {model}")
         return model, preset or own_preset
-    return model, preset or "torch"
+    return model, preset or preset_of_model(model)
+
+
+def preset_of_model(model: Path) -> Preset:
+    """The preset MODEL carries in its metadata; without one, a ConfigError naming the presets: a model
+    preprocessed with a guessed preset gives a wrong accuracy that looks plausible."""
+    from pipeline.inference import ModelInfo
+    from pipeline.model_preset import model_preset
+
+    ModelInfo.from_path(model)  # a missing or non-ONNX file is reported as such
+    own = model_preset(model)
+    if own is None:
+        raise ConfigError(f"{model} does not say how to preprocess its input (no preset in its metadata): give "
+                          f"--preset, one of {', '.join(preset_names())} or a preset YAML file")
+    return own

@@ -20,6 +20,8 @@ from pipeline.inference import Classifier, ModelError, ModelInfo, checked_model_
 from pipeline.metrics import AccuracyCounter
 from pipeline.output import make_output_dir
 from pipeline.preprocess import NUM_CLASSES, Preprocessor
+from pipeline.real_labels import RealLabels
+from pipeline.report import add_quality_and_report
 from pipeline.runtime import (INFERENCE_RESOURCE, inference_actor_options, inference_slots, init_ray,
                               map_after_read)
 from pipeline.sources import Source, check_source, read_source
@@ -86,7 +88,7 @@ def prediction_table(batch: dict[str, np.ndarray]) -> pa.Table:
     ], schema=schema)
 
 
-RESULT_FILES = ("metrics.json", "predictions.parquet")
+RESULT_FILES = ("metrics.json", "predictions.parquet", "report.html")
 
 
 def drop_previous_results(output: Path) -> None:
@@ -96,14 +98,17 @@ def drop_previous_results(output: Path) -> None:
         (output / name).unlink(missing_ok=True)
 
 
-def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str] = None, *,
+def evaluate(model: str, data: str, preset: str | Preset = "torch", output: Optional[str] = None, *,
              fmt: Optional[str] = None, labels: Optional[str] = None, limit: Optional[int] = None,
              batch_size: int = 32, address: Optional[str] = None, probabilities: bool = False,
-             on_progress: Optional[Callable[[int, Optional[int]], None]] = None) -> dict:
-    """Evaluate MODEL on DATA; write OUTPUT/metrics.json and OUTPUT/predictions.parquet when OUTPUT
-    is given (with PROBABILITIES, each image's whole class distribution too, column `probs`), and
-    return the metrics. ON_PROGRESS(records_done, records_total) follows the stream."""
+             on_progress: Optional[Callable[[int, Optional[int]], None]] = None,
+             real_labels: Optional[str] = None) -> dict:
+    """Evaluate MODEL on DATA; write OUTPUT/metrics.json, OUTPUT/predictions.parquet (with
+    PROBABILITIES, each image's whole class distribution too, column `probs`) and OUTPUT/report.html
+    when OUTPUT is given, and return the metrics. ON_PROGRESS(records_done, records_total) follows the
+    stream. REAL_LABELS: a ReaL labels file instead of the packaged one."""
     started = time.perf_counter()
+    real = RealLabels.load(real_labels)
     preset_obj = load_preset(preset)
     info = checked_model_info(model)
     warn_u8s8_saturation(info.path)
@@ -161,6 +166,7 @@ def evaluate(model: str, data: str, preset: str = "torch", output: Optional[str]
             "ray_start_s": ray_start_s, "first_prediction_s": first_prediction_s or 0.0}),
     }
     if output:
+        metrics = add_quality_and_report(output, metrics, real)  # the CIs, ECE, ReaL top-1; report.html
         (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -222,8 +222,9 @@ class Classifier:
     in CARRY are copied through unchanged."""
 
     def __init__(self, info: ModelInfo, preset: Preset, top_k: int = 5, run_id: str = "default",
-                 carry: tuple[str, ...] = (), probabilities: bool = False):
-        self.pin = CorePin(run_id)
+                 carry: tuple[str, ...] = (), probabilities: bool = False, pin: Optional[CorePin] = None):
+        # PIN: the core of an actor that holds several classifiers (pipeline.compare.ModelSet)
+        self.pin = pin or CorePin(run_id)
         # INFO was read on the driver: the actor does not import onnx (a second of CPU) to read it again
         self.info = info
         self.session = make_session(info.path, threads=1)

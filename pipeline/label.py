@@ -337,7 +337,7 @@ class RecordCount:
             self.value = None
 
 
-def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str = "torch",
+def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str | Preset = "torch",
           fmt: Optional[str] = None, resume: bool = False, overwrite: bool = False,
           unit_size: int = UNIT_SIZE, batch_size: int = 32, address: Optional[str] = None,
           on_progress: Optional[Callable[[int, Optional[int]], None]] = None) -> dict:

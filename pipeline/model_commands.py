@@ -100,7 +100,7 @@ def quantize_command(
         typer.echo(f"calibrating on {calib.images} images of {calibration}"
                    + (f" ({calib.errors} unreadable, left out)" if calib.errors else ""))
         for name, path in outputs.items():
-            quantize_model(model, calib.batches, path, name, activations)
+            quantize_model(model, calib.batches, path, name, activations, preset_obj)
             typer.echo(f"wrote {path} (int8, {name} calibration)")
         if eval:
             typer.echo(f"evaluating fp32 and {len(outputs)} int8 model{'s' * (len(outputs) > 1)} on {eval}")

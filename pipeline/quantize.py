@@ -26,10 +26,12 @@ from pipeline.calibration import BatchReader, collect_histograms, l2_optimal_ran
 from pipeline.config import Preset
 from pipeline.evaluate import evaluate
 from pipeline.inference import ModelInfo
+from pipeline.model_preset import attach_preset
 from pipeline.output import make_output_dir
 from pipeline.preprocess import Normalizer, Preprocessor
 from pipeline.runtime import map_after_read
 from pipeline.sources import check_source, read_source
+from pipeline.stats import kl_divergence
 
 METHODS = ("l2", "minmax", "entropy", "percentile")
 ORT_METHODS = {
@@ -122,8 +124,10 @@ def quantize_model(
     out: str | Path,
     method: str = "l2",
     activations: str = "uint8",
+    preset: Preset | None = None,
 ) -> Path:
-    """Calibrate on `batches` (preprocessed float32 NCHW inputs) and write the int8 QDQ model."""
+    """Calibrate on `batches` (preprocessed float32 NCHW inputs) and write the int8 QDQ model, carrying
+    PRESET (the preprocessing of those inputs) in its metadata when given."""
     check_options([method], activations)
     if not batches:
         raise QuantizeError("no calibration images")
@@ -155,6 +159,10 @@ def quantize_model(
             options["extra_options"]["CalibStridedMinMax"] = 1
             quantize_static(named_path, str(out), BatchReader(ModelInfo.from_path(model_path).input_name, batches),
                             calibrate_method=ORT_METHODS[method], **options)
+    if preset is not None:
+        quantized = onnx.load(str(out))
+        attach_preset(quantized, preset)
+        onnx.save(quantized, str(out))
     return out
 
 
@@ -202,15 +210,8 @@ def class_distributions(output: Path) -> dict[str, np.ndarray]:
     return dict(zip(table["key"].to_pylist(), probs))
 
 
-def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """KL(reference || other) per row, in nats: how much information OTHER's class distribution
-    loses against REFERENCE's (0 when identical)."""
-    tiny = np.finfo(np.float32).tiny
-    return np.sum(reference * (np.log(np.maximum(reference, tiny)) - np.log(np.maximum(other, tiny))), axis=1)
-
-
 def accuracy_report(
-    fp32_model: str, int8_models: dict[str, Path], data: str, preset: str, output: Path,
+    fp32_model: str, int8_models: dict[str, Path], data: str, preset: str | Preset, output: Path,
     labels: str | None = None, limit: int | None = None, calibration_keys: set[str] = frozenset(),
     fmt: str | None = None,
 ) -> dict:
@@ -225,7 +226,7 @@ def accuracy_report(
                     probabilities=True)
     fp32_probs = class_distributions(output / "fp32")
     report = {
-        "data": fp32["data"], "preset": preset, "images": fp32["evaluated"],
+        "data": fp32["data"], "preset": fp32["preset"], "images": fp32["evaluated"],
         "calibration_overlap": len(calibration_keys & fp32_probs.keys()),
         "fp32": {"model": fp32["model"], "top1": fp32["top1"], "top5": fp32["top5"]},
         "int8": {},

@@ -80,13 +80,13 @@ def subset_folder(src: Path, dst: Path, count: int) -> Path:
     return dst
 
 
-def save_classifier(path: Path, nodes: list, name: str, initializers: tuple = (),
-                    input_type: int = TensorProto.FLOAT, opset: int = 13, output_shape: tuple = ("N", 1000)) -> Path:
-    """A graph of NODES from `input` (N x 3 x 224 x 224 of INPUT_TYPE) to the last node's output
+def save_classifier(path: Path, nodes: list, name: str, initializers: tuple = (), input_type: int = TensorProto.FLOAT,
+                    opset: int = 13, size: int = 224, output_shape: tuple = ("N", 1000)) -> Path:
+    """A graph of NODES from `input` (N x 3 x SIZE x SIZE of INPUT_TYPE) to the last node's output
     (declared OUTPUT_SHAPE float: N x 1000 by default), saved at PATH: the shape of classifier the
     pipeline runs."""
     graph = helper.make_graph(
-        nodes, name, [helper.make_tensor_value_info("input", input_type, ["N", 3, 224, 224])],
+        nodes, name, [helper.make_tensor_value_info("input", input_type, ["N", 3, size, size])],
         [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, list(output_shape))], list(initializers))
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8), path)
     return path

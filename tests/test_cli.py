@@ -138,8 +138,8 @@ def test_an_output_that_cannot_be_a_folder_is_named_before_any_work(tmp_path: Pa
     a_file = tmp_path / "results"
     a_file.write_text("not a folder")
     runs = {
-        "evaluate": ["evaluate", "--model", need(MOBILENET_INT8), "--data", folder, "--output"],
-        "label": ["label", "--model", MOBILENET_INT8, "--data", folder, "--output"],
+        "evaluate": ["evaluate", "--model", need(MOBILENET_INT8), "--preset", "torch", "--data", folder, "--output"],
+        "label": ["label", "--model", MOBILENET_INT8, "--preset", "torch", "--data", folder, "--output"],
         "prepare": ["prepare", "--images", folder, "--out"],
     }
     for command, args in runs.items():
@@ -150,7 +150,8 @@ def test_an_output_that_cannot_be_a_folder_is_named_before_any_work(tmp_path: Pa
         assert below.exit_code == 2 and "cannot make the output folder there (Not a directory)" in below.output, \
             (command, below.output)
     assert a_file.read_text() == "not a folder"
-    inside = invoke("label", "--model", MOBILENET_INT8, "--data", folder, "--output", folder / "labels-out")
+    inside = invoke("label", "--model", MOBILENET_INT8, "--preset", "torch", "--data", folder,
+                    "--output", folder / "labels-out")
     assert inside.exit_code == 2 and "is inside the input" in inside.output and not (folder / "labels-out").exists()
 
 
@@ -162,7 +163,7 @@ def test_a_model_onnxruntime_cannot_load_is_named_before_ray_starts(tmp_path: Pa
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 2)
     for args in (["evaluate", "--output", tmp_path / "a"], ["label", "--output", tmp_path / "b"],
                  ["quantize", "--calibration", folder, "--out", tmp_path / "int8.onnx"]):
-        result = invoke(*args, "--model", model, *(["--data", folder] if args[0] != "quantize" else []))
+        result = invoke(*args, "--model", model, "--preset", "torch", *(["--data", folder] if args[0] != "quantize" else []))
         assert result.exit_code == 2, result.output
         assert f"error: {model}: onnxruntime cannot load it: " in result.output and "NoSuchOp" in result.output
 
@@ -190,8 +191,8 @@ def test_a_cluster_that_cannot_be_joined_is_one_line(tmp_path: Path):
     for address, reason in (("not an address", "Invalid address format"),
                             ("ray://127.0.0.1:1", "Ray Client requires pip package `ray[client]`"),
                             ("127.0.0.1:1", "nothing answers there (Connection refused)")):  # Ray waited for ever
-        result = run_cli("evaluate", "--model", need(MOBILENET_INT8), "--data", folder, "--output", tmp_path / "out",
-                         "--address", address)
+        result = run_cli("evaluate", "--model", need(MOBILENET_INT8), "--preset", "torch", "--data", folder,
+                         "--output", tmp_path / "out", "--address", address)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert f"error: cannot join the Ray cluster at {address!r}: {reason}" in result.stderr
 
@@ -297,13 +298,13 @@ def test_a_ctrl_c_as_a_run_finishes_prints_no_traceback(tmp_path: Path):
     for delay in (0.05, 0.2, 0.5):
         # a session of its own: Ctrl-C goes to the terminal's whole foreground process group
         run = subprocess.Popen([sys.executable, "-m", "pipeline", "evaluate", "--model", need(MOBILENET_INT8),
-                                "--data", folder, "--output", tmp_path / "out"], cwd=REPO,
+                                "--preset", "torch", "--data", folder, "--output", tmp_path / "out"], cwd=REPO,
                                env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         before = ""
         for line in run.stderr:
             before += line
-            if line.startswith("metrics: "):  # the run's last line
+            if line.startswith("report: "):  # the run's last line
                 time.sleep(delay)
                 os.killpg(run.pid, signal.SIGINT)
                 break

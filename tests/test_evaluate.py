@@ -284,7 +284,7 @@ def test_a_damaged_parquet_shard_is_named_before_the_run(tmp_path):
     write_parquet_shards(str(folder), str(tmp_path / "shards"), shard_size=2)
     (tmp_path / "shards" / "part-00001.parquet").write_bytes(b"PAR1 this is not parquet")
     result = run_cli("evaluate", "--model", str(need(MOBILENET_INT8)), "--data", str(tmp_path / "shards"),
-                     "--output", str(tmp_path / "out"))
+                     "--preset", "torch", "--output", str(tmp_path / "out"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "part-00001.parquet: not a readable Parquet file" in result.stderr
 

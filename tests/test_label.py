@@ -242,7 +242,7 @@ def test_bad_files_in_a_folder_and_in_tars_are_error_rows_and_the_counts_add_up(
 
 
 def run_cli(*args: str) -> subprocess.Popen:
-    return start_cli("label", *args)
+    return start_cli("label", "--preset", "torch", *args)
 
 
 def test_a_finished_dir_is_left_alone_and_a_foreign_one_refused(ray_local, tmp_path):

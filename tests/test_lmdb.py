@@ -260,7 +260,7 @@ def test_bad_databases_are_clear_errors(tmp_path, val200):
         f.truncate((truncated / LMDB_DATA_FILE).stat().st_size // 2)
     with pytest.raises(SourceError, match="truncated"):
         read_source(str(truncated))
-    result = CliRunner().invoke(app, ["evaluate", "--model", str(need(MOBILENET_INT8)), "--data", str(truncated),
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(need(MOBILENET_INT8)), "--preset", "torch", "--data", str(truncated),
                                       "--output", str(tmp_path / "out")])
     assert result.exit_code == 2 and "truncated" in result.output
 

@@ -19,7 +19,8 @@ from pipeline.calibration import (DistinctValues, Histogram, collect_histograms,
 from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.models import build_model
-from pipeline.quantize import QuantizeError, kl_divergence, quantize_model, read_calibration_set
+from pipeline.quantize import QuantizeError, quantize_model, read_calibration_set
+from pipeline.stats import kl_divergence
 
 
 def quantised_squared_error(x: np.ndarray, lo: float, hi: float) -> float:

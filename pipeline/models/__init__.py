@@ -11,6 +11,8 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from pipeline.config import load_preset
+from pipeline.model_preset import attach_preset
 from pipeline.models import efficientnet_lite0, resnet50
 from pipeline.models.state_dict import StateDict
 from pipeline.output import check_output_file
@@ -52,6 +54,7 @@ def build_model(arch: str, weights: str | None, out: str | Path) -> Path:
             weights = spec.default_weights()
         state = StateDict(load_state_dict(weights), str(weights))
     model = spec.build(state)
+    attach_preset(model, load_preset(spec.preset))  # runs without --preset preprocess as the weights expect
     onnx.save(model, out)
     return out
 
