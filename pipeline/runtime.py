@@ -58,19 +58,23 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        common = dict(runtime_env={"env_vars": WORKER_ENV}, logging_level=logging.WARNING,
-                      log_to_driver=True)
+        common = dict(logging_level=logging.WARNING, log_to_driver=True)
         if address is None:
             # a new local cluster gets token authentication (Ray 2.60's default) and Ray warns on
             # every start that it did; joining a cluster keeps Ray's messages about its settings
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             cores = num_cpus or local_cores()
+            # The local Ray's processes inherit this process's environment: set there, WORKER_ENV
+            # reaches every worker without a runtime_env, so the workers Ray starts with the node
+            # (one per CPU) serve the run. A job runtime_env would make Ray start new ones instead,
+            # seconds of CPU while everything else is starting too.
+            os.environ.update(WORKER_ENV)
             ray.init(address="local", num_cpus=cores, resources={INFERENCE_RESOURCE: cores},
                      include_dashboard=False, **common)
         else:
             check_reachable(address)
             try:
-                ray.init(address=address, **common)
+                ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, **common)
             except (ConnectionError, ValueError, RuntimeError) as exc:  # nothing there, a bad address, no ray[client]
                 raise ClusterError(f"cannot join the Ray cluster at {address!r}: {' '.join(str(exc).split())}") from None
     # registered after Ray's own atexit ray.shutdown (at `import ray`), so it runs before it
