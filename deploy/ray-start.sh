@@ -9,7 +9,8 @@ set -euo pipefail
 
 physical_cores=$(lscpu -p=CORE,SOCKET | grep -v '^#' | sort -u | wc -l)
 inference_cores=${INFERENCE_CORES:-$physical_cores}
-preprocess_cpus=${PREPROCESS_CPUS:-$(nproc)}
+# nproc answers OMP_NUM_THREADS when it is set; the node's CPUs are wanted here
+preprocess_cpus=${PREPROCESS_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
 
 command=(ray start "$@" --num-cpus="$preprocess_cpus" --resources="{\"inference_core\": $inference_cores}")
 if [[ -n "${DRY_RUN:-}" ]]; then

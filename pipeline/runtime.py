@@ -13,7 +13,8 @@ import os
 import signal
 import socket
 import warnings
-from typing import TYPE_CHECKING, Callable, Optional
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -50,6 +51,22 @@ def local_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+@contextmanager
+def environment(variables: dict[str, str]) -> Iterator[None]:
+    """VARIABLES set in os.environ for the block only: the driver's own environment, and what its
+    later subprocesses inherit, stay the user's."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
     """Start a local single-node Ray (ADDRESS None) or join a cluster from one of its nodes ("auto",
     "HOST:PORT"). Ray Client (`ray://`) needs the `ray[client]` extra, which is not installed: the
@@ -64,13 +81,13 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
             # every start that it did; joining a cluster keeps Ray's messages about its settings
             logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             cores = num_cpus or local_cores()
-            # The local Ray's processes inherit this process's environment: set there, WORKER_ENV
-            # reaches every worker without a runtime_env, so the workers Ray starts with the node
-            # (one per CPU) serve the run. A job runtime_env would make Ray start new ones instead,
-            # seconds of CPU while everything else is starting too.
-            os.environ.update(WORKER_ENV)
-            ray.init(address="local", num_cpus=cores, resources={INFERENCE_RESOURCE: cores},
-                     include_dashboard=False, **common)
+            # The local Ray's processes inherit the environment of this process as ray.init starts
+            # them: set there, WORKER_ENV reaches every worker without a runtime_env, so the workers
+            # Ray starts with the node (one per CPU) serve the run. A job runtime_env would make Ray
+            # start new ones instead, seconds of CPU while everything else is starting too.
+            with environment(WORKER_ENV):
+                ray.init(address="local", num_cpus=cores, resources={INFERENCE_RESOURCE: cores},
+                         include_dashboard=False, **common)
         else:
             check_reachable(address)
             try:
