@@ -110,14 +110,15 @@ def evaluate(
     from pipeline.evaluate import evaluate as run_evaluation
 
     try:
-        model, preset = model_and_preset(model, preset_or_config(preset, config))
-        with exclusive_output(output, "evaluate"), progress_bar() as progress:
-            metrics = run_evaluation(
-                str(model), data, preset, str(output), fmt=format_name(format),
-                labels=str(labels) if labels else None, limit=limit, batch_size=batch_size, address=address,
-                on_progress=ProgressReporter(progress, "evaluating"),
-                real_labels=str(real_labels) if real_labels else None,
-            )
+        with exclusive_output(output, "evaluate"):
+            model, preset = model_and_preset(model, preset_or_config(preset, config))
+            with progress_bar() as progress:
+                metrics = run_evaluation(
+                    str(model), data, preset, str(output), fmt=format_name(format),
+                    labels=str(labels) if labels else None, limit=limit, batch_size=batch_size, address=address,
+                    on_progress=ProgressReporter(progress, "evaluating"),
+                    real_labels=str(real_labels) if real_labels else None,
+                )
     except USER_ERRORS as exc:
         fail(str(exc))
     except RayError as exc:
@@ -228,13 +229,14 @@ def label(
     from pipeline.label import AlreadyFinished, label as run_labelling
 
     try:
-        model, preset = model_and_preset(model, preset)
-        with exclusive_output(output, "label"), progress_bar() as progress:
-            manifest = run_labelling(
-                str(model), data, str(output), top_k=top_k, preset=preset, fmt=format_name(format), resume=resume,
-                overwrite=overwrite, unit_size=shard_size, batch_size=batch_size, address=address,
-                on_progress=ProgressReporter(progress, "labelling", start_on_first_call=True),
-            )
+        with exclusive_output(output, "label"):
+            model, preset = model_and_preset(model, preset)
+            with progress_bar() as progress:
+                manifest = run_labelling(
+                    str(model), data, str(output), top_k=top_k, preset=preset, fmt=format_name(format),
+                    resume=resume, overwrite=overwrite, unit_size=shard_size, batch_size=batch_size,
+                    address=address, on_progress=ProgressReporter(progress, "labelling", start_on_first_call=True),
+                )
     except AlreadyFinished as finished:
         say(str(finished))
         return

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import ray.data
 
 from pipeline.config import Preset
-from pipeline.evaluate import check_preset_fits, prediction_schema, prediction_table
+from pipeline.evaluate import check_preset_fits, drop_previous_results, prediction_schema, prediction_table
 from pipeline.inference import Classifier, CorePin, ModelError, ModelInfo, checked_model_info
 from pipeline.metrics import AccuracyCounter
 from pipeline.output import make_output_dir
@@ -126,6 +126,9 @@ def image_thumbnails(data: str, fmt: str, labels: Optional[str], keys: set[str],
     return thumbnails
 
 
+COMPARISON_FILES = ("comparison.json", "report.html")
+
+
 def compare(models: list[str], data: str, presets: list[str | Preset], output: str, *,
             fmt: Optional[str] = None, labels: Optional[str] = None, limit: Optional[int] = None,
             batch_size: int = 32, address: Optional[str] = None, real_labels: Optional[str] = None,
@@ -148,6 +151,10 @@ def compare(models: list[str], data: str, presets: list[str | Preset], output: s
     fmt = check_source(data, fmt, labels)
     names = unique_names(models)
     folders = [make_output_dir(Path(output) / name) for name in names]
+    for folder in folders:
+        drop_previous_results(folder)
+    for name in COMPARISON_FILES:
+        (Path(output) / name).unlink(missing_ok=True)
     init_ray(address)
     source = read_source(data, fmt=fmt, labels=labels, limit=limit)
     preprocessed = map_after_read(source.dataset, PresetsPreprocessor(distinct), source.recut_rows, batch_size=None,
@@ -211,7 +218,7 @@ def compare(models: list[str], data: str, presets: list[str | Preset], output: s
         "models": [{"name": r["name"], **{k: v for k, v in r["metrics"].items() if k != "per_class"}} for r in reports],
         "comparisons": comparisons,
     }
-    (Path(output) / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
-    write_report(Path(output) / "report.html", f"{' vs '.join(names)} on {Path(str(comparison['data'])).name}",
+    (Path(output) / COMPARISON_FILES[0]).write_text(json.dumps(comparison, indent=2) + "\n")
+    write_report(Path(output) / COMPARISON_FILES[1], f"{' vs '.join(names)} on {Path(str(comparison['data'])).name}",
                  reports, comparisons, thumbnails)
     return comparison

@@ -152,11 +152,11 @@ def test_the_cluster_launcher_config_passes_rays_validation_and_keeps_the_schedu
     assert any("imagenet" in remote for remote in config["file_mounts"])
 
 
-def test_the_on_premises_variant_in_the_readme_passes_rays_validation():
+def test_the_on_premises_variant_in_the_cluster_guide_passes_rays_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("**On-premises hosts**"):]
+    guide = (REPO / "docs" / "cluster.md").read_text()
+    section = guide[guide.index("**On-premises hosts**"):]
     replacement = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
     config = yaml.safe_load((REPO / "deploy" / "ray-cluster.yaml").read_text())
     for field in ("max_workers", "available_node_types", "head_node_type"):

@@ -108,7 +108,7 @@ def test_an_output_folder_is_held_by_one_run_at_a_time_and_the_refusal_names_it(
                                                  rf"{os.getpid()} on .*, started .* UTC\)"):
             with exclusive_output(tmp_path / "." / "out", "evaluate"):  # the same folder, spelt otherwise
                 pass
-        for command in (["evaluate"], ["label"]):  # refused by the command itself before any work
+        for command in (["evaluate"], ["label"], ["compare"]):  # refused by the command itself before any work
             result = CliRunner().invoke(app, [*command, "--model", str(tmp_path / "absent.onnx"),
                                               "--data", str(tmp_path), "--output", str(output)])
             assert result.exit_code == 2 and "is the output of a run still going on (pipeline label" in \
@@ -291,7 +291,7 @@ def test_ctrl_c_says_what_was_interrupted_and_leaves_no_older_result_looking_cur
              f"interrupted: the evaluation stopped before its end: {output} holds no result of it"),
             (["label", "--output", output / "labels"], output / "labels" / "run.json",
              f"interrupted: {output / 'labels'} keeps the units finished so far: --resume finishes the run")):
-        run = start_cli(*command, "--model", model, "--data", folder)
+        run = start_cli(*command, "--model", model, "--preset", "torch", "--data", folder)
         while not started.exists():
             assert run.poll() is None, run.stdout.read()
             time.sleep(0.05)
