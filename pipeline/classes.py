@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-from pipeline.preprocess import NUM_CLASSES
+NUM_CLASSES = 1000
 
 
 @dataclass(frozen=True)

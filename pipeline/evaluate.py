@@ -15,11 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 
+from pipeline.classes import NUM_CLASSES
 from pipeline.config import Preset, load_preset
 from pipeline.inference import Classifier, ModelError, ModelInfo, checked_model_info
 from pipeline.metrics import AccuracyCounter
 from pipeline.output import make_output_dir
-from pipeline.preprocess import NUM_CLASSES, Preprocessor
+from pipeline.preprocess import Preprocessor
 from pipeline.real_labels import RealLabels
 from pipeline.report import add_quality_and_report
 from pipeline.runtime import (INFERENCE_RESOURCE, inference_actor_options, inference_slots, init_ray,

@@ -12,8 +12,9 @@ from typing import Optional
 
 import numpy as np
 
+from pipeline.classes import NUM_CLASSES
 from pipeline.config import Preset
-from pipeline.preprocess import NUM_CLASSES, Normalizer
+from pipeline.preprocess import Normalizer
 from pipeline.timing import DECODE, INFERENCE, NODE_BUSY, NORMALIZE, READ, node_busy_seconds, spread
 
 

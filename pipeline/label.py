@@ -35,12 +35,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.classes import imagenet_classes
+from pipeline.classes import NUM_CLASSES, imagenet_classes
 from pipeline.config import Preset, load_preset
 from pipeline.evaluate import check_preset_fits, fixed_size_lists, predict
 from pipeline.inference import checked_model_info
 from pipeline.output import OutputDirError, check_not_a_file, make_output_dir
-from pipeline.preprocess import NUM_CLASSES
 from pipeline.runtime import init_ray
 from pipeline.sources import SourceError, check_source
 from pipeline.sources.units import PARTITIONERS, UNIT_COLUMNS, read_work_units

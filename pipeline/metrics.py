@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline.preprocess import NUM_CLASSES
+from pipeline.classes import NUM_CLASSES
 
 ERROR_SAMPLES = 20
 

@@ -17,11 +17,10 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
+from pipeline.classes import NUM_CLASSES
 from pipeline.config import Preset
 from pipeline.sources import BBOX_COLUMNS, NO_LABEL, RAW_COLUMNS
 from pipeline.timing import DECODE, READ
-
-NUM_CLASSES = 1000
 
 # Every worker does one core's share of the work; OpenCV's own thread pool would compete with the
 # other workers and the inference actors for the same cores.

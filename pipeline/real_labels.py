@@ -16,8 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from pipeline.classes import NUM_CLASSES
 from pipeline.config import ConfigError
-from pipeline.preprocess import NUM_CLASSES
 
 VALIDATION_NAME = re.compile(r"(?:^|/)ILSVRC2012_val_(\d{8})\.JPEG$", re.IGNORECASE)
 PACKAGED = "the packaged ReaL labels"
