@@ -190,7 +190,7 @@ def prepare(
     labels_file = str(labels) if labels else None
     try:
         if format == "parquet":
-            from pipeline.prepare import write_parquet_shards
+            from pipeline.writers.parquet import write_parquet_shards
 
             counts = write_parquet_shards(str(images), str(out), labels_file, shard_size, overwrite)
             report = f"wrote {counts['records']} records in {counts['shards']} shards to {out}" + (
@@ -198,7 +198,7 @@ def prepare(
         elif overwrite:
             fail("--overwrite replaces Parquet shards: an LMDB database is written into a new folder")
         else:
-            from pipeline.sources.lmdb_writer import prepare_lmdb
+            from pipeline.writers.lmdb import prepare_lmdb
 
             report = prepare_lmdb(str(images), str(out), labels_file, format, encoded, resize)
     except USER_ERRORS as exc:

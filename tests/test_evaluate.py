@@ -15,7 +15,7 @@ from conftest import MOBILENET_INT8, RESNET50_INT8, SHARED, VAL_1300, jpeg_bytes
 from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
 from pipeline.inference import ModelError, ModelInfo, make_session, run_model, top_k
-from pipeline.prepare import write_parquet_shards
+from pipeline.writers.parquet import write_parquet_shards
 from pipeline.reference import reference_predictions
 
 
@@ -128,7 +128,7 @@ def test_preprocessing_runs_inside_the_read_tasks(ray_local, tmp_path, fmt, read
     object store for the encoded bytes); inference stays in its actors."""
     from pipeline.evaluate import predict
     from pipeline.sources import read_source
-    from pipeline.sources.lmdb_writer import write_lmdb
+    from pipeline.writers.lmdb import write_lmdb
 
     data = subset_folder(need(VAL_1300), tmp_path / "images", 150)
     if fmt == "lmdb":

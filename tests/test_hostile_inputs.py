@@ -39,7 +39,7 @@ def test_an_image_too_wide_to_scale_is_an_error_row_beside_the_good_ones():
 
 
 def test_prepare_lmdb_resizing_skips_a_too_wide_image_and_writes_the_rest(tmp_path):
-    from pipeline.sources.lmdb_writer import write_lmdb
+    from pipeline.writers.lmdb import write_lmdb
 
     images = tmp_path / "images"
     images.mkdir()
@@ -202,8 +202,8 @@ def test_an_output_folder_that_exists_but_cannot_be_written_is_refused_before_an
     from pipeline.evaluate import evaluate
     from pipeline.label import label
     from pipeline.output import OutputDirError
-    from pipeline.prepare import write_parquet_shards
-    from pipeline.sources.lmdb_writer import write_lmdb
+    from pipeline.writers.parquet import write_parquet_shards
+    from pipeline.writers.lmdb import write_lmdb
 
     model = str(need(MOBILENET_INT8))
     images = tmp_path / "images"

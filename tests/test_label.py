@@ -21,7 +21,7 @@ from pipeline.classes import imagenet_classes
 from pipeline.evaluate import evaluate
 from pipeline.label import AlreadyFinished, label
 from pipeline.output import OutputDirError
-from pipeline.prepare import write_parquet_shards
+from pipeline.writers.parquet import write_parquet_shards
 from pipeline.sources import SourceError, read_task_split, read_task_target
 from pipeline.sources.units import read_work_units
 
@@ -376,7 +376,7 @@ def test_sigkill_part_way_then_resume_gives_exactly_the_uninterrupted_output(ray
 def test_a_format_without_a_partitioner_lmdb_is_labelled_whole_as_one_unit(ray_local, tmp_path):
     """Any format registered in FORMATS works: LMDB (raw-pixel Caffe2 records here) is read through
     read_source as the one unit "all"."""
-    from pipeline.sources.lmdb_writer import write_lmdb
+    from pipeline.writers.lmdb import write_lmdb
     from pipeline.sources.units import PARTITIONERS
 
     assert "lmdb" not in PARTITIONERS

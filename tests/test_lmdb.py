@@ -18,7 +18,7 @@ from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
 from pipeline.inference import ModelInfo, make_session, run_model, top_k
-from pipeline.prepare import write_parquet_shards
+from pipeline.writers.parquet import write_parquet_shards
 from pipeline.preprocess import (Normalizer, Preprocessor, decode_image, preprocess_image, resize_and_crop,
                                  resize_pixels)
 from pipeline.sources import LMDB_DATA_FILE, SourceError, detect_format, read_source
@@ -26,7 +26,7 @@ from pipeline.sources.lmdb import LmdbDatasource
 from pipeline.sources.lmdb_records import (DATUM, TENSOR_PROTOS, RecordError, datum_class, decode_datum,
                                            decode_tensor_protos, detect_record_kind, encode_datum,
                                            encode_tensor_protos)
-from pipeline.sources.lmdb_writer import write_lmdb
+from pipeline.writers.lmdb import write_lmdb
 
 IMAGES = 200
 LMDB_PREFIX = re.compile(r"^\d{8}_")

@@ -19,7 +19,7 @@ import pytest
 from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, need, subset_folder
 from pipeline.evaluate import evaluate
 from pipeline.label import label
-from pipeline.prepare import write_parquet_shards
+from pipeline.writers.parquet import write_parquet_shards
 from pipeline.sources import (NO_LABEL, SourceError, check_source, detect_format, read_source, read_task_split,
                               read_task_target)
 from pipeline.sources.labels import read_labels_file
@@ -164,7 +164,7 @@ import json, sys
 import ray
 from pipeline.evaluate import evaluate
 from pipeline.label import label
-from pipeline.prepare import write_parquet_shards
+from pipeline.writers.parquet import write_parquet_shards
 from pipeline.sources import SourceError
 
 model, folder, out = sys.argv[1:4]
