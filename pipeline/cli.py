@@ -135,7 +135,7 @@ def nothing_scored(metrics: dict, output: Path) -> str:
     from pyarrow import parquet
 
     from pipeline.preprocess import label_error
-    from pipeline.sources import NO_LABEL
+    from pipeline.sources.base import NO_LABEL
 
     if not metrics["errors"]:
         return f"no image could be scored: {metrics['data']} holds no records"

@@ -41,8 +41,9 @@ from pipeline.evaluate import check_preset_fits, fixed_size_lists, predict
 from pipeline.inference import checked_model_info
 from pipeline.output import OutputDirError, check_not_a_file, make_output_dir
 from pipeline.runtime import init_ray
-from pipeline.sources import SourceError, check_source
-from pipeline.sources.units import PARTITIONERS, UNIT_COLUMNS, read_work_units
+from pipeline.sources import UNIT_FORMATS, check_source, read_work_units
+from pipeline.sources.base import SourceError
+from pipeline.sources.units import UNIT_COLUMNS
 
 LABELS_DIR = "labels"
 ERRORS_DIR = "errors"
@@ -403,7 +404,7 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str | P
         "images": labelled + errors, "labelled": labelled, "errors": errors,
         "resumed_from": done_before, "this_run_images": records,
         "wall_s": round(wall, 3), "images_per_s": records / wall if wall else 0.0,
-        "partitioned": fmt in PARTITIONERS,
+        "partitioned": fmt in UNIT_FORMATS,
         "shards": shards,
     }
     write_json(out / MANIFEST_FILE, manifest)

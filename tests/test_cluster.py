@@ -252,7 +252,7 @@ def test_one_compressed_tar_is_read_by_one_task_and_preprocessed_on_both_nodes(c
     """A .tar.gz cannot be entered part-way: one task on one node reads it all. Its members are re-cut
     into blocks that map tasks preprocess on both nodes, not in that one read task; every image once,
     the single node's top-1."""
-    from pipeline.sources import RECORDS_PER_BLOCK
+    from pipeline.sources.base import RECORDS_PER_BLOCK
 
     archive = tmp_path / "images.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:

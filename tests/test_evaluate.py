@@ -62,15 +62,18 @@ def test_folder_and_parquet_shards_give_identical_predictions(ray_local, tmp_pat
 def test_a_parquet_shard_is_read_by_several_tasks_at_its_row_groups(ray_local, tmp_path):
     """One shard of 150 images is split at its row groups (64 rows each, as prepare writes them), so
     more than one core reads and preprocesses it; every row is read exactly once."""
-    from pipeline.sources.parquet import ParquetRowGroupDatasource, read_parquet_shards
+    from pipeline.sources import read_source
+    from pipeline.sources.base import Cut
+    from pipeline.sources.datasource import PieceDatasource
+    from pipeline.sources.parquet import plan_parquet
 
     write_parquet_shards(str(subset_folder(need(VAL_1300), tmp_path / "images", 150)), str(tmp_path / "shards"))
     (shard,) = (tmp_path / "shards").glob("*.parquet")
     metadata = pq.read_metadata(shard)
     assert metadata.num_row_groups == 3
-    tasks = ParquetRowGroupDatasource([str(shard)], [metadata], ["key", "image", "label"]).get_read_tasks(1)
+    tasks = PieceDatasource(plan_parquet(str(shard), None, Cut())).get_read_tasks(1)
     assert [task.metadata.num_rows for task in tasks] == [64, 64, 22]
-    rows = read_parquet_shards(str(tmp_path / "shards")).dataset.take_all()
+    rows = read_source(str(tmp_path / "shards")).dataset.take_all()
     expected = pq.read_table(shard, columns=["key", "label"]).to_pylist()
     assert sorted((row["key"], row["label"]) for row in rows) == sorted((r["key"], r["label"]) for r in expected)
     assert len(rows) == 150 and all(row["error"] == "" and row["image"] for row in rows)
@@ -81,7 +84,8 @@ def test_a_shard_of_one_row_group_is_preprocessed_in_blocks_re_cut_from_its_one_
     are re-cut into a task's share each and preprocessed by that many tasks, not by the read task
     alone; the predictions are the row-grouped shards'."""
     from pipeline.evaluate import predict
-    from pipeline.sources import read_source, read_task_split
+    from pipeline.sources import read_source
+    from pipeline.sources.base import read_task_split
 
     write_parquet_shards(str(subset_folder(need(VAL_1300), tmp_path / "images", 150)), str(tmp_path / "shards"))
     one = tmp_path / "one" / "all.parquet"
@@ -107,14 +111,14 @@ def test_a_shard_of_one_row_group_is_preprocessed_in_blocks_re_cut_from_its_one_
 
 
 def test_shards_with_and_without_a_label_column_keep_every_label(ray_local, tmp_path):
-    from pipeline.sources import NO_LABEL
-    from pipeline.sources.parquet import read_parquet_shards
+    from pipeline.sources import read_source
+    from pipeline.sources.base import NO_LABEL
 
     write_parquet_shards(str(subset_folder(need(VAL_1300), tmp_path / "images", 6)), str(tmp_path / "shards"),
                          shard_size=3)
     first, second = sorted((tmp_path / "shards").glob("*.parquet"))
     pq.write_table(pq.read_table(first).drop_columns(["label"]), first)  # the first shard has none
-    rows = read_parquet_shards(str(tmp_path / "shards")).dataset.take_all()
+    rows = read_source(str(tmp_path / "shards")).dataset.take_all()
     labels = {row["key"]: row["label"] for row in rows}
     expected = {row["key"]: row["label"] for row in pq.read_table(second).to_pylist()}
     assert len(rows) == 6 and sum(label == NO_LABEL for label in labels.values()) == 3
@@ -301,14 +305,17 @@ def test_cli_evaluate_without_a_model_uses_efficientnet_lite0(tmp_path):
 
 
 def test_a_labels_file_that_is_absent_is_named(tmp_path):
-    from pipeline.sources import SourceError
+    from pipeline.sources.base import Cut, SourceError
     from pipeline.sources.folder import list_folder_records
-    from pipeline.sources.tar import TarShardDatasource
+    from pipeline.sources.tar import plan_tar
 
     (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
     with tarfile.open(tmp_path / "shard.tar", "w") as shard:
         shard.add(tmp_path / "a.jpg", "a.jpg")
-    for read, path in ((list_folder_records, tmp_path), (TarShardDatasource, tmp_path / "shard.tar")):
+    def plan_tar_shards(path: str, labels: str):
+        return plan_tar(path, labels, Cut())
+
+    for read, path in ((list_folder_records, tmp_path), (plan_tar_shards, tmp_path / "shard.tar")):
         with pytest.raises(SourceError, match="absent.txt: labels file not found"):
             read(str(path), str(tmp_path / "absent.txt"))
     (tmp_path / "shard.tar").unlink()

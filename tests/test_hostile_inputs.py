@@ -16,8 +16,9 @@ from conftest import MOBILENET_INT8, VAL_1300, jpeg_bytes, need, save_classifier
 from pipeline.config import load_preset
 from pipeline.inference import ModelError, ModelInfo, make_session, run_model
 from pipeline.preprocess import Preprocessor
-from pipeline.sources import NO_LABEL
-from pipeline.sources.folder import read_file, read_folder_records
+from pipeline.sources.base import NO_LABEL, Cut
+from pipeline.sources.datasource import PieceDatasource
+from pipeline.sources.folder import plan_folder, read_file, read_folder_records
 
 
 def png_bytes(width: int, height: int) -> bytes:
@@ -173,15 +174,14 @@ def test_damaged_run_state_is_one_sentence_naming_the_file_and_what_to_do(tmp_pa
 def test_a_file_added_while_label_reads_a_folder_shifts_no_unit(tmp_path):
     """Each read task listed the folder itself: a file added between their listings shifted the
     units, and 15 images were labelled twice and 16 never, in a run that exited 0."""
-    from pipeline.sources.folder import folder_unit_readers
-
     for i in range(12):
         (tmp_path / f"{i:02d}.jpg").write_bytes(b"x")
-    readers, records = folder_unit_readers(tmp_path, set(), unit_size=2, tasks=3)
-    keys = [key for _, blocks in readers[0]() for block in blocks for key in block.column("key").to_pylist()]
+    plan = plan_folder(str(tmp_path), None, Cut(2))
+    readers, records = PieceDatasource(plan).task_pieces(), plan.records
+    keys = [key for piece in readers[0] for block in piece.read() for key in block.column("key").to_pylist()]
     (tmp_path / "00-added.jpg").write_bytes(b"x")  # after the first task has read, before the others
     for reader in readers[1:]:
-        keys += [key for _, blocks in reader() for block in blocks for key in block.column("key").to_pylist()]
+        keys += [key for piece in reader for block in piece.read() for key in block.column("key").to_pylist()]
     assert sorted(keys) == [f"{i:02d}.jpg" for i in range(12)]  # every listed file once, the new one next run
     assert records == 12
 

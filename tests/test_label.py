@@ -21,9 +21,12 @@ from pipeline.classes import imagenet_classes
 from pipeline.evaluate import evaluate
 from pipeline.label import AlreadyFinished, label
 from pipeline.output import OutputDirError
+from pipeline.sources import FORMATS, UNIT_FORMATS, read_work_units
+from pipeline.sources.base import Cut, SourceError, read_task_split, read_task_target, shard_unit_id, walk_files
+from pipeline.sources.datasource import PieceDatasource
+from pipeline.sources.folder import plan_folder
+from pipeline.sources.tar import plan_tar
 from pipeline.writers.parquet import write_parquet_shards
-from pipeline.sources import SourceError, read_task_split, read_task_target
-from pipeline.sources.units import read_work_units
 
 TENCH = "n01440764_tench.JPEG"
 
@@ -158,14 +161,13 @@ def test_one_big_tar_is_labelled_in_units_of_its_members_and_resumed_by_unit(ray
 def test_a_shard_labelled_in_parts_that_cannot_be_cut_again_is_refused_not_labelled_twice(tmp_path):
     """A resume finds a shard whose first part is done but whose headers no longer read (replaced, or
     unreadable): reading it whole would label that part again, so the run stops and says why."""
-    from pipeline.sources.units import PARTITIONERS, shard_unit_id
-
     big = write_tar(tmp_path / "big.tar", [(f"{i}.jpg", jpeg_bytes(seed=i)) for i in range(40)])
-    readers, records = PARTITIONERS["tar"](str(big), set(), 16)
+    plan = plan_tar(str(big), None, Cut(16))
+    readers, records = plan.pieces, plan.records
     assert (len(readers), records) == (3, 40)
     big.write_bytes(b"no longer a tar archive" * 100)
     with pytest.raises(SourceError, match="big.tar: an earlier run into this output labelled it in parts"):
-        PARTITIONERS["tar"](str(big), {shard_unit_id(str(big)) + "-m000000000"}, 16)
+        plan_tar(str(big), None, Cut(16, frozenset({shard_unit_id(str(big)) + "-m000000000"})))
 
 
 def test_a_name_that_is_not_utf8_is_labelled_under_an_escaped_key(ray_local, tmp_path):
@@ -377,9 +379,8 @@ def test_a_format_without_a_partitioner_lmdb_is_labelled_whole_as_one_unit(ray_l
     """Any format registered in FORMATS works: LMDB (raw-pixel Caffe2 records here) is read through
     read_source as the one unit "all"."""
     from pipeline.writers.lmdb import write_lmdb
-    from pipeline.sources.units import PARTITIONERS
 
-    assert "lmdb" not in PARTITIONERS
+    assert "lmdb" not in UNIT_FORMATS
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(4):
@@ -400,29 +401,27 @@ def test_the_progress_total_is_known_for_every_format_that_counts_cheaply(sample
     only the units still to do on a resume, and so does an image folder (listed on the driver); tar
     shards enough for a unit each (not scanned to be cut) are counted in the background."""
     from pipeline.label import RecordCount
-    from pipeline.sources.units import PARTITIONERS, shard_unit_id
 
     files = sorted(sample_40.glob("*.JPEG"))
     write_parquet_shards(str(sample_40), str(tmp_path / "shards"), shard_size=15)
     write_tar_shards(tmp_path / "tars", files, per_shard=15)
     write_tar(tmp_path / "big.tar", [(f.name, f.read_bytes()) for f in files])
     for fmt, path in [("parquet", tmp_path / "shards"), ("tar", tmp_path / "tars"), ("tar", tmp_path / "big.tar")]:
-        readers, records = PARTITIONERS[fmt](str(path), set(), 16)
+        plan = FORMATS[fmt](str(path), None, Cut(16))
+        readers, records = plan.pieces, plan.records
         assert records == 40 and len(readers) == 3, path
     first_shard = shard_unit_id(str(tmp_path / "tars" / "shard-0000.tar"))
-    assert PARTITIONERS["tar"](str(tmp_path / "tars"), {first_shard}, 16)[1] == 25
+    assert plan_tar(str(tmp_path / "tars"), None, Cut(16, frozenset({first_shard}))).records == 25
     for n in range(3, read_task_target()):  # enough shards for a task each: not scanned, so not counted
         write_tar(tmp_path / "tars" / f"shard-{n:04d}.tar", [("x.jpg", b"x")])
-    assert PARTITIONERS["tar"](str(tmp_path / "tars"), set(), 16)[1] is None
+    assert plan_tar(str(tmp_path / "tars"), None, Cut(16)).records is None
     count = RecordCount(str(tmp_path / "tars"), "tar", None)  # then counted in the background
     count.thread.join(timeout=60)
     assert count.value == 40 + read_task_target() - 3
-    assert PARTITIONERS["folder"](str(sample_40), set(), 16)[1] == 40  # listed once on the driver
+    assert plan_folder(str(sample_40), None, Cut(16)).records == 40  # listed once on the driver
 
 
 def test_folder_units_cover_every_file_once_across_read_tasks(tmp_path):
-    from pipeline.sources.folder import folder_unit_readers, walk_files
-
     names = [f"{d}/{i}.jpg" for d in ("a", "a/z", "b", "c/d/e") for i in range(4)] + ["top.jpg", ".hidden.jpg"]
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -433,8 +432,8 @@ def test_folder_units_cover_every_file_once_across_read_tasks(tmp_path):
 
     def read_all(done: set[str]) -> dict[str, list[str]]:
         units: dict[str, list[str]] = {}
-        for reader in folder_unit_readers(tmp_path, done, unit_size=5, tasks=3)[0]:
-            for unit, blocks in reader():
+        for reader in PieceDatasource(plan_folder(str(tmp_path), None, Cut(5, frozenset(done)))).task_pieces():
+            for unit, blocks in ((piece.id, piece.read()) for piece in reader):
                 assert unit not in units
                 units[unit] = [key for block in blocks for key in block.column("key").to_pylist()]
         return units

@@ -18,18 +18,25 @@ from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
 from pipeline.inference import ModelInfo, make_session, run_model, top_k
-from pipeline.writers.parquet import write_parquet_shards
 from pipeline.preprocess import (Normalizer, Preprocessor, decode_image, preprocess_image, resize_and_crop,
                                  resize_pixels)
-from pipeline.sources import LMDB_DATA_FILE, SourceError, detect_format, read_source
-from pipeline.sources.lmdb import LmdbDatasource
+from pipeline.sources import detect_format, read_source
+from pipeline.sources.base import LMDB_DATA_FILE, Cut, SourceError
+from pipeline.sources.datasource import PieceDatasource
+from pipeline.sources.lmdb import plan_lmdb
 from pipeline.sources.lmdb_records import (DATUM, TENSOR_PROTOS, RecordError, datum_class, decode_datum,
                                            decode_tensor_protos, detect_record_kind, encode_datum,
                                            encode_tensor_protos)
 from pipeline.writers.lmdb import write_lmdb
+from pipeline.writers.parquet import write_parquet_shards
 
 IMAGES = 200
 LMDB_PREFIX = re.compile(r"^\d{8}_")
+
+
+def lmdb_datasource(db: Path) -> PieceDatasource:
+    """The Datasource that `evaluate` reads the LMDB database DB with."""
+    return PieceDatasource(plan_lmdb(str(db), None, Cut()))
 
 
 def put_records(path: Path, records: list[tuple[bytes, bytes]]) -> Path:
@@ -134,7 +141,7 @@ KEY_STYLES = {
 def test_read_tasks_cover_every_key_exactly_once(tmp_path, style):
     keys = [KEY_STYLES[style](i) for i in range(500)]
     db = put_records(tmp_path / "db", [(k, encode_datum(i % 1000, encoded=b"x")) for i, k in enumerate(keys)])
-    tasks = LmdbDatasource(db).get_read_tasks(parallelism=16)
+    tasks = lmdb_datasource(db).get_read_tasks(parallelism=16)
     assert len(tasks) > 1
     per_task = [[key for block in task() for key in block.column("key").to_pylist()] for task in tasks]
     read = [key for keys_of_task in per_task for key in keys_of_task]
@@ -173,7 +180,7 @@ def test_folder_parquet_datum_and_caffe2_lmdb_give_identical_predictions(ray_loc
         assert checksum(db) == before[name], "reading must not modify data.mdb"
         assert not (db / "lock.mdb").exists(), "reading must not create a lock file"
         # several read tasks, and they all ran: each yields its own blocks
-        assert len(LmdbDatasource(db).get_read_tasks(parallelism=8)) > 1
+        assert len(lmdb_datasource(db).get_read_tasks(parallelism=8)) > 1
         assert read_source(str(db)).dataset.materialize().num_blocks() > 1
 
 
@@ -290,7 +297,7 @@ def leaf_pages(data_file: Path, page_size: int = 4096) -> list[int]:
 def test_a_damaged_page_is_a_clear_error(tmp_path, val200):
     db = tmp_path / "damaged"
     write_lmdb(str(val200), str(db), fmt="lmdb-datum")
-    tasks = LmdbDatasource(db).get_read_tasks(parallelism=8)
+    tasks = lmdb_datasource(db).get_read_tasks(parallelism=8)
     with open(db / LMDB_DATA_FILE, "r+b") as f:  # every leaf page now claims to be an overflow page
         for page in leaf_pages(db / LMDB_DATA_FILE):
             f.seek(page * 4096 + 10)
