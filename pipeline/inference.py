@@ -14,11 +14,12 @@ import numpy as np
 
 from pipeline.classes import NUM_CLASSES
 from pipeline.config import Preset
+from pipeline.errors import UserError
 from pipeline.preprocess import Normalizer
 from pipeline.timing import DECODE, INFERENCE, NODE_BUSY, NORMALIZE, READ, node_busy_seconds, spread
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A model file the pipeline cannot run; the message is one sentence saying why."""
 
 

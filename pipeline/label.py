@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from pipeline.classes import NUM_CLASSES, imagenet_classes
 from pipeline.config import Preset, load_preset
+from pipeline.errors import UsageError
 from pipeline.evaluate import check_preset_fits, fixed_size_lists, predict
 from pipeline.inference import checked_model_info
 from pipeline.output import OutputDirError, check_not_a_file, make_output_dir
@@ -345,9 +346,9 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str | P
     something else, and SourceError (recording no run in OUTPUT) when DATA holds no record.
     ON_PROGRESS(records_done, records_total) follows the stream, counting units done before."""
     if not 1 <= top_k <= NUM_CLASSES:
-        raise OutputDirError(f"--top-k must be between 1 and {NUM_CLASSES}, got {top_k}")
+        raise UsageError(f"--top-k must be between 1 and {NUM_CLASSES}, got {top_k}")
     if unit_size < 1:
-        raise OutputDirError(f"--shard-size must be at least 1, got {unit_size}")
+        raise UsageError(f"--shard-size must be at least 1, got {unit_size}")
     started = time.perf_counter()
     preset_obj = load_preset(preset)
     info = checked_model_info(model)

@@ -7,13 +7,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from ray.exceptions import RayError
 
-from pipeline.console import (PRESET_HELP, USER_ERRORS, InputFormat, fail, fail_in_ray, format_help, format_name,
-                              model_and_preset)
+from pipeline.console import PRESET_HELP, InputFormat, format_help, format_name, model_and_preset, reported_failures
 from pipeline.models import ARCHITECTURES, GENERATED, build_model
-from pipeline.output import OutputDirError, check_output_file
-from pipeline.weights import WeightsError
+from pipeline.output import check_output_file
 
 
 def build_command(
@@ -24,10 +21,8 @@ def build_command(
     out: Path = typer.Option(..., help="where to write the fp32 ONNX model"),
 ) -> None:
     """Write an fp32 ONNX classifier (opset 17, input `input` [N,3,224,224], output softmax probabilities)."""
-    try:
+    with reported_failures(os_errors=True):
         path = build_model(arch, weights, out)
-    except (WeightsError, OutputDirError, OSError) as exc:
-        fail(str(exc))
     typer.echo(f"wrote {path} ({arch}, preprocessing preset {ARCHITECTURES[arch].preset})")
 
 
@@ -75,12 +70,12 @@ def quantize_command(
     from pipeline.config import load_preset
     from pipeline.evaluate import check_preset_fits
     from pipeline.inference import checked_model_info
-    from pipeline.quantize import (QuantizeError, accuracy_report, check_float_model, check_options, quantize_model,
+    from pipeline.quantize import (accuracy_report, check_float_model, check_options, quantize_model,
                                    read_calibration_set)
     from pipeline.runtime import init_ray
     from pipeline.sources import check_source
 
-    try:
+    with reported_failures(os_errors=True):  # OSError: the model could not be written
         check_options(method, activations)
         outputs = int8_paths(out, method)
         for path in outputs.values():
@@ -114,7 +109,3 @@ def quantize_command(
                 typer.secho(f"warning: {result['calibration_overlap']} evaluation images were also calibration images",
                             fg=typer.colors.YELLOW, err=True)
             typer.echo(f"report: {report_path}")
-    except (QuantizeError, *USER_ERRORS, OSError) as exc:  # OSError: the model could not be written
-        fail(str(exc))
-    except RayError as exc:
-        fail_in_ray(exc)

@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+from pipeline.errors import UserError
 
-class OutputDirError(ValueError):
+
+class OutputDirError(UserError):
     """The output folder cannot take this run (not a folder, not writable, holding another run); the
     message says what to do."""
 

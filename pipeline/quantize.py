@@ -24,6 +24,7 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 
 from pipeline.calibration import BatchReader, collect_histograms, l2_optimal_range
 from pipeline.config import Preset
+from pipeline.errors import UserError
 from pipeline.evaluate import evaluate
 from pipeline.inference import ModelInfo
 from pipeline.model_preset import attach_preset
@@ -49,7 +50,7 @@ FLOAT_OPS = ("Softmax",)  # left in float: probabilities need the precision, and
 FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")
 
 
-class QuantizeError(ValueError):
+class QuantizeError(UserError):
     """Quantisation cannot proceed; the message says why."""
 
 

@@ -29,6 +29,8 @@ from typing import Any, Callable, Optional
 
 import pyarrow as pa
 
+from pipeline.errors import UserError
+
 NO_LABEL = -1
 SOURCE_COLUMNS = ("key", "label", "image", "error")
 RAW_COLUMNS = ("raw_height", "raw_width", "raw_channels")
@@ -51,7 +53,7 @@ TASKS_PER_CPU = 4
 SMALL_READ_ROWS = 64
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """An input that cannot be read at all (as opposed to one bad record); the message says why."""
 
 
