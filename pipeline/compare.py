@@ -24,10 +24,13 @@ import pyarrow.parquet as pq
 import ray.data
 
 from pipeline.config import Preset
-from pipeline.evaluate import check_preset_fits, drop_previous_results, prediction_schema, prediction_table
-from pipeline.inference import Classifier, CorePin, ModelError, ModelInfo, checked_model_info
+from pipeline.cores import CorePin
+from pipeline.evaluate import check_preset_fits, drop_previous_results
+from pipeline.inference import Classifier
 from pipeline.metrics import AccuracyCounter
+from pipeline.onnx_model import ModelError, ModelInfo, checked_model_info
 from pipeline.output import make_output_dir
+from pipeline.prediction_table import prediction_schema, prediction_table
 from pipeline.preprocess import Preprocessor
 from pipeline.quality import Predictions, against_baseline, model_quality
 from pipeline.real_labels import RealLabels

@@ -119,8 +119,8 @@ def model_and_preset(model: Optional[Path], preset: Optional[str]) -> tuple[Path
 def preset_of_model(model: Path) -> Preset:
     """The preset MODEL carries in its metadata; without one, a ConfigError naming the presets: a model
     preprocessed with a guessed preset gives a wrong accuracy that looks plausible."""
-    from pipeline.inference import ModelInfo
     from pipeline.model_preset import model_preset
+    from pipeline.onnx_model import ModelInfo
 
     ModelInfo.from_path(model)  # a missing or non-ONNX file is reported as such
     own = model_preset(model)

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
-import ray.data
+import ray
 
-from pipeline.classes import NUM_CLASSES
 from pipeline.config import Preset, load_preset
-from pipeline.inference import Classifier, ModelError, ModelInfo, checked_model_info
 from pipeline.metrics import AccuracyCounter
+from pipeline.onnx_model import ModelError, ModelInfo, checked_model_info
 from pipeline.output import make_output_dir
-from pipeline.preprocess import Preprocessor
+from pipeline.predict import predict
+from pipeline.prediction_table import prediction_schema, prediction_table
 from pipeline.real_labels import RealLabels
 from pipeline.report import add_quality_and_report
-from pipeline.runtime import (INFERENCE_RESOURCE, inference_actor_options, inference_slots, init_ray,
-                              map_after_read)
-from pipeline.sources import Source, check_source, read_source
+from pipeline.runtime import INFERENCE_RESOURCE, inference_slots, init_ray
+from pipeline.sources import check_source, read_source
 from pipeline.timing import TimeBreakdown, process_age_seconds
 from pipeline.vnni import warn_u8s8_saturation
 
@@ -34,59 +29,6 @@ def check_preset_fits(info: ModelInfo, preset: Preset) -> None:
     if (info.height, info.width) != (preset.crop, preset.crop):
         raise ModelError(f"{info.path}: the model takes {info.height}x{info.width} images but preset "
                          f"{preset.name!r} crops {preset.crop}x{preset.crop}.")
-
-
-def predict(source: Source, info: ModelInfo, preset: Preset, *, require_label: bool, top_k: int,
-            batch_size: int, run_id: Optional[str] = None, carry: tuple[str, ...] = (), probabilities: bool = False):
-    """The Ray Dataset of prediction rows (`key, label, top_ids, top_probs, error, node, core`, the
-    source columns named in CARRY, and with PROBABILITIES the class distribution `probs`)."""
-    actors = inference_slots()
-    preprocessed = map_after_read(source.dataset, Preprocessor(preset, require_label=require_label, carry=carry),
-                                  source.recut_rows, batch_size=None, batch_format="numpy")
-    return preprocessed.map_batches(
-        Classifier,
-        fn_constructor_kwargs={"info": dataclasses.replace(info, path=os.path.abspath(info.path)), "preset": preset,
-                               "top_k": top_k,
-                               "run_id": run_id or uuid.uuid4().hex, "carry": carry,
-                               "probabilities": probabilities},
-        batch_size=info.batch_size or batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        **inference_actor_options(),
-    )
-
-
-PREDICTION_SCHEMA = pa.schema([
-    ("key", pa.string()), ("label", pa.int64()),
-    ("top5_ids", pa.list_(pa.int32(), 5)), ("top5_probs", pa.list_(pa.float32(), 5)),
-    ("error", pa.string()),
-])
-# the whole distribution, when asked for: 4 KB per image
-PROBABILITIES_FIELD = pa.field("probs", pa.list_(pa.float32(), NUM_CLASSES))
-
-
-def fixed_size_lists(rows: np.ndarray, type_: pa.DataType) -> pa.Array:
-    """An [N, k] array as N Arrow lists of k values."""
-    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type_), rows.shape[1])
-
-
-def prediction_schema(probabilities: bool) -> pa.Schema:
-    return PREDICTION_SCHEMA.append(PROBABILITIES_FIELD) if probabilities else PREDICTION_SCHEMA
-
-
-def prediction_table(batch: dict[str, np.ndarray]) -> pa.Table:
-    probabilities = "probs" in batch
-    schema = prediction_schema(probabilities)
-    if not len(batch["key"]):
-        return schema.empty_table()
-    return pa.Table.from_arrays([
-        pa.array(batch["key"].tolist(), pa.string()),
-        pa.array(batch["label"], pa.int64()),
-        fixed_size_lists(batch["top_ids"], pa.int32()),
-        fixed_size_lists(batch["top_probs"], pa.float32()),
-        pa.array([str(e) for e in batch["error"]], pa.string()),
-        *([fixed_size_lists(batch["probs"], pa.float32())] if probabilities else []),
-    ], schema=schema)
 
 
 RESULT_FILES = ("metrics.json", "predictions.parquet", "report.html")
@@ -175,8 +117,6 @@ def evaluate(model: str, data: str, preset: str | Preset = "torch", output: Opti
 def cluster_summary(counter: AccuracyCounter, wall_s: float, nodes_at_start: set[str]) -> dict:
     """The cluster the run used: its nodes, the cores that ran inference and each node's share of
     the throughput (a node that left mid-run is listed, with what it did before leaving)."""
-    import ray
-
     nodes = [n for n in ray.nodes()
              if n.get("Alive") or n["NodeID"] in counter.node_images or n["NodeID"] in nodes_at_start]
     per_node = []

@@ -38,9 +38,11 @@ import pyarrow.parquet as pq
 from pipeline.classes import NUM_CLASSES, imagenet_classes
 from pipeline.config import Preset, load_preset
 from pipeline.errors import UsageError
-from pipeline.evaluate import check_preset_fits, fixed_size_lists, predict
-from pipeline.inference import checked_model_info
+from pipeline.evaluate import check_preset_fits
+from pipeline.onnx_model import checked_model_info
 from pipeline.output import OutputDirError, check_not_a_file, make_output_dir
+from pipeline.predict import predict
+from pipeline.prediction_table import fixed_size_lists
 from pipeline.runtime import init_ray
 from pipeline.sources import SourceError, check_source
 from pipeline.sources.units import PARTITIONERS, UNIT_COLUMNS, read_work_units

@@ -69,7 +69,7 @@ def quantize_command(
 
     from pipeline.config import load_preset
     from pipeline.evaluate import check_preset_fits
-    from pipeline.inference import checked_model_info
+    from pipeline.onnx_model import checked_model_info
     from pipeline.quantize import (accuracy_report, check_float_model, check_options, quantize_model,
                                    read_calibration_set)
     from pipeline.runtime import init_ray

@@ -26,8 +26,8 @@ from pipeline.calibration import BatchReader, collect_histograms, l2_optimal_ran
 from pipeline.config import Preset
 from pipeline.errors import UserError
 from pipeline.evaluate import evaluate
-from pipeline.inference import ModelInfo
 from pipeline.model_preset import attach_preset
+from pipeline.onnx_model import ModelInfo
 from pipeline.output import make_output_dir
 from pipeline.preprocess import Normalizer, Preprocessor
 from pipeline.runtime import map_after_read

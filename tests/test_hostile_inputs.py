@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import MOBILENET_INT8, VAL_1300, jpeg_bytes, need, save_classifier, start_cli, subset_folder
 from pipeline.config import load_preset
-from pipeline.inference import ModelError, ModelInfo, make_session, run_model
+from pipeline.onnx_model import ModelError, ModelInfo, make_session, run_model
 from pipeline.preprocess import Preprocessor
 from pipeline.sources import NO_LABEL
 from pipeline.sources.folder import read_file, read_folder_records
