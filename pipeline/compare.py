@@ -17,15 +17,15 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
 import ray.data
 
-from pipeline.config import Preset
+from pipeline.config import Preset, load_preset
 from pipeline.cores import CorePin
-from pipeline.evaluate import check_preset_fits, drop_previous_results
+from pipeline.evaluate import drop_previous_results
 from pipeline.inference import Classifier
 from pipeline.metrics import AccuracyCounter
 from pipeline.onnx_model import ModelError, ModelInfo, checked_model_info
@@ -35,8 +35,10 @@ from pipeline.preprocess import Preprocessor
 from pipeline.quality import Predictions, against_baseline, model_quality
 from pipeline.real_labels import RealLabels
 from pipeline.report import THUMBNAIL_SIZE, model_name, write_report
+from pipeline.run_checks import check_preset_fits
 from pipeline.runtime import inference_actor_options, inference_slots, init_ray, map_after_read
 from pipeline.sources import check_source, read_source
+from pipeline.streaming import ProgressCallback, stream_batches
 
 
 def check_comparable(infos: list[ModelInfo]) -> None:
@@ -135,12 +137,10 @@ COMPARISON_FILES = ("comparison.json", "report.html")
 def compare(models: list[str], data: str, presets: list[str | Preset], output: str, *,
             fmt: Optional[str] = None, labels: Optional[str] = None, limit: Optional[int] = None,
             batch_size: int = 32, address: Optional[str] = None, real_labels: Optional[str] = None,
-            on_progress: Optional[Callable[[int, Optional[int]], None]] = None) -> dict:
+            on_progress: Optional[ProgressCallback] = None) -> dict:
     """MODELS (the first the baseline, each with its preset in PRESETS) on DATA in one pass: OUTPUT gets
     <name>/predictions.parquet (with the class distributions) and <name>/metrics.json per model,
     comparison.json and report.html; returns the comparison."""
-    from pipeline.config import load_preset
-
     started = time.perf_counter()
     if len(models) < 2:
         raise ModelError("compare needs at least two --model, the first the baseline")
@@ -177,15 +177,16 @@ def compare(models: list[str], data: str, presets: list[str | Preset], output: s
     partials = [folder / "predictions.parquet.partial" for folder in folders]
     writers = [pq.ParquetWriter(partial, prediction_schema(True)) for partial in partials]
     execution_started = time.perf_counter()
+
+    def take(batch: dict) -> None:
+        for j, (counter, writer) in enumerate(zip(counters, writers)):
+            rows = model_rows(batch, j)
+            counter.update(rows)
+            writer.write_table(prediction_table(rows))
+            seconds[j] += float(batch[f"seconds{j}"].sum())
+
     try:
-        for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
-            for j, (counter, writer) in enumerate(zip(counters, writers)):
-                rows = model_rows(batch, j)
-                counter.update(rows)
-                writer.write_table(prediction_table(rows))
-                seconds[j] += float(batch[f"seconds{j}"].sum())
-            if on_progress:
-                on_progress(counters[0].records, source.num_records)
+        stream_batches(predictions, take, on_progress=on_progress, total=lambda: source.num_records)
     finally:
         for writer in writers:
             writer.close()

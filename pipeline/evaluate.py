@@ -6,29 +6,24 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import pyarrow.parquet as pq
 import ray
 
-from pipeline.config import Preset, load_preset
+from pipeline.config import Preset
 from pipeline.metrics import AccuracyCounter
-from pipeline.onnx_model import ModelError, ModelInfo, checked_model_info
 from pipeline.output import make_output_dir
 from pipeline.predict import predict
 from pipeline.prediction_table import prediction_schema, prediction_table
 from pipeline.real_labels import RealLabels
 from pipeline.report import add_quality_and_report
+from pipeline.run_checks import check_run
 from pipeline.runtime import INFERENCE_RESOURCE, inference_slots, init_ray
-from pipeline.sources import check_source, read_source
+from pipeline.sources import read_source
+from pipeline.streaming import ProgressCallback, stream_batches
 from pipeline.timing import TimeBreakdown, process_age_seconds
 from pipeline.vnni import warn_u8s8_saturation
-
-
-def check_preset_fits(info: ModelInfo, preset: Preset) -> None:
-    if (info.height, info.width) != (preset.crop, preset.crop):
-        raise ModelError(f"{info.path}: the model takes {info.height}x{info.width} images but preset "
-                         f"{preset.name!r} crops {preset.crop}x{preset.crop}.")
 
 
 RESULT_FILES = ("metrics.json", "predictions.parquet", "report.html")
@@ -44,7 +39,7 @@ def drop_previous_results(output: Path) -> None:
 def evaluate(model: str, data: str, preset: str | Preset = "torch", output: Optional[str] = None, *,
              fmt: Optional[str] = None, labels: Optional[str] = None, limit: Optional[int] = None,
              batch_size: int = 32, address: Optional[str] = None, probabilities: bool = False,
-             on_progress: Optional[Callable[[int, Optional[int]], None]] = None,
+             on_progress: Optional[ProgressCallback] = None,
              real_labels: Optional[str] = None) -> dict:
     """Evaluate MODEL on DATA; write OUTPUT/metrics.json, OUTPUT/predictions.parquet (with
     PROBABILITIES, each image's whole class distribution too, column `probs`) and OUTPUT/report.html
@@ -52,19 +47,15 @@ def evaluate(model: str, data: str, preset: str | Preset = "torch", output: Opti
     stream. REAL_LABELS: a ReaL labels file instead of the packaged one."""
     started = time.perf_counter()
     real = RealLabels.load(real_labels)
-    preset_obj = load_preset(preset)
-    info = checked_model_info(model)
-    warn_u8s8_saturation(info.path)
-    check_preset_fits(info, preset_obj)
-    fmt = check_source(data, fmt, labels)  # before Ray starts: a bad input is reported at once
+    checked = check_run(model, preset, data, fmt, labels, check_model=lambda info: warn_u8s8_saturation(info.path))
     if output:
         drop_previous_results(make_output_dir(output))
     ray_started = time.perf_counter()
     init_ray(address)
     ray_start_s = time.perf_counter() - ray_started
     nodes_at_start = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
-    source = read_source(data, fmt=fmt, labels=labels, limit=limit)
-    predictions = predict(source, info, preset_obj, require_label=True, top_k=5, batch_size=batch_size,
+    source = read_source(data, fmt=checked.fmt, labels=labels, limit=limit)
+    predictions = predict(source, checked.info, checked.preset, require_label=True, top_k=5, batch_size=batch_size,
                           probabilities=probabilities)
 
     counter = AccuracyCounter()
@@ -76,16 +67,18 @@ def evaluate(model: str, data: str, preset: str | Preset = "torch", output: Opti
     breakdown.start(ray.get_runtime_context().get_node_id())
     execution_started = time.perf_counter()
     first_prediction_s = None
+
+    def take(batch: dict) -> None:
+        nonlocal first_prediction_s
+        if first_prediction_s is None:
+            first_prediction_s = process_age_seconds()
+        counter.update(batch)
+        breakdown.update(batch)
+        if writer:
+            writer.write_table(prediction_table(batch))
+
     try:
-        for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
-            if first_prediction_s is None:
-                first_prediction_s = process_age_seconds()
-            counter.update(batch)
-            breakdown.update(batch)
-            if writer:
-                writer.write_table(prediction_table(batch))
-            if on_progress:
-                on_progress(counter.records, source.num_records)
+        stream_batches(predictions, take, on_progress=on_progress, total=lambda: source.num_records)
     finally:
         if writer:
             writer.close()
@@ -98,7 +91,7 @@ def evaluate(model: str, data: str, preset: str | Preset = "torch", output: Opti
 
     metrics = {
         "model": os.path.abspath(model), "data": os.path.abspath(data) if os.path.exists(data) else data,
-        "preset": preset_obj.name, **counter.summary(),
+        "preset": checked.preset.name, **counter.summary(),
         "wall_s": round(wall, 3),
         "images_per_s": counter.records / wall if wall else 0.0,
         # from the start of the Ray Data execution: without starting or joining Ray, with starting

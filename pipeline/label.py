@@ -29,23 +29,23 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.classes import NUM_CLASSES, imagenet_classes
-from pipeline.config import Preset, load_preset
+from pipeline.config import Preset
 from pipeline.errors import UsageError
-from pipeline.evaluate import check_preset_fits
-from pipeline.onnx_model import checked_model_info
 from pipeline.output import OutputDirError, check_not_a_file, make_output_dir
 from pipeline.predict import predict
 from pipeline.prediction_table import fixed_size_lists
+from pipeline.run_checks import check_run
 from pipeline.runtime import init_ray
-from pipeline.sources import SourceError, check_source
+from pipeline.sources import SourceError
 from pipeline.sources.units import PARTITIONERS, UNIT_COLUMNS, read_work_units
+from pipeline.streaming import ProgressCallback, stream_batches
 
 LABELS_DIR = "labels"
 ERRORS_DIR = "errors"
@@ -342,7 +342,7 @@ class RecordCount:
 def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str | Preset = "torch",
           fmt: Optional[str] = None, resume: bool = False, overwrite: bool = False,
           unit_size: int = UNIT_SIZE, batch_size: int = 32, address: Optional[str] = None,
-          on_progress: Optional[Callable[[int, Optional[int]], None]] = None) -> dict:
+          on_progress: Optional[ProgressCallback] = None) -> dict:
     """Label every image of DATA into OUTPUT and return the manifest. Raises AlreadyFinished when
     OUTPUT holds a finished run of the same settings (unless OVERWRITE), OutputDirError when it holds
     something else, and SourceError (recording no run in OUTPUT) when DATA holds no record.
@@ -352,15 +352,13 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str | P
     if unit_size < 1:
         raise UsageError(f"--shard-size must be at least 1, got {unit_size}")
     started = time.perf_counter()
-    preset_obj = load_preset(preset)
-    info = checked_model_info(model)
-    check_preset_fits(info, preset_obj)
-    fmt = check_source(data, fmt)  # before Ray starts: a bad input is reported at once
+    checked = check_run(model, preset, data, fmt)
     out = Path(output)
     if Path(data).is_dir() and out.resolve().is_relative_to(Path(data).resolve()):
         raise OutputDirError(f"{out} is inside the input {data}: its own files would be read as records; "
                              "give an --output outside it")
-    run = run_description(model, data, fmt, preset_obj, top_k, unit_size)
+    fmt = checked.fmt
+    run = run_description(model, data, fmt, checked.preset, top_k, unit_size)
     make_output_dir(out)  # writable, before Ray starts
     done = check_output(out, run, resume, overwrite)
     init_ray(address)
@@ -368,14 +366,12 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str | P
     claim_output(out, run, overwrite)
     done_before = sum(sum(c.values()) for c in shard_counts(out).values())
     total = RecordCount(data, fmt, None if source.num_records is None else done_before + source.num_records)
-    predictions = predict(source, info, preset_obj, require_label=False, top_k=top_k,
+    predictions = predict(source, checked.info, checked.preset, require_label=False, top_k=top_k,
                           batch_size=batch_size, run_id=uuid.uuid4().hex, carry=UNIT_COLUMNS)
     builder = TableBuilder(top_k)
     writers: dict[str, UnitWriter] = {}
-    records = 0
-    if on_progress:
-        on_progress(done_before, total.value)
-    for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
+
+    def take(batch: dict[str, np.ndarray]) -> None:
         for unit in np.unique(batch["unit"]):
             in_unit = batch["unit"] == unit
             writer = writers.get(unit)
@@ -385,9 +381,11 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str | P
                                                                   "unit_rows")})
             if writer.complete:
                 writers.pop(unit).commit()
-        records += len(batch["key"])
-        if on_progress:
-            on_progress(done_before + records, total.value)
+
+    if on_progress:
+        on_progress(done_before, total.value)
+    records = stream_batches(predictions, take, on_progress=on_progress, total=lambda: total.value,
+                             done_before=done_before)
     # the stream has ended: every row of every unit has arrived, unless the source lost some, and
     # then the units still open are not committed (a resume reads them again)
     source.check_all_read(records, data)

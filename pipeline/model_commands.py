@@ -67,11 +67,9 @@ def quantize_command(
     """Quantise an fp32 model to int8 (QDQ) with calibration images read by the pipeline."""
     import json
 
-    from pipeline.config import load_preset
-    from pipeline.evaluate import check_preset_fits
-    from pipeline.onnx_model import checked_model_info
     from pipeline.quantize import (accuracy_report, check_float_model, check_options, quantize_model,
                                    read_calibration_set)
+    from pipeline.run_checks import check_run
     from pipeline.runtime import init_ray
     from pipeline.sources import check_source
 
@@ -84,18 +82,15 @@ def quantize_command(
         if eval:
             check_output_file(report_path, "--report", "JSON")
         model, preset = model_and_preset(model, preset)
-        preset_obj = load_preset(preset)
-        info = checked_model_info(model)  # the model and the preset are checked before Ray starts and images are read
-        check_float_model(model)
-        check_preset_fits(info, preset_obj)
-        calibration_format = check_source(calibration, format_name(format))  # and the inputs, before Ray starts
+        checked = check_run(str(model), preset, calibration, format_name(format),
+                            check_model=lambda info: check_float_model(info.path))
         eval_format = check_source(eval, None, str(labels) if labels else None) if eval else None
         init_ray(address)
-        calib = read_calibration_set(calibration, preset_obj, images, fmt=calibration_format)
+        calib = read_calibration_set(calibration, checked.preset, images, fmt=checked.fmt)
         typer.echo(f"calibrating on {calib.images} images of {calibration}"
                    + (f" ({calib.errors} unreadable, left out)" if calib.errors else ""))
         for name, path in outputs.items():
-            quantize_model(model, calib.batches, path, name, activations, preset_obj)
+            quantize_model(model, calib.batches, path, name, activations, checked.preset)
             typer.echo(f"wrote {path} (int8, {name} calibration)")
         if eval:
             typer.echo(f"evaluating fp32 and {len(outputs)} int8 model{'s' * (len(outputs) > 1)} on {eval}")
