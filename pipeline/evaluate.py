@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import pyarrow.parquet as pq
 import ray
 
 from pipeline.config import Preset
 from pipeline.metrics import AccuracyCounter
-from pipeline.output import make_output_dir
+from pipeline.output import atomic_file, make_output_dir, write_json
 from pipeline.predict import predict
 from pipeline.prediction_table import prediction_schema, prediction_table
 from pipeline.real_labels import RealLabels
@@ -25,8 +25,11 @@ from pipeline.streaming import ProgressCallback, stream_batches
 from pipeline.timing import TimeBreakdown, process_age_seconds
 from pipeline.vnni import warn_u8s8_saturation
 
-
 RESULT_FILES = ("metrics.json", "predictions.parquet", "report.html")
+PREDICTIONS_FILE = "predictions.parquet"
+# predictions.parquet's name while the run goes on, and what a run that fails or is interrupted
+# leaves: named so, it is never taken for a result
+PREDICTIONS_PARTIAL = "predictions.parquet.partial"
 
 
 def drop_previous_results(output: Path) -> None:
@@ -34,6 +37,19 @@ def drop_previous_results(output: Path) -> None:
     interrupted, or to fail, they would stay beside its .partial file, looking like its own."""
     for name in RESULT_FILES:
         (output / name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def predictions_writer(output: Optional[str], probabilities: bool) -> Iterator[Optional[pq.ParquetWriter]]:
+    """The ParquetWriter of OUTPUT/predictions.parquet, written as its .partial file and renamed once
+    the block ends without error; None without OUTPUT."""
+    if not output:
+        yield None
+        return
+    folder = Path(output)
+    with atomic_file(folder / PREDICTIONS_FILE, folder / PREDICTIONS_PARTIAL) as partial:
+        with pq.ParquetWriter(partial, prediction_schema(probabilities)) as writer:
+            yield writer
 
 
 def evaluate(model: str, data: str, preset: str | Preset = "torch", output: Optional[str] = None, *,
@@ -59,35 +75,25 @@ def evaluate(model: str, data: str, preset: str | Preset = "torch", output: Opti
                           probabilities=probabilities)
 
     counter = AccuracyCounter()
-    writer = None
-    if output:
-        partial = Path(output) / "predictions.parquet.partial"
-        writer = pq.ParquetWriter(partial, prediction_schema(probabilities))
     breakdown = TimeBreakdown()
     breakdown.start(ray.get_runtime_context().get_node_id())
     execution_started = time.perf_counter()
     first_prediction_s = None
+    with predictions_writer(output, probabilities) as writer:
+        def take(batch: dict) -> None:
+            nonlocal first_prediction_s
+            if first_prediction_s is None:
+                first_prediction_s = process_age_seconds()
+            counter.update(batch)
+            breakdown.update(batch)
+            if writer:
+                writer.write_table(prediction_table(batch))
 
-    def take(batch: dict) -> None:
-        nonlocal first_prediction_s
-        if first_prediction_s is None:
-            first_prediction_s = process_age_seconds()
-        counter.update(batch)
-        breakdown.update(batch)
-        if writer:
-            writer.write_table(prediction_table(batch))
-
-    try:
         stream_batches(predictions, take, on_progress=on_progress, total=lambda: source.num_records)
-    finally:
-        if writer:
-            writer.close()
-    finished = time.perf_counter()
-    breakdown.finish()
-    wall = finished - started
-    source.check_all_read(counter.records, data)  # before any result is written as if it were whole
-    if writer:
-        os.replace(partial, Path(output) / "predictions.parquet")
+        finished = time.perf_counter()
+        breakdown.finish()
+        wall = finished - started
+        source.check_all_read(counter.records, data)  # before any result is written as if it were whole
 
     metrics = {
         "model": os.path.abspath(model), "data": os.path.abspath(data) if os.path.exists(data) else data,
@@ -103,7 +109,7 @@ def evaluate(model: str, data: str, preset: str | Preset = "torch", output: Opti
     }
     if output:
         metrics = add_quality_and_report(output, metrics, real)  # the CIs, ECE, ReaL top-1; report.html
-        (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(Path(output) / "metrics.json", metrics)
     return metrics
 
 

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from pipeline.classes import NUM_CLASSES, imagenet_classes
 from pipeline.config import Preset
 from pipeline.errors import UsageError
-from pipeline.output import OutputDirError, check_not_a_file, make_output_dir
+from pipeline.output import OutputDirError, check_not_a_file, make_output_dir, publish, temp_path, write_json
 from pipeline.predict import predict
 from pipeline.prediction_table import fixed_size_lists
 from pipeline.run_checks import check_run
@@ -51,7 +51,6 @@ LABELS_DIR = "labels"
 ERRORS_DIR = "errors"
 RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.json"
-TEMP_SUFFIX = ".parquet.tmp"
 UNIT_SIZE = 1000
 ROW_GROUP_ROWS = 1024
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string())])
@@ -104,14 +103,9 @@ def shard_path(output: Path, table: str, unit: str) -> Path:
     return output / table / f"{unit}.parquet"
 
 
-def temp_path(output: Path, table: str, unit: str) -> Path:
-    # a leading dot: readers of the folder as a dataset (pyarrow, Ray, pandas) skip it
-    return output / table / f".{unit}{TEMP_SUFFIX}"
-
-
 class BufferedParquet:
     """A Parquet file written in row groups of about ROW_GROUP_ROWS rows (the stream's batches are
-    small; one row group each would make slow files), durable on disk once closed."""
+    small; one row group each would make slow files)."""
 
     def __init__(self, path: Path, schema: pa.Schema):
         self.path = path
@@ -133,8 +127,6 @@ class BufferedParquet:
     def close(self) -> None:
         self.flush()
         self.writer.close()
-        with open(self.path, "rb") as f:  # a rename must not make a file visible that a crash can lose
-            os.fsync(f.fileno())
 
 
 class UnitWriter:
@@ -144,8 +136,8 @@ class UnitWriter:
         self.output, self.unit, self.builder = output, unit, builder
         self.received = 0
         self.expected = -1  # unknown until a row of the unit's last block arrives
-        self.labelled = BufferedParquet(temp_path(output, LABELS_DIR, unit), builder.schema)
-        self.errors = BufferedParquet(temp_path(output, ERRORS_DIR, unit), ERRORS_SCHEMA)
+        self.labelled = BufferedParquet(temp_path(shard_path(output, LABELS_DIR, unit)), builder.schema)
+        self.errors = BufferedParquet(temp_path(shard_path(output, ERRORS_DIR, unit)), ERRORS_SCHEMA)
 
     def write(self, batch: dict[str, np.ndarray]) -> None:
         ok = batch["error"] == ""
@@ -166,20 +158,8 @@ class UnitWriter:
         self.labelled.close()
         self.errors.close()
         for table in (ERRORS_DIR, LABELS_DIR):  # the labels shard last: its presence means done
-            os.replace(temp_path(self.output, table, self.unit), shard_path(self.output, table, self.unit))
-            fsync_dir(self.output / table)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write PATH whole or not at all: a reader never sees half a file, even after a crash (the
-    bytes are on disk before the rename makes them PATH)."""
-    partial = path.with_name(f"{path.name}.tmp")
-    with open(partial, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    fsync_dir(path.parent)
+            shard = shard_path(self.output, table, self.unit)
+            publish(temp_path(shard), shard)
 
 
 # what to do about a damaged file of a run's state, by its name
@@ -204,15 +184,6 @@ def read_run_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise damaged_state(path, "run state", DAMAGED_STATE_ADVICE[path.name], "not a JSON object")
     return data
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in PATH durable."""
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def file_sha256(path: str) -> str:
@@ -283,7 +254,7 @@ def claim_output(output: Path, run: dict, overwrite: bool) -> None:
             (output / name).unlink(missing_ok=True)
     for name in (LABELS_DIR, ERRORS_DIR):
         make_output_dir(output / name)
-        for temp in (output / name).glob(f".*{TEMP_SUFFIX}"):
+        for temp in (output / name).glob(temp_path(shard_path(output, name, "*")).name):
             temp.unlink()  # left by a killed run: that unit is read again
     done = finished_units(output)
     for orphan in (output / ERRORS_DIR).glob("*.parquet"):

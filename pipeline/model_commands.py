@@ -65,8 +65,7 @@ def quantize_command(
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: a local single-node Ray"),
 ) -> None:
     """Quantise an fp32 model to int8 (QDQ) with calibration images read by the pipeline."""
-    import json
-
+    from pipeline.output import write_json
     from pipeline.quantize import (accuracy_report, check_float_model, check_options, quantize_model,
                                    read_calibration_set)
     from pipeline.run_checks import check_run
@@ -98,7 +97,7 @@ def quantize_command(
                                      labels=str(labels) if labels else None, limit=eval_limit,
                                      calibration_keys=set(calib.keys), fmt=eval_format)
             result["calibration"] = {"data": calibration, "images": calib.images, "unreadable": calib.errors}
-            report_path.write_text(json.dumps(result, indent=2) + "\n")
+            write_json(report_path, result)
             print_report(result)
             if result["calibration_overlap"]:
                 typer.secho(f"warning: {result['calibration_overlap']} evaluation images were also calibration images",

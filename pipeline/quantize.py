@@ -28,7 +28,7 @@ from pipeline.errors import UserError
 from pipeline.evaluate import evaluate
 from pipeline.model_preset import attach_preset
 from pipeline.onnx_model import ModelInfo
-from pipeline.output import make_output_dir
+from pipeline.output import atomic_file, make_output_dir
 from pipeline.preprocess import Normalizer, Preprocessor
 from pipeline.runtime import map_after_read
 from pipeline.sources import check_source, read_source
@@ -145,25 +145,26 @@ def quantize_model(
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
                        "OpTypesToExcludeOutputQuantization": list(FLOAT_OUTPUT_OPS)},
     )
-    with tempfile.TemporaryDirectory(prefix="pipeline-quantize-") as tmp, _onnxruntime_quietly():
+    with (tempfile.TemporaryDirectory(prefix="pipeline-quantize-") as tmp, _onnxruntime_quietly(),
+          atomic_file(out) as written):
         named_path = str(Path(tmp) / "model.onnx")
         onnx.save(model, named_path)
         if method == "l2":
             # onnxruntime's calibration cache: given an existing range table it skips its own calibration.
             cache = Path(tmp) / "ranges.json"
             save_tensors_data(l2_ranges(named_path, batches), cache)
-            quantize_static(named_path, str(out), None, calibrate_method=CalibrationMethod.MinMax,
+            quantize_static(named_path, str(written), None, calibrate_method=CalibrationMethod.MinMax,
                             calibration_cache_path=cache, **options)
         else:
             # One batch per collection step: onnxruntime's histogram calibrators hold every
             # intermediate tensor of a step in memory.
             options["extra_options"]["CalibStridedMinMax"] = 1
-            quantize_static(named_path, str(out), BatchReader(ModelInfo.from_path(model_path).input_name, batches),
+            quantize_static(named_path, str(written), BatchReader(ModelInfo.from_path(model_path).input_name, batches),
                             calibrate_method=ORT_METHODS[method], **options)
-    if preset is not None:
-        quantized = onnx.load(str(out))
-        attach_preset(quantized, preset)
-        onnx.save(quantized, str(out))
+        if preset is not None:
+            quantized = onnx.load(str(written))
+            attach_preset(quantized, preset)
+            onnx.save(quantized, str(written))
     return out
 
 
