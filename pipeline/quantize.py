@@ -4,6 +4,10 @@ onnxruntime rewrites the graph; the activation ranges come from one of four cali
 methods: `l2` (ours, pipeline.calibration: the seed's L2-optimal histogram clipping) or
 onnxruntime's own `minmax`, `entropy` and `percentile`. Weights are symmetric int8 per output
 channel; activations uint8 (or int8); Softmax, and the logits it reads, stay float.
+
+`quantize` is the `pipeline quantize` run (the command in pipeline/model_commands.py only parses its
+options and prints its report): check, calibrate, write each int8 model, and with --eval compare them
+with fp32 by pipeline.evaluate.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import onnx
@@ -28,9 +33,10 @@ from pipeline.errors import UserError
 from pipeline.evaluate import evaluate
 from pipeline.model_preset import attach_preset
 from pipeline.onnx_model import ModelInfo
-from pipeline.output import atomic_file, make_output_dir
+from pipeline.output import atomic_file, check_output_file, make_output_dir, write_json
 from pipeline.preprocess import Normalizer, Preprocessor
-from pipeline.runtime import map_after_read
+from pipeline.run_checks import check_run
+from pipeline.runtime import init_ray, map_after_read
 from pipeline.sources import check_source, read_source
 from pipeline.stats import kl_divergence
 
@@ -248,3 +254,55 @@ def accuracy_report(
             "kl_from_fp32": float(np.mean(kl_divergence(reference, quantised))) if shared else 0.0,
         }
     return report
+
+
+@dataclass(frozen=True)
+class QuantizeOutputs:
+    models: dict[str, Path]  # the int8 model of each calibration method
+    report: Path  # the accuracy report, written when the models are evaluated
+
+
+def quantize_outputs(out: Path, methods: list[str], activations: str, report: Optional[Path],
+                     evaluated: bool) -> QuantizeOutputs:
+    """The files a quantisation writes: OUT for one method, OUT-METHOD.onnx for each of several, and
+    REPORT (default: OUT's folder/quantize-report.json); checked, with METHODS and ACTIVATIONS, before
+    any work starts (a model is written only after minutes of calibration)."""
+    check_options(methods, activations)
+    if len(methods) == 1:
+        models = {methods[0]: out}
+    else:
+        models = {m: out.with_name(f"{out.stem}-{m}{out.suffix or '.onnx'}") for m in methods}
+    for path in models.values():
+        check_output_file(path)
+    report_path = report or out.parent / "quantize-report.json"
+    if evaluated:
+        check_output_file(report_path, "--report", "JSON")
+    return QuantizeOutputs(models, report_path)
+
+
+def quantize(model: str | Path, preset: str | Preset, calibration: str, outputs: QuantizeOutputs, *,
+             images: Optional[int], activations: str, fmt: Optional[str] = None, eval_data: Optional[str] = None,
+             labels: Optional[str] = None, eval_limit: Optional[int] = None, address: Optional[str] = None,
+             say: Callable[[str], None] = print) -> Optional[dict]:
+    """Quantise the fp32 MODEL (preprocessed by PRESET) into each of OUTPUTS.models, calibrated on the
+    first IMAGES records of CALIBRATION (read as FMT); with EVAL_DATA (and LABELS), evaluate fp32 and
+    every int8 model on its first EVAL_LIMIT records, write OUTPUTS.report and return it. SAY tells the
+    user each step. The model, the preset and both inputs are checked before Ray starts."""
+    checked = check_run(str(model), preset, calibration, fmt, check_model=lambda info: check_float_model(info.path))
+    eval_format = check_source(eval_data, None, labels) if eval_data else None
+    init_ray(address)
+    calib = read_calibration_set(calibration, checked.preset, images, fmt=checked.fmt)
+    say(f"calibrating on {calib.images} images of {calibration}"
+        + (f" ({calib.errors} unreadable, left out)" if calib.errors else ""))
+    for name, path in outputs.models.items():
+        quantize_model(model, calib.batches, path, name, activations, checked.preset)
+        say(f"wrote {path} (int8, {name} calibration)")
+    if not eval_data:
+        return None
+    count = len(outputs.models)
+    say(f"evaluating fp32 and {count} int8 model{'s' * (count > 1)} on {eval_data}")
+    result = accuracy_report(str(model), outputs.models, eval_data, preset, outputs.report.parent / "quantize-eval",
+                             labels=labels, limit=eval_limit, calibration_keys=set(calib.keys), fmt=eval_format)
+    result["calibration"] = {"data": calibration, "images": calib.images, "unreadable": calib.errors}
+    write_json(outputs.report, result)
+    return result
