@@ -40,7 +40,7 @@ RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_preset  # noqa: E402
-from pipeline.inference import ModelInfo, make_session  # noqa: E402
+from pipeline.onnx_model import ModelInfo, make_session  # noqa: E402
 from pipeline.reference import reference_predictions  # noqa: E402
 
 VAL_1300 = SHARED / "data" / "imagenet-val-1300"

@@ -24,7 +24,7 @@ import yaml
 
 from conftest import MOBILENET_INT8, REPO, VAL_1300, need, subset_folder
 from pipeline.evaluate import evaluate
-from pipeline.inference import parse_cpu_list, physical_cores_first, thread_siblings
+from pipeline.cores import parse_cpu_list, physical_cores_first, thread_siblings
 from pipeline.local_cluster import LocalCluster
 from pipeline.runtime import INFERENCE_RESOURCE
 
@@ -219,8 +219,8 @@ def test_one_tar_of_the_images_gives_the_single_node_figures_on_two_nodes(cluste
 PREDICT_ON_CLUSTER = """
 import sys
 from pipeline.config import load_preset
-from pipeline.evaluate import predict
-from pipeline.inference import ModelInfo
+from pipeline.onnx_model import ModelInfo
+from pipeline.predict import predict
 from pipeline.runtime import init_ray
 from pipeline.sources import read_source
 address, data, labels, model = sys.argv[1:]

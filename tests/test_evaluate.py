@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import MOBILENET_INT8, RESNET50_INT8, SHARED, VAL_1300, jpeg_bytes, need, run_cli, subset_folder
 from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
-from pipeline.inference import ModelError, ModelInfo, make_session, run_model, top_k
+from pipeline.onnx_model import ModelError, ModelInfo, make_session, run_model, top_k
 from pipeline.writers.parquet import write_parquet_shards
 from pipeline.reference import reference_predictions
 
@@ -83,7 +83,7 @@ def test_a_shard_of_one_row_group_is_preprocessed_in_blocks_re_cut_from_its_one_
     """pyarrow writes up to a million rows as one row group, which one task must read whole. Its rows
     are re-cut into a task's share each and preprocessed by that many tasks, not by the read task
     alone; the predictions are the row-grouped shards'."""
-    from pipeline.evaluate import predict
+    from pipeline.predict import predict
     from pipeline.sources import read_source
     from pipeline.sources.base import read_task_split
 
@@ -130,7 +130,7 @@ def test_shards_with_and_without_a_label_column_keep_every_label(ray_local, tmp_
 def test_preprocessing_runs_inside_the_read_tasks(ray_local, tmp_path, fmt, read):
     """Read and preprocessing fuse into one task per block (no second task, no trip through the
     object store for the encoded bytes); inference stays in its actors."""
-    from pipeline.evaluate import predict
+    from pipeline.predict import predict
     from pipeline.sources import read_source
     from pipeline.writers.lmdb import write_lmdb
 

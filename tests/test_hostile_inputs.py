@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import MOBILENET_INT8, VAL_1300, jpeg_bytes, need, save_classifier, start_cli, subset_folder
 from pipeline.config import load_preset
-from pipeline.inference import ModelError, ModelInfo, make_session, run_model
+from pipeline.onnx_model import ModelError, ModelInfo, make_session, run_model
 from pipeline.preprocess import Preprocessor
 from pipeline.sources.base import NO_LABEL, Cut
 from pipeline.sources.datasource import PieceDatasource
@@ -121,8 +121,8 @@ def test_an_output_folder_is_held_by_one_run_at_a_time_and_the_refusal_names_it(
 def test_label_resume_refuses_a_preset_file_of_the_same_name_with_other_values(tmp_path):
     """run.json recorded only the preset's name: a torch.yaml of other mean/std resumed happily, and
     the output mixed units labelled two ways under a manifest naming one preset."""
-    from pipeline.label import RUN_FILE, check_output, run_description, write_json
-    from pipeline.output import OutputDirError
+    from pipeline.label import RUN_FILE, check_output, run_description
+    from pipeline.output import OutputDirError, write_json
 
     model, data, output = tmp_path / "model.onnx", tmp_path / "images", tmp_path / "out"
     model.write_bytes(b"the model's bytes")

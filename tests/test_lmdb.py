@@ -17,7 +17,7 @@ from conftest import MOBILENET_INT8, VAL_1300, need, subset_folder
 from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
-from pipeline.inference import ModelInfo, make_session, run_model, top_k
+from pipeline.onnx_model import ModelInfo, make_session, run_model, top_k
 from pipeline.preprocess import (Normalizer, Preprocessor, decode_image, preprocess_image, resize_and_crop,
                                  resize_pixels)
 from pipeline.sources import detect_format, read_source

@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import pyarrow as pa
 import ray
 
+from pipeline.errors import UserError
+
 NO_LABEL = -1
 SOURCE_COLUMNS = ("key", "label", "image", "error")
 RAW_COLUMNS = ("raw_height", "raw_width", "raw_channels")
@@ -65,7 +67,7 @@ LMDB_DATA_FILE = "data.mdb"  # what makes a folder an LMDB database
 LABELS_FILE = "labels.txt"  # an image folder's own labels file, which is not one of its records
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """An input that cannot be read at all (as opposed to one bad record); the message says why."""
 
 
