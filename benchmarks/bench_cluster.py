@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from pipeline.local_cluster import LocalCluster  # noqa: E402
+from testkit.local_cluster import LocalCluster  # noqa: E402
 from pipeline.runtime import local_cores  # noqa: E402
 
 

@@ -20,7 +20,7 @@ import caffe2_reference as ref
 from pipeline.caffe2.importer import Caffe2ImportError, dnnlowp_relu_qparams, import_caffe2
 from pipeline.caffe2.netbuilder import int8_fill, int32_fill, make_net, make_op
 from pipeline.caffe2.proto import load_net, save_net
-from pipeline.caffe2.synthetic import INPUT_BLOB, OUTPUT_BLOB, resnet50_int8_nets
+from testkit.caffe2_synthetic import INPUT_BLOB, OUTPUT_BLOB, resnet50_int8_nets
 from pipeline.cli import app
 
 FORMATS = ["pb", "pbtxt"]

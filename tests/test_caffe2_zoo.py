@@ -23,7 +23,7 @@ from conftest import SHARED, VAL_1300, need, subset_folder
 from pipeline.caffe2.importer import Caffe2ImportError, convert_nets, import_caffe2, int8_trace_name, read_constants
 from pipeline.caffe2.netbuilder import int8_fill, int32_fill, make_net, make_op
 from pipeline.caffe2.proto import load_net, save_net
-from pipeline.caffe2.synthetic import zoo_init_net
+from testkit.caffe2_synthetic import zoo_init_net
 from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.model_preset import model_preset

@@ -16,7 +16,7 @@ from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
 from pipeline.inference import ModelError, ModelInfo, make_session, run_model, top_k
 from pipeline.prepare import write_parquet_shards
-from pipeline.reference import reference_predictions
+from testkit.reference import reference_predictions
 
 
 def read_predictions(output) -> dict[str, tuple]:

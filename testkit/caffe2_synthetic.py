@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from pipeline.caffe2.importer import convert_nets, int8_trace_name, read_constants
 from pipeline.caffe2.netbuilder import int8_fill, int32_fill, make_net, make_op
 
 INPUT_BLOB = "gpu_0/data_0"
@@ -240,8 +241,6 @@ def _center_classifier(init_net: Any, predict_net: Any, rng: np.random.Generator
     Random convolutions give every channel a large image-independent mean; left in, it would
     make the same classes win (and saturate) for every image. The bias cancels each class's
     mean logit and the scale spreads what varies from image to image over LOGIT_STEPS steps."""
-    from pipeline.caffe2.importer import convert_nets, int8_trace_name, read_constants
-
     fc_index = max(i for i, op in enumerate(predict_net.op) if op.type == "Int8FC")
     fc = predict_net.op[fc_index]
     source = max(i for i, op in enumerate(predict_net.op[:fc_index]) if fc.input[0] in op.output)
