@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 import caffe2_reference as ref
-from conftest import SHARED, VAL_1300, need, subset_folder
+from helpers import SHARED, VAL_1300, need, subset_folder
 from pipeline.caffe2.importer import Caffe2ImportError, convert_nets, import_caffe2, int8_trace_name, read_constants
 from pipeline.caffe2.netbuilder import int8_fill, int32_fill, make_net, make_op
 from pipeline.caffe2.proto import load_net, save_net

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from conftest import MOBILENET_INT8, REPO, VAL_1300, need, run_cli, save_classifier, subset_folder
+from helpers import MOBILENET_INT8, REPO, VAL_1300, need, run_cli, save_classifier, subset_folder
 from pipeline.cli import app
 
 

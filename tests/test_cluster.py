@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import MOBILENET_INT8, REPO, VAL_1300, need, subset_folder
+from helpers import MOBILENET_INT8, REPO, VAL_1300, need, subset_folder
 from pipeline.evaluate import evaluate
 from pipeline.inference import parse_cpu_list, physical_cores_first, thread_siblings
 from testkit.local_cluster import LocalCluster

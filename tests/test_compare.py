@@ -14,7 +14,7 @@ import pytest
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
-from conftest import MOBILENET_INT8, SAMPLE_1000, SHARED, VAL_1300, need, save_classifier, subset_folder
+from helpers import MOBILENET_INT8, SAMPLE_1000, SHARED, VAL_1300, need, save_classifier, subset_folder
 from pipeline.cli import app
 from pipeline.compare import compare
 from pipeline.config import load_preset

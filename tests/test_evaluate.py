@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import MOBILENET_INT8, RESNET50_INT8, SHARED, VAL_1300, jpeg_bytes, need, run_cli, subset_folder
+from helpers import MOBILENET_INT8, RESNET50_INT8, SHARED, VAL_1300, jpeg_bytes, need, run_cli, subset_folder
 from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
 from pipeline.inference import ModelError, ModelInfo, make_session, run_model, top_k

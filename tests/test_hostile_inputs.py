@@ -12,7 +12,7 @@ import pytest
 from onnx import helper
 from PIL import Image
 
-from conftest import MOBILENET_INT8, VAL_1300, jpeg_bytes, need, save_classifier, start_cli, subset_folder
+from helpers import MOBILENET_INT8, VAL_1300, jpeg_bytes, need, save_classifier, start_cli, subset_folder
 from pipeline.config import load_preset
 from pipeline.inference import ModelError, ModelInfo, make_session, run_model
 from pipeline.preprocess import Preprocessor

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import MOBILENET_INT8, RESNET50_INT8, SAMPLE_1000, jpeg_bytes, need, start_cli, subset_folder
+from helpers import MOBILENET_INT8, RESNET50_INT8, SAMPLE_1000, jpeg_bytes, need, start_cli, subset_folder
 from pipeline.classes import imagenet_classes
 from pipeline.evaluate import evaluate
 from pipeline.label import AlreadyFinished, label

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import MOBILENET_INT8, VAL_1300, need, subset_folder
+from helpers import MOBILENET_INT8, VAL_1300, jpeg_bytes, need, subset_folder
 from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
@@ -101,8 +101,6 @@ def test_other_protobufs_and_bad_records_are_refused_with_a_reason():
 
 
 def test_prepare_keys_follow_input_order_and_unreadable_images_are_listed(tmp_path):
-    from conftest import jpeg_bytes
-
     folder = tmp_path / "images"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(jpeg_bytes(seed=1))
@@ -331,7 +329,6 @@ def test_records_lost_to_a_damaged_key_order_fail_the_run_instead_of_being_skipp
     """Damage that rewrites a key in place breaks the B-tree's order: the key-range readers then stop
     a range early and skip records with no error of their own. The entry count catches it: evaluate
     writes no metrics and label no finished run."""
-    from conftest import jpeg_bytes
     from pipeline.label import label
 
     keys = [b"%08d_img%02d.jpg" % (i, i) for i in range(12)]

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from conftest import VAL_1300, need
+from helpers import VAL_1300, need
 from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.models import build_model

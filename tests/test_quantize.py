@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from caffe2_reference import caffe2_l2_norms
-from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, VAL_1300, need, subset_folder
+from helpers import MOBILENET_INT8, REPO, SAMPLE_1000, VAL_1300, need, subset_folder
 from pipeline.calibration import (DistinctValues, Histogram, collect_histograms, exact_l2_optimal_range,
                                   expected_l2_errors, l2_optimal_range)
 from pipeline.cli import app

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, need, subset_folder
+from helpers import MOBILENET_INT8, REPO, SAMPLE_1000, need, subset_folder
 from pipeline.evaluate import evaluate
 from pipeline.label import label
 from pipeline.prepare import write_parquet_shards
