@@ -99,7 +99,7 @@ def test_a_run_that_fails_inside_ray_ends_with_the_remote_error_on_one_line(tmp_
                           "--overwrite starts again")
 
 
-def test_the_reason_of_a_failed_ray_data_task_is_its_exception_with_every_line_of_its_message(ray_local):
+def test_a_failed_ray_data_task_is_reported_as_its_exception_with_its_whole_message(ray_local):
     """Without Ray Data's wrapping and its advice on retries, for a failed map and a failed read."""
     import ray.data
     from ray.data.block import BlockMetadata

@@ -135,7 +135,7 @@ def assert_pinned_to_distinct_cores(pids: set[int], timeout: float = 20) -> None
     assert len(set.union(*cores)) == len(pids), f"two inference actors on one core: {cores}"
 
 
-def test_the_cluster_launcher_config_passes_rays_validation_and_keeps_the_scheduling_contract():
+def test_cluster_launcher_config_is_valid_for_ray_and_keeps_the_scheduling_contract():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     raw = yaml.safe_load((REPO / "deploy" / "ray-cluster.yaml").read_text())

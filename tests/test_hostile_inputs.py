@@ -84,7 +84,7 @@ def test_a_model_whose_output_is_not_n_by_classes_is_refused_at_load(tmp_path):
         ModelInfo.from_path(model)
 
 
-def test_a_model_returning_other_scores_than_it_declares_fails_the_batch_with_one_sentence(tmp_path):
+def test_a_model_returning_undeclared_scores_fails_the_batch_with_one_sentence(tmp_path):
     """onnxruntime only warns when the output shape differs from the declared one; the scores of
     3 classes were then ranked as if they were the 1,000 (or failed in Arrow with top-k 20)."""
     info = ModelInfo.from_path(classifier_of_three_scores(tmp_path / "three.onnx"))
@@ -197,7 +197,7 @@ def unwritable_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def test_an_output_folder_that_exists_but_cannot_be_written_is_refused_before_any_work(tmp_path):
+def test_an_existing_output_folder_that_cannot_be_written_is_refused_before_work(tmp_path):
     """It gave a 43-line PermissionError traceback once Ray had started (at the first file written)."""
     from pipeline.evaluate import evaluate
     from pipeline.label import label

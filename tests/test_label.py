@@ -155,7 +155,7 @@ def test_one_big_tar_is_labelled_in_units_of_its_members_and_resumed_by_unit(ray
     assert len(manifest["shards"]) == 3 + len(added)  # a unit per added shard, not scanned
 
 
-def test_a_shard_labelled_in_parts_that_cannot_be_cut_again_is_refused_not_labelled_twice(tmp_path):
+def test_a_part_labelled_shard_that_cannot_be_cut_again_is_refused_not_relabelled(tmp_path):
     """A resume finds a shard whose first part is done but whose headers no longer read (replaced, or
     unreadable): reading it whole would label that part again, so the run stops and says why."""
     from pipeline.sources.units import PARTITIONERS, shard_unit_id

@@ -314,8 +314,7 @@ def test_enough_shards_are_read_a_task_each_with_only_their_own_labels(sample_8,
 
 # --- Parquet as Hugging Face datasets writes it ----------------------------------------------------
 
-def test_hugging_face_parquet_shards_give_the_folders_predictions_keyed_by_shard_and_row(ray_local, sample_8,
-                                                                                          tmp_path):
+def test_hugging_face_parquet_shards_give_the_folders_predictions_by_shard_and_row(ray_local, sample_8, tmp_path):
     """`image` a struct of bytes and path, no key column, several row groups: every row read once, keyed
     by its shard's name and row number, with the predictions of the same images read as a folder; a row
     without image bytes is an error row."""
