@@ -83,6 +83,7 @@ def model_failing_at_run_time(path: Path) -> Path:
          numpy_helper.from_array(np.array([1, 1000], np.int64), "repeats")))
 
 
+@pytest.mark.subprocess
 def test_a_run_that_fails_inside_ray_ends_with_the_remote_error_on_one_line(tmp_path: Path):
     """The innermost remote error, not Ray's traceback, nor (as `evaluate` said before) Ray Data's advice
     on retries; `label`, which let the whole traceback through, now also says how to go on."""
@@ -186,6 +187,7 @@ def test_quantize_refuses_a_folder_as_out_before_any_work(tmp_path: Path):
         " ".join(result.output.split())
 
 
+@pytest.mark.subprocess
 def test_a_cluster_that_cannot_be_joined_is_one_line(tmp_path: Path):
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 2)
     for address, reason in (("not an address", "Invalid address format"),
@@ -285,6 +287,7 @@ def test_an_image_the_model_scores_nan_is_an_error_row_not_a_prediction(ray_loca
     assert errors == [{"key": "dark.png", "reason": NON_FINITE_OUTPUT}]
 
 
+@pytest.mark.subprocess
 def test_a_ctrl_c_as_a_run_finishes_prints_no_traceback(tmp_path: Path):
     """Ctrl-C once the results are written, while Ray shuts down at exit: Python printed "Exception
     ignored in atexit callback" and Ray's traceback (in most runs, at any of these delays)."""

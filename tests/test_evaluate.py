@@ -237,6 +237,7 @@ def test_unusable_models_fail_with_one_sentence(tmp_path):
         ModelInfo.from_path(flat)
 
 
+@pytest.mark.subprocess
 def test_cli_reports_a_bad_model_without_a_traceback(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_text("not a model")
@@ -245,6 +246,7 @@ def test_cli_reports_a_bad_model_without_a_traceback(tmp_path):
     assert "not an ONNX model" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_cli_evaluate_writes_metrics_and_table(tmp_path):
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 40)
     result = run_cli("evaluate", "--model", str(need(MOBILENET_INT8)), "--data", str(folder),
@@ -263,6 +265,7 @@ def test_cli_evaluate_writes_metrics_and_table(tmp_path):
     assert "Token authentication is enabled" not in result.stderr and "Warning" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_cli_evaluate_of_a_tar_gz_with_the_50k_ground_truth_file(tmp_path):
     """A .tar.gz is read whole by one task, which needs all 50,000 labels of the ground-truth file:
     they reach it through the object store, without Ray's warning about a large read function."""
@@ -279,6 +282,7 @@ def test_cli_evaluate_of_a_tar_gz_with_the_50k_ground_truth_file(tmp_path):
     assert "serialized size" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_a_damaged_parquet_shard_is_named_before_the_run(tmp_path):
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 4)
     write_parquet_shards(str(folder), str(tmp_path / "shards"), shard_size=2)
@@ -289,6 +293,7 @@ def test_a_damaged_parquet_shard_is_named_before_the_run(tmp_path):
     assert "part-00001.parquet: not a readable Parquet file" in result.stderr
 
 
+@pytest.mark.subprocess
 def test_cli_evaluate_without_a_model_uses_efficientnet_lite0(tmp_path):
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 16)
     result = run_cli("evaluate", "--data", str(folder), "--output", str(tmp_path / "out"),

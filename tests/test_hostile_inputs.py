@@ -275,6 +275,7 @@ def test_keys_repeated_across_shards_are_scored_and_counted_in_the_metrics():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.subprocess
 def test_ctrl_c_says_what_was_interrupted_and_leaves_no_older_result_looking_current(tmp_path):
     """evaluate exited 130 without a word, an earlier run's metrics.json and predictions.parquet left
     beside the new .partial; label did not say that --resume continues the run."""

@@ -248,6 +248,7 @@ def test_caffe2_bounding_boxes_are_cropped_to_before_scaling(ray_local, val200, 
 
 # --- bad input -----------------------------------------------------------------------------------
 
+@pytest.mark.ray
 def test_bad_databases_are_clear_errors(tmp_path, val200):
     good = tmp_path / "good"
     write_lmdb(str(val200), str(good), fmt="lmdb-datum")

@@ -186,6 +186,7 @@ print(json.dumps({"errors": errors, "ray_started": ray.is_initialized()}))
 """
 
 
+@pytest.mark.subprocess
 def test_bad_inputs_are_reported_before_ray_starts(sample_8, tmp_path):
     (tmp_path / "bad.txt").write_text("a.jpg one\n")
     (tmp_path / "bad").mkdir()
