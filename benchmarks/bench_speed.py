@@ -158,7 +158,8 @@ def machine() -> dict:
                            text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "commit": commit.strip() + ("+changes" if dirty else ""),
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)),
+            "commit": commit.strip() + ("+changes" if dirty else ""),
             "load_average_at_end": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d")}
 
 

@@ -70,7 +70,8 @@ class _Builder:
         b, b_s, b_m = self.conv(f"{prefix}_branch2b", a, a_s, a_m, width, width, 3, stride, True)
         c, _, c_m = self.conv(f"{prefix}_branch2c", b, b_s, b_m, width, width * EXPANSION, 1, 1, False)
         if stride != 1 or c_in != width * EXPANSION:
-            shortcut, _, s_m = self.conv(f"{prefix}_branch1", x, x_scale, x_moment, c_in, width * EXPANSION, 1, stride, False)
+            shortcut, _, s_m = self.conv(f"{prefix}_branch1", x, x_scale, x_moment, c_in, width * EXPANSION, 1, stride,
+                                         False)
         else:
             shortcut, s_m = x, x_moment
         sum_moment = c_m + s_m

@@ -21,8 +21,8 @@ from helpers import VAL_1300, need
 from pipeline.caffe2.importer import Caffe2ImportError, dnnlowp_relu_qparams, import_caffe2
 from pipeline.caffe2.netbuilder import int8_fill, int32_fill, make_net, make_op
 from pipeline.caffe2.proto import load_net, save_net
-from testkit.caffe2_synthetic import INPUT_BLOB, OUTPUT_BLOB, resnet50_int8_nets
 from pipeline.cli import app
+from testkit.caffe2_synthetic import INPUT_BLOB, OUTPUT_BLOB, resnet50_int8_nets
 
 FORMATS = ["pb", "pbtxt"]
 X_SCALE, X_ZP = 0.02, 120

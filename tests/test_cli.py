@@ -164,7 +164,8 @@ def test_a_model_onnxruntime_cannot_load_is_named_before_ray_starts(tmp_path: Pa
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 2)
     for args in (["evaluate", "--output", tmp_path / "a"], ["label", "--output", tmp_path / "b"],
                  ["quantize", "--calibration", folder, "--out", tmp_path / "int8.onnx"]):
-        result = invoke(*args, "--model", model, "--preset", "torch", *(["--data", folder] if args[0] != "quantize" else []))
+        result = invoke(*args, "--model", model, "--preset", "torch",
+                        *(["--data", folder] if args[0] != "quantize" else []))
         assert result.exit_code == 2, result.output
         assert f"error: {model}: onnxruntime cannot load it: " in result.output and "NoSuchOp" in result.output
 

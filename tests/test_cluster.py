@@ -25,8 +25,8 @@ import yaml
 from helpers import MOBILENET_INT8, REPO, VAL_1300, need, subset_folder
 from pipeline.evaluate import evaluate
 from pipeline.inference import parse_cpu_list, physical_cores_first, thread_siblings
-from testkit.local_cluster import LocalCluster
 from pipeline.runtime import INFERENCE_RESOURCE
+from testkit.local_cluster import LocalCluster
 
 # long enough to interrupt a run in its middle, short enough for 2 busy cores
 IMAGES = 400

@@ -96,7 +96,8 @@ def test_a_shard_of_one_row_group_is_preprocessed_in_blocks_re_cut_from_its_one_
                    top_k=5, batch_size=32).materialize()
     operators = {line.split(":")[0].split(" ", 2)[2]: line.split(":")[1]
                  for line in rows.stats().splitlines() if line.startswith("Operator")}
-    assert list(operators) == ["ReadParquetRowGroup", f"StreamingRepartition[num_rows_per_block={per_task},strict=False]",
+    assert list(operators) == ["ReadParquetRowGroup",
+                               f"StreamingRepartition[num_rows_per_block={per_task},strict=False]",
                                "MapBatches(Preprocessor)", "MapBatches(Classifier)"]
     assert operators["ReadParquetRowGroup"].startswith(" 1 tasks executed")
     assert operators["MapBatches(Preprocessor)"].startswith(f" {tasks} tasks executed")
@@ -161,7 +162,8 @@ def test_bad_inputs_become_error_rows_and_everything_is_counted(ray_local, tmp_p
     (folder / "notes.txt").write_text("not an image")
     (folder / "truncated.jpg").write_bytes(jpeg_bytes(size=(300, 300))[:500])
     (folder / "range.jpg").write_bytes(jpeg_bytes(seed=3))
-    labels = (folder / "labels.txt").read_text() + "empty.jpg 1\nnotes.txt 2\ntruncated.jpg 3\nrange.jpg 1000\nmissing.jpg 4\n"
+    labels = ((folder / "labels.txt").read_text()
+              + "empty.jpg 1\nnotes.txt 2\ntruncated.jpg 3\nrange.jpg 1000\nmissing.jpg 4\n")
     (folder / "labels.txt").write_text(labels)
     (folder / "unlabelled.jpg").write_bytes(jpeg_bytes(seed=4))
     metrics = evaluate(str(need(MOBILENET_INT8)), str(folder), "torch", str(tmp_path / "out"), probabilities=True)

@@ -259,8 +259,8 @@ def test_bad_databases_are_clear_errors(tmp_path, val200):
         f.truncate((truncated / LMDB_DATA_FILE).stat().st_size // 2)
     with pytest.raises(SourceError, match="truncated"):
         read_source(str(truncated))
-    result = CliRunner().invoke(app, ["evaluate", "--model", str(need(MOBILENET_INT8)), "--preset", "torch", "--data", str(truncated),
-                                      "--output", str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(need(MOBILENET_INT8)), "--preset", "torch",
+                                      "--data", str(truncated), "--output", str(tmp_path / "out")])
     assert result.exit_code == 2 and "truncated" in result.output
 
     with pytest.raises(SourceError, match="no data.mdb"):
@@ -333,7 +333,8 @@ def test_records_lost_to_a_damaged_key_order_fail_the_run_instead_of_being_skipp
     from pipeline.label import label
 
     keys = [b"%08d_img%02d.jpg" % (i, i) for i in range(12)]
-    db = put_records(tmp_path / "db", [(key, encode_datum(i, encoded=jpeg_bytes(seed=i))) for i, key in enumerate(keys)])
+    db = put_records(tmp_path / "db",
+                     [(key, encode_datum(i, encoded=jpeg_bytes(seed=i))) for i, key in enumerate(keys)])
     data = bytearray((db / LMDB_DATA_FILE).read_bytes())
     at = data.index(keys[4])
     data[at:at + 8] = b"00000011"  # now out of order between 00000003 and 00000005

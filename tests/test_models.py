@@ -17,8 +17,8 @@ from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.models import build_model
 from pipeline.models.efficientnet_lite0 import default_weights_path, same_pads
-from testkit.reference import reference_predictions
 from pipeline.weights import WeightsError
+from testkit.reference import reference_predictions
 
 
 @pytest.fixture(scope="module")
