@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import MOBILENET_INT8, RESNET50_INT8, SHARED, VAL_1300, jpeg_bytes, need, run_cli, subset_folder
+from helpers import MOBILENET_INT8, RESNET50_INT8, SHARED, VAL_1300, jpeg_bytes, need, run_cli, subset_folder
 from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
 from pipeline.onnx_model import ModelError, ModelInfo, make_session, run_model, top_k
 from pipeline.writers.parquet import write_parquet_shards
-from pipeline.reference import reference_predictions
+from testkit.reference import reference_predictions
 
 
 def read_predictions(output) -> dict[str, tuple]:
@@ -100,7 +100,8 @@ def test_a_shard_of_one_row_group_is_preprocessed_in_blocks_re_cut_from_its_one_
                    top_k=5, batch_size=32).materialize()
     operators = {line.split(":")[0].split(" ", 2)[2]: line.split(":")[1]
                  for line in rows.stats().splitlines() if line.startswith("Operator")}
-    assert list(operators) == ["ReadParquetRowGroup", f"StreamingRepartition[num_rows_per_block={per_task},strict=False]",
+    assert list(operators) == ["ReadParquetRowGroup",
+                               f"StreamingRepartition[num_rows_per_block={per_task},strict=False]",
                                "MapBatches(Preprocessor)", "MapBatches(Classifier)"]
     assert operators["ReadParquetRowGroup"].startswith(" 1 tasks executed")
     assert operators["MapBatches(Preprocessor)"].startswith(f" {tasks} tasks executed")
@@ -165,7 +166,8 @@ def test_bad_inputs_become_error_rows_and_everything_is_counted(ray_local, tmp_p
     (folder / "notes.txt").write_text("not an image")
     (folder / "truncated.jpg").write_bytes(jpeg_bytes(size=(300, 300))[:500])
     (folder / "range.jpg").write_bytes(jpeg_bytes(seed=3))
-    labels = (folder / "labels.txt").read_text() + "empty.jpg 1\nnotes.txt 2\ntruncated.jpg 3\nrange.jpg 1000\nmissing.jpg 4\n"
+    labels = ((folder / "labels.txt").read_text()
+              + "empty.jpg 1\nnotes.txt 2\ntruncated.jpg 3\nrange.jpg 1000\nmissing.jpg 4\n")
     (folder / "labels.txt").write_text(labels)
     (folder / "unlabelled.jpg").write_bytes(jpeg_bytes(seed=4))
     metrics = evaluate(str(need(MOBILENET_INT8)), str(folder), "torch", str(tmp_path / "out"), probabilities=True)
@@ -241,6 +243,7 @@ def test_unusable_models_fail_with_one_sentence(tmp_path):
         ModelInfo.from_path(flat)
 
 
+@pytest.mark.subprocess
 def test_cli_reports_a_bad_model_without_a_traceback(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_text("not a model")
@@ -249,6 +252,7 @@ def test_cli_reports_a_bad_model_without_a_traceback(tmp_path):
     assert "not an ONNX model" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_cli_evaluate_writes_metrics_and_table(tmp_path):
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 40)
     result = run_cli("evaluate", "--model", str(need(MOBILENET_INT8)), "--data", str(folder),
@@ -267,6 +271,7 @@ def test_cli_evaluate_writes_metrics_and_table(tmp_path):
     assert "Token authentication is enabled" not in result.stderr and "Warning" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_cli_evaluate_of_a_tar_gz_with_the_50k_ground_truth_file(tmp_path):
     """A .tar.gz is read whole by one task, which needs all 50,000 labels of the ground-truth file:
     they reach it through the object store, without Ray's warning about a large read function."""
@@ -283,6 +288,7 @@ def test_cli_evaluate_of_a_tar_gz_with_the_50k_ground_truth_file(tmp_path):
     assert "serialized size" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_a_damaged_parquet_shard_is_named_before_the_run(tmp_path):
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 4)
     write_parquet_shards(str(folder), str(tmp_path / "shards"), shard_size=2)
@@ -293,6 +299,7 @@ def test_a_damaged_parquet_shard_is_named_before_the_run(tmp_path):
     assert "part-00001.parquet: not a readable Parquet file" in result.stderr
 
 
+@pytest.mark.subprocess
 def test_cli_evaluate_without_a_model_uses_efficientnet_lite0(tmp_path):
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 16)
     result = run_cli("evaluate", "--data", str(folder), "--output", str(tmp_path / "out"),

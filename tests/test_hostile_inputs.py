@@ -12,7 +12,7 @@ import pytest
 from onnx import helper
 from PIL import Image
 
-from conftest import MOBILENET_INT8, VAL_1300, jpeg_bytes, need, save_classifier, start_cli, subset_folder
+from helpers import MOBILENET_INT8, VAL_1300, jpeg_bytes, need, save_classifier, start_cli, subset_folder
 from pipeline.config import load_preset
 from pipeline.onnx_model import ModelError, ModelInfo, make_session, run_model
 from pipeline.preprocess import Preprocessor
@@ -85,7 +85,7 @@ def test_a_model_whose_output_is_not_n_by_classes_is_refused_at_load(tmp_path):
         ModelInfo.from_path(model)
 
 
-def test_a_model_returning_other_scores_than_it_declares_fails_the_batch_with_one_sentence(tmp_path):
+def test_a_model_returning_undeclared_scores_fails_the_batch_with_one_sentence(tmp_path):
     """onnxruntime only warns when the output shape differs from the declared one; the scores of
     3 classes were then ranked as if they were the 1,000 (or failed in Arrow with top-k 20)."""
     info = ModelInfo.from_path(classifier_of_three_scores(tmp_path / "three.onnx"))
@@ -197,7 +197,7 @@ def unwritable_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def test_an_output_folder_that_exists_but_cannot_be_written_is_refused_before_any_work(tmp_path):
+def test_an_existing_output_folder_that_cannot_be_written_is_refused_before_work(tmp_path):
     """It gave a 43-line PermissionError traceback once Ray had started (at the first file written)."""
     from pipeline.evaluate import evaluate
     from pipeline.label import label
@@ -275,6 +275,7 @@ def test_keys_repeated_across_shards_are_scored_and_counted_in_the_metrics():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.subprocess
 def test_ctrl_c_says_what_was_interrupted_and_leaves_no_older_result_looking_current(tmp_path):
     """evaluate exited 130 without a word, an earlier run's metrics.json and predictions.parquet left
     beside the new .partial; label did not say that --resume continues the run."""

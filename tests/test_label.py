@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import MOBILENET_INT8, RESNET50_INT8, SAMPLE_1000, jpeg_bytes, need, start_cli, subset_folder
+from helpers import MOBILENET_INT8, RESNET50_INT8, SAMPLE_1000, jpeg_bytes, need, start_cli, subset_folder
 from pipeline.classes import imagenet_classes
 from pipeline.evaluate import evaluate
 from pipeline.label import AlreadyFinished, label
@@ -158,7 +158,7 @@ def test_one_big_tar_is_labelled_in_units_of_its_members_and_resumed_by_unit(ray
     assert len(manifest["shards"]) == 3 + len(added)  # a unit per added shard, not scanned
 
 
-def test_a_shard_labelled_in_parts_that_cannot_be_cut_again_is_refused_not_labelled_twice(tmp_path):
+def test_a_part_labelled_shard_that_cannot_be_cut_again_is_refused_not_relabelled(tmp_path):
     """A resume finds a shard whose first part is done but whose headers no longer read (replaced, or
     unreadable): reading it whole would label that part again, so the run stops and says why."""
     big = write_tar(tmp_path / "big.tar", [(f"{i}.jpg", jpeg_bytes(seed=i)) for i in range(40)])
@@ -243,10 +243,11 @@ def test_bad_files_in_a_folder_and_in_tars_are_error_rows_and_the_counts_add_up(
     assert tar_manifest["images"] == len(files) + 4 and tar_manifest["errors"] == len(EXPECTED_REASONS) + 4
 
 
-def run_cli(*args: str) -> subprocess.Popen:
+def start_label(*args: str) -> subprocess.Popen:
     return start_cli("label", "--preset", "torch", *args)
 
 
+@pytest.mark.subprocess
 def test_a_finished_dir_is_left_alone_and_a_foreign_one_refused(ray_local, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
@@ -259,7 +260,7 @@ def test_a_finished_dir_is_left_alone_and_a_foreign_one_refused(ray_local, tmp_p
     shards = {p: p.stat().st_mtime_ns for p in output.rglob("*.parquet")}
     with pytest.raises(AlreadyFinished):
         label(model, str(folder), str(output), resume=True)
-    done = run_cli("--model", model, "--data", str(folder), "--output", str(output))
+    done = start_label("--model", model, "--data", str(folder), "--output", str(output))
     message = " ".join(done.communicate(timeout=120)[0].split())  # rich wraps lines at 80 columns
     assert done.returncode == 0 and "already holds a finished labelling run (3 images" in message
     assert {p: p.stat().st_mtime_ns for p in output.rglob("*.parquet")} == shards
@@ -269,7 +270,7 @@ def test_a_finished_dir_is_left_alone_and_a_foreign_one_refused(ray_local, tmp_p
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("keep me")
-    refused = run_cli("--model", model, "--data", str(folder), "--output", str(foreign))
+    refused = start_label("--model", model, "--data", str(folder), "--output", str(foreign))
     message = " ".join(refused.communicate(timeout=120)[0].split())
     assert refused.returncode == 2 and "is not empty and holds no finished run" in message
     with pytest.raises(OutputDirError, match="no labelling run to resume"):
@@ -278,6 +279,7 @@ def test_a_finished_dir_is_left_alone_and_a_foreign_one_refused(ray_local, tmp_p
 
 
 
+@pytest.mark.subprocess
 def test_a_finished_or_interrupted_run_refuses_other_settings_and_resumes_the_same(ray_local, tmp_path):
     images = subset_folder(need(SAMPLE_1000), tmp_path / "images", 6)
     tars = write_tar_shards(tmp_path / "tars", sorted(images.glob("*.JPEG")), per_shard=4)
@@ -287,8 +289,8 @@ def test_a_finished_or_interrupted_run_refuses_other_settings_and_resumes_the_sa
     label(str(model), str(tars), str(output))
     written = {p: p.stat().st_mtime_ns for p in output.rglob("*") if p.is_file()}
 
-    refused = run_cli("--model", other_model, "--data", str(tars), "--output", str(output),
-                      "--top-k", "3", "--preset", "caffe2")
+    refused = start_label("--model", other_model, "--data", str(tars), "--output", str(output),
+                          "--top-k", "3", "--preset", "caffe2")
     message = " ".join(refused.communicate(timeout=120)[0].split())
     assert refused.returncode == 2 and "holds a finished labelling run with other settings" in message
     for changed in (f"model was '{model}', now '{other_model}'", "top_k was 5, now 3",
@@ -322,12 +324,13 @@ def test_a_finished_or_interrupted_run_refuses_other_settings_and_resumes_the_sa
     assert resumed["this_run_images"] == 0 and resumed["images"] == 6 and len(resumed["shards"]) == 2
 
 
+@pytest.mark.subprocess
 def test_an_empty_folder_fails_as_in_evaluate_and_records_no_run(ray_local, tmp_path):
     model, folder, output = str(need(MOBILENET_INT8)), tmp_path / "images", tmp_path / "out"
     folder.mkdir()
     with pytest.raises(SourceError, match="no files to read"):
         evaluate(model, str(folder), "torch")
-    failed = run_cli("--model", model, "--data", str(folder), "--output", str(output))
+    failed = start_label("--model", model, "--data", str(folder), "--output", str(output))
     message = " ".join(failed.communicate(timeout=120)[0].split())
     assert failed.returncode == 2 and f"{folder}: no files to read" in message
     assert not output.exists() or not any(output.iterdir())
@@ -342,6 +345,7 @@ def test_an_empty_folder_fails_as_in_evaluate_and_records_no_run(ray_local, tmp_
     assert manifest["images"] == manifest["labelled"] == manifest["this_run_images"] == 3
 
 
+@pytest.mark.subprocess
 def test_sigkill_part_way_then_resume_gives_exactly_the_uninterrupted_output(ray_local, tmp_path):
     model = str(need(MOBILENET_INT8))
     tars = tmp_path / "tars"
@@ -350,7 +354,7 @@ def test_sigkill_part_way_then_resume_gives_exactly_the_uninterrupted_output(ray
                   [(f"{shard:03d}/{i:02d}.jpg", jpeg_bytes(size=(96, 72), seed=100 * shard + i)) for i in range(16)]
                   + ([("broken.jpg", b"\xff\xd8 broken")] if shard == 5 else []))
     killed = tmp_path / "killed"
-    run = run_cli("--model", model, "--data", str(tars), "--output", str(killed))
+    run = start_label("--model", model, "--data", str(tars), "--output", str(killed))
     deadline = time.monotonic() + 300
     while len(list((killed / "labels").glob("*.parquet"))) < 2:
         assert run.poll() is None, "the run ended before it could be killed: " + run.stdout.read()

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import MOBILENET_INT8, VAL_1300, need, subset_folder
+from helpers import MOBILENET_INT8, VAL_1300, jpeg_bytes, need, subset_folder
 from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
@@ -108,8 +108,6 @@ def test_other_protobufs_and_bad_records_are_refused_with_a_reason():
 
 
 def test_prepare_keys_follow_input_order_and_unreadable_images_are_listed(tmp_path):
-    from conftest import jpeg_bytes
-
     folder = tmp_path / "images"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(jpeg_bytes(seed=1))
@@ -257,6 +255,7 @@ def test_caffe2_bounding_boxes_are_cropped_to_before_scaling(ray_local, val200, 
 
 # --- bad input -----------------------------------------------------------------------------------
 
+@pytest.mark.ray
 def test_bad_databases_are_clear_errors(tmp_path, val200):
     good = tmp_path / "good"
     write_lmdb(str(val200), str(good), fmt="lmdb-datum")
@@ -267,8 +266,8 @@ def test_bad_databases_are_clear_errors(tmp_path, val200):
         f.truncate((truncated / LMDB_DATA_FILE).stat().st_size // 2)
     with pytest.raises(SourceError, match="truncated"):
         read_source(str(truncated))
-    result = CliRunner().invoke(app, ["evaluate", "--model", str(need(MOBILENET_INT8)), "--preset", "torch", "--data", str(truncated),
-                                      "--output", str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(need(MOBILENET_INT8)), "--preset", "torch",
+                                      "--data", str(truncated), "--output", str(tmp_path / "out")])
     assert result.exit_code == 2 and "truncated" in result.output
 
     with pytest.raises(SourceError, match="no data.mdb"):
@@ -338,11 +337,11 @@ def test_records_lost_to_a_damaged_key_order_fail_the_run_instead_of_being_skipp
     """Damage that rewrites a key in place breaks the B-tree's order: the key-range readers then stop
     a range early and skip records with no error of their own. The entry count catches it: evaluate
     writes no metrics and label no finished run."""
-    from conftest import jpeg_bytes
     from pipeline.label import label
 
     keys = [b"%08d_img%02d.jpg" % (i, i) for i in range(12)]
-    db = put_records(tmp_path / "db", [(key, encode_datum(i, encoded=jpeg_bytes(seed=i))) for i, key in enumerate(keys)])
+    db = put_records(tmp_path / "db",
+                     [(key, encode_datum(i, encoded=jpeg_bytes(seed=i))) for i, key in enumerate(keys)])
     data = bytearray((db / LMDB_DATA_FILE).read_bytes())
     at = data.index(keys[4])
     data[at:at + 8] = b"00000011"  # now out of order between 00000003 and 00000005

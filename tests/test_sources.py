@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, need, subset_folder
+from helpers import MOBILENET_INT8, REPO, SAMPLE_1000, need, subset_folder
 from pipeline.evaluate import evaluate
 from pipeline.label import label
 from pipeline.sources import check_source, detect_format, read_source
@@ -187,6 +187,7 @@ print(json.dumps({"errors": errors, "ray_started": ray.is_initialized()}))
 """
 
 
+@pytest.mark.subprocess
 def test_bad_inputs_are_reported_before_ray_starts(sample_8, tmp_path):
     (tmp_path / "bad.txt").write_text("a.jpg one\n")
     (tmp_path / "bad").mkdir()
@@ -321,8 +322,7 @@ def test_enough_shards_are_read_a_task_each_with_only_their_own_labels(sample_8,
 
 # --- Parquet as Hugging Face datasets writes it ----------------------------------------------------
 
-def test_hugging_face_parquet_shards_give_the_folders_predictions_keyed_by_shard_and_row(ray_local, sample_8,
-                                                                                          tmp_path):
+def test_hugging_face_parquet_shards_give_the_folders_predictions_by_shard_and_row(ray_local, sample_8, tmp_path):
     """`image` a struct of bytes and path, no key column, several row groups: every row read once, keyed
     by its shard's name and row number, with the predictions of the same images read as a folder; a row
     without image bytes is an error row."""
