@@ -302,6 +302,33 @@ def test_ctrl_c_says_what_was_interrupted_and_leaves_no_older_result_looking_cur
     assert not (output / "metrics.json").exists() and not (output / "predictions.parquet").exists()
 
 
+def test_a_ctrl_c_that_a_finalizer_drops_still_stops_the_stream(ray_local, capfd):
+    """Python drops a KeyboardInterrupt raised inside a `__del__` ("Exception ignored in"): a Ctrl-C
+    that landed in one of Ray's finalizers while the predictions streamed let the run go on to its end
+    and exit 0."""
+    import signal
+
+    import ray.data
+
+    from pipeline.streaming import stream_batches
+
+    class SendsCtrlCWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # Python runs the SIGINT handler here, in the finalizer
+
+    batches = []
+
+    def take(batch):
+        batches.append(len(batch["key"]))
+        if len(batches) == 1:
+            SendsCtrlCWhenCollected()  # collected at once
+
+    dataset = ray.data.from_items([{"key": str(i)} for i in range(40)], override_num_blocks=4)
+    with pytest.raises(KeyboardInterrupt):
+        stream_batches(dataset, take)
+    assert len(batches) == 1
+    assert "Exception ignored" not in capfd.readouterr().err
+
 def test_an_lmdb_whose_first_records_are_damaged_is_read_by_its_first_good_one(tmp_path):
     """Only the first 16 records were looked at: a database of 16 damaged records and 20 good ones
     after them was refused whole."""
