@@ -20,8 +20,9 @@ and its range chosen by the exact error (`exact_l2_optimal_range`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -62,11 +63,11 @@ class Histogram:
     width: float
     counts: np.ndarray
     # the activation's distinct values and their counts, when it takes at most LEVELS of them
-    distinct: Optional["DistinctValues"] = None
+    distinct: Optional[DistinctValues] = None
 
     @classmethod
     def spanning(cls, low: float, high: float, bins: int = HISTOGRAM_BINS,
-                 distinct: Optional["DistinctValues"] = None) -> "Histogram":
+                 distinct: Optional[DistinctValues] = None) -> Histogram:
         start, width = _grid(low, high, bins)
         return cls(start, width, np.zeros(bins, np.float64), distinct)
 
@@ -92,8 +93,8 @@ class DistinctValues:
     counts: np.ndarray
 
     @classmethod
-    def merged(cls, values: np.ndarray, previous: Optional["DistinctValues"] = None,
-               limit: int = LEVELS) -> Optional["DistinctValues"]:
+    def merged(cls, values: np.ndarray, previous: Optional[DistinctValues] = None,
+               limit: int = LEVELS) -> Optional[DistinctValues]:
         """PREVIOUS with VALUES counted in, or None once there are more than LIMIT distinct values.
         A sample is looked at first, so that a large activation of many values is not sorted whole."""
         values = _finite_values(values)
@@ -190,7 +191,8 @@ def float_tensors(model: onnx.ModelProto) -> list[str]:
     return [n for n in names if n and n not in weights and types.get(n) == onnx.TensorProto.FLOAT]
 
 
-def collect_histograms(model_path: str, batches: Sequence[np.ndarray], bins: int = HISTOGRAM_BINS) -> dict[str, Histogram]:
+def collect_histograms(model_path: str, batches: Sequence[np.ndarray],
+                       bins: int = HISTOGRAM_BINS) -> dict[str, Histogram]:
     """Run the fp32 model over the calibration batches twice: once for each float activation's
     range (and its distinct values while they are few), then to histogram it over that range. One
     batch at a time: the intermediate tensors of a whole calibration set would not fit in memory."""

@@ -1,10 +1,10 @@
 """`pipeline compare`: several models on the same images in one pass, the first the baseline.
 
 Every record is read once, and decoded and preprocessed in that read task once per distinct preset
-(models that share a preset share its input); one inference actor per core holds a `Classifier` of every model, all pinned to its core, and runs them
-all on the same batch. The driver splits the stream into one prediction stream per model, counted
-by the same AccuracyCounter and written by the same prediction_table as `evaluate`'s, so each
-model's top-1/top-5 are what `evaluate` gives for it alone.
+(models that share a preset share its input); one inference actor per core holds a `Classifier` of every
+model, all pinned to its core, and runs them all on the same batch. The driver splits the stream into one
+prediction stream per model, counted by the same AccuracyCounter and written by the same prediction_table
+as `evaluate`'s, so each model's top-1/top-5 are what `evaluate` gives for it alone.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import os
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow.parquet as pq

@@ -32,7 +32,7 @@ class Preset:
     crop_offset: Literal["floor", "round"]  # (size - crop) // 2, or round((size - crop) / 2)
 
     @classmethod
-    def from_dict(cls, values: dict, source: str) -> "Preset":
+    def from_dict(cls, values: dict, source: str) -> Preset:
         fields = set(cls.__dataclass_fields__)
         missing = fields - set(values)
         unknown = set(values) - fields

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 from ray.exceptions import RayError

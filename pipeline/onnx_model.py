@@ -32,7 +32,7 @@ class ModelInfo:
     outputs_probabilities: bool  # the graph ends in Softmax: do not apply it again
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike) -> "ModelInfo":
+    def from_path(cls, path: str | os.PathLike) -> ModelInfo:
         import onnx
 
         path = str(path)

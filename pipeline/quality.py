@@ -34,7 +34,7 @@ class Predictions:
     probs: Optional[np.ndarray]  # [N, 1000] when the run kept the whole distributions
 
     @classmethod
-    def read(cls, path: str | Path) -> "Predictions":
+    def read(cls, path: str | Path) -> Predictions:
         table = pq.read_table(path)
         table = table.filter(pc.equal(table["error"], "")).sort_by("key")
         n = table.num_rows
@@ -54,7 +54,7 @@ class Predictions:
     def correct(self) -> np.ndarray:
         return self.top1 == self.labels
 
-    def subset(self, rows: np.ndarray) -> "Predictions":
+    def subset(self, rows: np.ndarray) -> Predictions:
         return Predictions(self.keys[rows], self.labels[rows], self.top5_ids[rows], self.top5_probs[rows],
                            None if self.probs is None else self.probs[rows])
 

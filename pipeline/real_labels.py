@@ -31,7 +31,7 @@ class RealLabels:
     source: str
 
     @classmethod
-    def load(cls, path: Optional[str | Path] = None) -> "RealLabels":
+    def load(cls, path: Optional[str | Path] = None) -> RealLabels:
         """The labels in PATH (a JSON list of lists of class indices), or the packaged ones; a file that
         is not that is one ConfigError sentence, before any work starts."""
         if path is None:

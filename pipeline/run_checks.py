@@ -3,8 +3,9 @@ then one sentence at once, not the failure of every task after the cluster has s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from pipeline.config import Preset, load_preset
 from pipeline.onnx_model import ModelError, ModelInfo, checked_model_info

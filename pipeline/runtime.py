@@ -13,8 +13,9 @@ import os
 import signal
 import socket
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Optional
 
 from pipeline.errors import UserError
 
@@ -95,7 +96,8 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> N
             try:
                 ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, **common)
             except (ConnectionError, ValueError, RuntimeError) as exc:  # nothing there, a bad address, no ray[client]
-                raise ClusterError(f"cannot join the Ray cluster at {address!r}: {' '.join(str(exc).split())}") from None
+                reason = " ".join(str(exc).split())
+                raise ClusterError(f"cannot join the Ray cluster at {address!r}: {reason}") from None
     # registered after Ray's own atexit ray.shutdown (at `import ray`), so it runs before it
     atexit.unregister(_let_ray_shut_down)
     atexit.register(_let_ray_shut_down)

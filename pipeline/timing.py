@@ -10,7 +10,8 @@ Ray's own processes and threads, the driver, serialising and moving blocks betwe
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa

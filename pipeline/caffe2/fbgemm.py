@@ -16,7 +16,8 @@ import numpy as np
 def _fma32(x: np.ndarray, multiplier: float, addend: np.ndarray | float) -> np.ndarray:
     """float32(x * multiplier + addend) rounded once, as the fused instruction does: the exact
     value is formed in float64 (the products of these operands fit its 53 bits)."""
-    return (x.astype(np.float64) * np.float64(np.float32(multiplier)) + np.asarray(addend, np.float64)).astype(np.float32)
+    scaled = x.astype(np.float64) * np.float64(np.float32(multiplier))
+    return (scaled + np.asarray(addend, np.float64)).astype(np.float32)
 
 
 def sum_table(a_qparams: tuple[float, int], b_qparams: tuple[float, int], y_qparams: tuple[float, int],

@@ -5,8 +5,8 @@ MobileNetV2 (Caffe2's default, QNNPACK-based `Int8*` operators), in both engines
 engine decides the arithmetic: DNNLOWP (fbgemm) requantises in float with round half to even,
 which onnxruntime's QLinear* operators do too; QNNPACK's fixed-point requantisation is built
 from integer ONNX operators by `pipeline.caffe2.qnnpack`. Every activation keeps the uint8
-scale and zero point stored in the Caffe2 files (`Y_scale`, `Y_zero_point`), every weight keeps its uint8 values and zero
-point, every bias its int32 values (scale = input scale x weight scale, as both Caffe2
+scale and zero point stored in the Caffe2 files (`Y_scale`, `Y_zero_point`), every weight keeps its uint8
+values and zero point, every bias its int32 values (scale = input scale x weight scale, as both Caffe2
 engines compute it). The ONNX graph runs natively in NCHW: weights stored NHWC are
 transposed at import time, and a blob's Caffe2 memory order only matters where a tensor
 is flattened (FC, Flatten, Reshape), where a Transpose is inserted.
@@ -29,9 +29,10 @@ Mapping:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -146,7 +147,8 @@ class ConversionContext:
     def node(self, op_type: str, inputs: list[str], hint: str, domain: str = "", **attrs: Any) -> str:
         output = self.fresh(hint)
         self.nodes.append(
-            helper.make_node(op_type, inputs, [output], name=self.fresh(f"{hint}/{op_type}"), domain=domain or None, **attrs)
+            helper.make_node(op_type, inputs, [output], name=self.fresh(f"{hint}/{op_type}"), domain=domain or None,
+                             **attrs)
         )
         return output
 
@@ -232,7 +234,8 @@ class OpConverter:
         """table[a * 256 + b] for two uint8 tensors: any function of a pair of bytes."""
         index = self.ctx.node("Add", [
             self.ctx.node("Mul", [self.ctx.node("Cast", [a], f"{self.hint}_a32", to=TensorProto.INT32),
-                                  self.ctx.initializer(f"{self.hint}_256", np.array(256, np.int32))], f"{self.hint}_a256"),
+                                  self.ctx.initializer(f"{self.hint}_256", np.array(256, np.int32))],
+                          f"{self.hint}_a256"),
             self.ctx.node("Cast", [b], f"{self.hint}_b32", to=TensorProto.INT32),
         ], f"{self.hint}_pair")
         return self.ctx.node("Gather", [self.ctx.initializer(f"{self.hint}_table", table), index], self.hint, axis=0)
@@ -242,13 +245,15 @@ class OpConverter:
 
     def clip_at_zero_point(self, tensor: str, zero_point: int) -> str:
         """ReLU on a uint8 tensor: real 0 is the zero point, so clamp below it."""
-        return self.ctx.node("Clip", [tensor, self.ctx.zero_point(f"{self.hint}_relu_min", zero_point)], f"{self.hint}_relu")
+        return self.ctx.node("Clip", [tensor, self.ctx.zero_point(f"{self.hint}_relu_min", zero_point)],
+                             f"{self.hint}_relu")
 
     def requantize(self, blob: Blob, scale: float, zero_point: int) -> str:
         """Move a uint8 tensor to other qparams (only where Caffe2 itself requantises)."""
         if (blob.scale, blob.zero_point) == (scale, zero_point):
             return blob.onnx_name
-        real = self.ctx.node("DequantizeLinear", [blob.onnx_name, *self.qparams_inputs(blob, f"{self.hint}_in")], f"{self.hint}_real")
+        real = self.ctx.node("DequantizeLinear", [blob.onnx_name, *self.qparams_inputs(blob, f"{self.hint}_in")],
+                             f"{self.hint}_real")
         return self.ctx.node(
             "QuantizeLinear", [real, *self.ctx.qparams(self.hint, scale, zero_point)], self.hint
         )
@@ -291,7 +296,8 @@ class OpConverter:
         return {"kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations}
 
 
-def _pair(args: OpArgs, single: str, plural: str, split: tuple[str, str], default: list[int] | None) -> list[int] | None:
+def _pair(args: OpArgs, single: str, plural: str, split: tuple[str, str],
+          default: list[int] | None) -> list[int] | None:
     if args.has(plural):
         return args.ints(plural)
     if args.has(single):
@@ -383,8 +389,8 @@ def _int8_conv(cv: OpConverter, x_name: str, x: Blob, weight_oihw: np.ndarray, w
         cv.ctx.zero_point(f"{cv.hint}_x", x.zero_point), cv.ctx.zero_point(cv.op.input[1], weight.zero_point),
     ], f"{cv.hint}_acc", **attrs)
     if bias is not None:
-        per_channel = cv.ctx.node("Reshape", [bias, cv.ctx.initializer(f"{cv.hint}_c11", np.array([-1, 1, 1], np.int64))],
-                                  f"{cv.hint}_bias_c11")
+        shape_c11 = cv.ctx.initializer(f"{cv.hint}_c11", np.array([-1, 1, 1], np.int64))
+        per_channel = cv.ctx.node("Reshape", [bias, shape_c11], f"{cv.hint}_bias_c11")
         acc = cv.ctx.node("Add", [acc, per_channel], f"{cv.hint}_acc_bias")
     requant_scale = qnnpack.conv_scale(x.scale, weight.scale, scale)
     # Caffe2's activationLimits: a fused ReLU clamps at the output zero point.
@@ -422,7 +428,8 @@ def convert_conv(cv: OpConverter, relu: bool) -> None:
     attrs = cv.window(kernel_from_weights=(int(w.shape[2]), int(w.shape[3])))
     group = cv.args.int("group", 1)
     bias = _bias(cv, x, weight, int(w.shape[0]))
-    y, scale, zero_point = _int8_conv(cv, x.onnx_name, x, np.ascontiguousarray(w), weight, bias, relu, group=group, **attrs)
+    y, scale, zero_point = _int8_conv(cv, x.onnx_name, x, np.ascontiguousarray(w), weight, bias, relu, group=group,
+                                      **attrs)
     cv.set_output(y, x, scale=scale, zero_point=zero_point, layout=order, rank=4, channels=int(w.shape[0]))
 
 
@@ -435,7 +442,8 @@ def convert_fc(cv: OpConverter) -> None:
     # FC as a 1x1 QLinearConv on [N, K, 1, 1]: the int32 bias and a single requantisation,
     # exactly like Caffe2's FC; QLinearMatMul has no bias input.
     as_image = cv.ctx.node(
-        "Reshape", [cv.to_nchw_memory_order(x), cv.ctx.initializer(f"{cv.hint}_nk11", np.array([0, -1, 1, 1], np.int64))],
+        "Reshape",
+        [cv.to_nchw_memory_order(x), cv.ctx.initializer(f"{cv.hint}_nk11", np.array([0, -1, 1, 1], np.int64))],
         f"{cv.hint}_nk11",
     )
     bias = _bias(cv, x, weight, int(w.shape[0]))
@@ -460,7 +468,8 @@ def convert_sum(cv: OpConverter, relu: bool) -> None:
         a_qparams, b_qparams = (a.scale, a.zero_point), (b.scale, b.zero_point)
         if not cv.exact:
             y = cv.ctx.node("QLinearAdd", [a.onnx_name, *cv.qparams_inputs(a, f"{cv.hint}_a"), b.onnx_name,
-                                           *cv.qparams_inputs(b, f"{cv.hint}_b"), *cv.ctx.qparams(cv.hint, scale, zero_point)],
+                                           *cv.qparams_inputs(b, f"{cv.hint}_b"),
+                                           *cv.ctx.qparams(cv.hint, scale, zero_point)],
                             f"{cv.hint}_add" if relu else cv.hint, domain=MS_DOMAIN)
             y = cv.clip_at_zero_point(y, zero_point) if relu else y
         else:
@@ -471,7 +480,8 @@ def convert_sum(cv: OpConverter, relu: bool) -> None:
         raise cv.fail(f"{len(inputs)} inputs: Caffe2's QNNPACK Int8Add/Int8Sum takes exactly 2")
     else:
         reals = [
-            cv.ctx.node("DequantizeLinear", [blob.onnx_name, *cv.qparams_inputs(blob, f"{cv.hint}_in{i}")], f"{cv.hint}_in{i}_real")
+            cv.ctx.node("DequantizeLinear", [blob.onnx_name, *cv.qparams_inputs(blob, f"{cv.hint}_in{i}")],
+                        f"{cv.hint}_in{i}_real")
             for i, blob in enumerate(inputs)
         ]
         total = cv.ctx.node("Sum", reals, f"{cv.hint}_real") if len(reals) > 1 else reals[0]
@@ -545,7 +555,8 @@ def convert_reshape(cv: OpConverter) -> None:
         raise cv.fail("no shape argument or shape input")
     scale, zero_point = cv.output_qparams(default=x)
     shaped = cv.ctx.node(
-        "Reshape", [cv.to_nchw_memory_order(x), cv.ctx.initializer(f"{cv.hint}_shape", np.array(shape, np.int64))], cv.hint
+        "Reshape", [cv.to_nchw_memory_order(x), cv.ctx.initializer(f"{cv.hint}_shape", np.array(shape, np.int64))],
+        cv.hint,
     )
     y = cv.requantize(replace(x, onnx_name=shaped), scale, zero_point)
     cv.set_output(y, x, scale=scale, zero_point=zero_point, layout="NCHW", rank=len(shape), channels=None)
@@ -643,7 +654,8 @@ def _fill_values(op: Any, args: OpArgs) -> np.ndarray:
     return np.array(values_arg.floats, dtype=np.float32)
 
 
-INIT_FILLS = ("Int8GivenTensorFill", "Int8GivenIntTensorFill", "GivenTensorFill", "GivenTensorIntFill", "GivenTensorInt64Fill")
+INIT_FILLS = ("Int8GivenTensorFill", "Int8GivenIntTensorFill", "GivenTensorFill", "GivenTensorIntFill",
+              "GivenTensorInt64Fill")
 
 
 def read_constants(init_net: Any) -> dict[str, Constant]:

@@ -6,7 +6,8 @@ same operators and arguments as Caffe2's own quantised exports.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 

@@ -9,8 +9,8 @@ lookup tables, the imported graph gives QNNPACK's bytes exactly.
 Each `*_params` function derives QNNPACK's constants from the float32 scales the way
 QNNPACK's `requantization.h` does (`qnnp_compute_*_quantization_params`); each graph builder
 adds the nodes through the importer's ConversionContext. An addition depends only on its two
-uint8 inputs: `add_table` gives its result for all 65,536 pairs, for the graph to look up. Integer division of non-negative
-int64 values is floor division in onnxruntime, so the graph only ever divides those.
+uint8 inputs: `add_table` gives its result for all 65,536 pairs, for the graph to look up. Integer division of
+non-negative int64 values is floor division in onnxruntime, so the graph only ever divides those.
 """
 
 from __future__ import annotations

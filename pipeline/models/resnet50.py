@@ -8,7 +8,7 @@ keep a sensible range through all 16 blocks: for structure, quantisation and spe
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import onnx

@@ -53,7 +53,8 @@ class _Parser:
         token = self.peek()
         if not token or (expected is not None and token != expected):
             wanted = repr(expected) if expected else "a token"
-            raise ProtoSyntaxError(f"{self.source}: expected {wanted}, got {repr(token) if token else 'the end of the file'}")
+            got = repr(token) if token else "the end of the file"
+            raise ProtoSyntaxError(f"{self.source}: expected {wanted}, got {got}")
         self.pos += 1
         return token
 
@@ -174,7 +175,7 @@ def _scopes(scope: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_messages(proto_file: str) -> dict[str, type[Message]]:
     """Message classes of PROTO_FILE (a name in this folder or a path), by fully qualified name
     (e.g. "caffe.Datum", "caffe2.TensorProto")."""

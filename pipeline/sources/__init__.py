@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 from pipeline.sources.base import (LMDB_DATA_FILE, Cut, Plan, Source, SourceError, is_directory, is_glob,
                                    is_image_name, is_tar_name, recut_rows, walk_files)

@@ -8,7 +8,8 @@ their work unit on top of the same pieces (`pipeline.sources.units`).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import Optional
 
 import pyarrow as pa
 import ray.data

@@ -21,9 +21,10 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import lmdb
 import pyarrow as pa

@@ -19,7 +19,8 @@ Raw pixels are handed on in the source-row contract's form: HWC, RGB (or greysca
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 from google.protobuf.message import DecodeError, Message

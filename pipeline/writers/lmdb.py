@@ -15,8 +15,9 @@ and reported in the returned counts: a record cannot carry an error.
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import lmdb
 from PIL import Image
