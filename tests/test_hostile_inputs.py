@@ -4,20 +4,26 @@ own error row; a model whose scores have the wrong shape is refused; two runs ne
 from __future__ import annotations
 
 import io
+import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from onnx import helper
 from PIL import Image
 
-from conftest import MOBILENET_INT8, VAL_1300, jpeg_bytes, need, save_classifier, start_cli, subset_folder
+from conftest import (MOBILENET_INT8, SAMPLE_1000, VAL_1300, jpeg_bytes, need, run_cli, save_classifier, start_cli,
+                      subset_folder)
 from pipeline.config import load_preset
 from pipeline.inference import ModelError, ModelInfo, make_session, run_model
 from pipeline.preprocess import Preprocessor
 from pipeline.sources import NO_LABEL
 from pipeline.sources.folder import read_file, read_folder_records
+from pipeline.sources.tar import (TarShardDatasource, member_runs, read_tar_blocks, scan_shard, shard_rows,
+                                  tar_records, tar_unit_readers)
 
 
 def png_bytes(width: int, height: int) -> bytes:
@@ -318,3 +324,94 @@ def test_an_lmdb_whose_first_records_are_damaged_is_read_by_its_first_good_one(t
     env.close()
     info = inspect_lmdb(tmp_path / "db")
     assert (info.record_kind, info.entries) == (DATUM, 36)
+
+
+def add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def webdataset_shard(path: Path, images: list[bytes], classes: list[int]) -> Path:
+    """A WebDataset shard of IMAGES: sample `sNNNN` is `.jpg`, `.cls` (before the image in every
+    third sample, after it otherwise) and `.json` in every other one; then a `.cls` whose sample has
+    no image, an image whose `.cls` holds a class name, and an image with two `.cls`."""
+    with tarfile.open(path, "w") as archive:
+        for n, (image, cls) in enumerate(zip(images, classes)):
+            members = [(f"s{n:04d}.jpg", image), (f"s{n:04d}.cls", f"{cls}\n".encode())]
+            members += [(f"s{n:04d}.json", json.dumps({"n": n}).encode())] if n % 2 else []
+            for name, data in (members[1:2] + members[:1] + members[2:]) if n % 3 == 0 else members:
+                add_member(archive, name, data)
+        add_member(archive, "orphan.cls", b"7")
+        add_member(archive, "named.jpg", images[0])
+        add_member(archive, "named.cls", b"tench")
+        for name, data in (("dup.jpg", images[0]), ("dup.cls", b"1"), ("dup.cls", b"2")):
+            add_member(archive, name, data)
+    return path
+
+
+NAMED_CLS = "its sample's named.cls does not hold a class index (ASCII digits): b'tench'"
+SECOND_CLS = "a second .cls sidecar of sample dup: its first one, dup.cls, is read"
+
+
+def test_webdataset_sidecars_label_their_image_in_runs_never_split(tmp_path):
+    """key.cls and key.json were error rows each. A .cls labels its sample's image whatever their
+    order, a .json is metadata; a .cls without image is passed on as any member, a .cls without a class
+    index or a second one is one error row; runs of any size start at samples, and plan what they read."""
+    classes = [(37 * n) % 1000 for n in range(12)]
+    shard = webdataset_shard(tmp_path / "wds.tar", [jpeg_bytes(seed=n) for n in range(12)], classes)
+    blocks = list(read_tar_blocks(str(shard), ""))
+    rows = [row for block in blocks for row in zip(*block.select(["key", "label", "error"]).to_pydict().values())]
+    assert rows == [(f"s{n:04d}.jpg", cls, "") for n, cls in enumerate(classes)] + [
+        ("orphan.cls", NO_LABEL, ""), ("named.jpg", NO_LABEL, NAMED_CLS), ("dup.jpg", 1, ""),
+        ("dup.cls", NO_LABEL, SECOND_CLS)]
+    # the labels file is the user's explicit input: it wins over a .cls
+    labelled = next(read_tar_blocks(str(shard), "", {"s0001.jpg": 5}))
+    assert labelled.column("label").to_pylist()[:3] == [classes[0], 5, classes[2]]
+
+    scan = scan_shard(str(shard), "")
+    assert shard_rows(str(shard), "", scan) == len(rows) == 16
+    whole = list(tar_records(str(shard), ""))
+    with tarfile.open(shard) as archive:
+        samples = [member.name.split(".")[0] for member in archive]
+    for size in range(1, 12):
+        runs = member_runs(scan, size)
+        read = [list(tar_records(str(shard), "", run)) for run in runs]
+        assert [row for run in read for row in run] == whole, size
+        assert [len(run) for run in read] == [shard_rows(str(shard), "", scan, run) for run in runs], size
+        assert all(run.rows in (None, len(rows)) for run, rows in zip(runs, read))
+        # a run starts at a sample's first member: `.cls` first in every third sample, `.jpg` otherwise
+        assert all(samples[run.before - 1] != samples[run.before] for run in runs[1:]), size
+    assert len(member_runs(scan, 4)) > 1
+
+    readers, planned = tar_unit_readers(str(shard), set(), 10)
+    units = [(unit, [row for block in blocks for row in block.column("key").to_pylist()])
+             for reader in readers for unit, blocks in reader()]
+    assert planned == sum(len(keys) for _, keys in units) == 16
+    assert [unit.rsplit("-m", 1)[1] for unit, _ in units] == [f"{run.before:09d}" for run in member_runs(scan, 10)]
+    assert [key for _, keys in units for key in keys] == [key for key, _, _ in whole]
+
+
+def test_a_webdataset_shard_is_evaluated_by_its_cls_labels_with_exact_counts(tmp_path):
+    """evaluate on one WebDataset shard, cut into runs: the top-1 is scored against the .cls labels,
+    and every image and bad sidecar is counted once."""
+    model, sample = need(MOBILENET_INT8), need(SAMPLE_1000)
+    truth = dict(line.split() for line in (sample / "labels.txt").read_text().splitlines())
+    names = sorted(truth)[:40]
+    classes = [int(truth[name]) for name in names]
+    shard = webdataset_shard(tmp_path / "wds.tar", [(sample / name).read_bytes() for name in names], classes)
+    datasource = TarShardDatasource(str(shard))
+    assert len(datasource.plan.pieces) > 1 and datasource.plan.records == 44
+
+    result = run_cli("evaluate", "--model", model, "--preset", "torch", "--data", shard, "--output", tmp_path / "out")
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["images"], metrics["evaluated"], metrics["errors"]) == (44, 41, 3)
+    predictions = {row["key"]: row for row in pq.read_table(tmp_path / "out" / "predictions.parquet").to_pylist()}
+    images = [f"s{n:04d}.jpg" for n in range(40)]
+    assert sorted(predictions) == sorted(images + ["orphan.cls", "named.jpg", "dup.jpg", "dup.cls"])
+    assert [predictions[key]["label"] for key in images + ["dup.jpg"]] == classes + [1]
+    assert {key: row["error"] for key, row in predictions.items() if row["error"]} == {
+        "orphan.cls": "no label for this image", "named.jpg": NAMED_CLS, "dup.cls": SECOND_CLS}
+    top1 = sum(predictions[key]["top5_ids"][0] == predictions[key]["label"] for key in images + ["dup.jpg"])
+    assert metrics["top1_correct"] == top1 and metrics["top1"] == top1 / 41 > 0.5
