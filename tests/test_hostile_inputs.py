@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from onnx import helper
@@ -20,8 +21,9 @@ from conftest import (MOBILENET_INT8, SAMPLE_1000, VAL_1300, jpeg_bytes, need, r
 from pipeline.config import load_preset
 from pipeline.inference import ModelError, ModelInfo, make_session, run_model
 from pipeline.preprocess import Preprocessor
-from pipeline.sources import NO_LABEL
+from pipeline.sources import NO_LABEL, SourceError
 from pipeline.sources.folder import read_file, read_folder_records
+from pipeline.sources.parquet import parquet_unit_readers, read_parquet_shards, read_row_groups
 from pipeline.sources.tar import (TarShardDatasource, member_runs, read_tar_blocks, scan_shard, shard_rows,
                                   tar_records, tar_unit_readers)
 
@@ -415,3 +417,33 @@ def test_a_webdataset_shard_is_evaluated_by_its_cls_labels_with_exact_counts(tmp
         "orphan.cls": "no label for this image", "named.jpg": NAMED_CLS, "dup.cls": SECOND_CLS}
     top1 = sum(predictions[key]["top5_ids"][0] == predictions[key]["label"] for key in images + ["dup.jpg"])
     assert metrics["top1_correct"] == top1 and metrics["top1"] == top1 / 41 > 0.5
+
+
+def write_shard(path: Path, columns: dict) -> str:
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def test_a_parquet_column_of_the_wrong_type_is_named_and_bad_values_are_rows(tmp_path):
+    """A column of the wrong type refused the run with an Arrow error naming no column; a key that is
+    not UTF-8, or a uint64 label past int64, refused the whole read for one value."""
+    images = pa.array([jpeg_bytes(seed=1), jpeg_bytes(seed=2)])
+    for name, columns, sentence in (
+            ("error", {"image": images, "error": pa.array([0, 1])},
+             "the error column must hold text (why a record could not be read, empty for a good one); it is int64"),
+            ("key", {"key": pa.array([[1], [2]]), "image": images},
+             "the key column must hold the records' names (text, bytes or numbers); it is list<element: int64>"),
+            ("image", {"image": pa.array([{"bytes": 1}, {"bytes": 2}])},
+             "the bytes field of the image column must hold the encoded image (binary); it is int64")):
+        shard = write_shard(tmp_path / f"{name}.parquet", columns)
+        for read in (lambda: read_parquet_shards(shard), lambda: parquet_unit_readers(shard, set(), 1000)):
+            with pytest.raises(SourceError) as refused:
+                read()
+            assert str(refused.value) == f"{shard}: {sentence}"
+
+    shard = write_shard(tmp_path / "values.parquet", {
+        "key": pa.array([b"caf\xe9.jpg", b"ok.jpg"]), "image": images,
+        "label": pa.array([2**64 - 1, 3], pa.uint64())})
+    rows = pa.concat_tables(read_row_groups(shard, "values.parquet", [0], ["key", "image", "label"])).to_pylist()
+    assert [(row["key"], row["label"], row["error"]) for row in rows] == [
+        ("caf\\xe9.jpg", NO_LABEL, "label 18446744073709551615 out of range 0..999"), ("ok.jpg", 3, "")]
