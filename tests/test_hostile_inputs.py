@@ -447,3 +447,23 @@ def test_a_parquet_column_of_the_wrong_type_is_named_and_bad_values_are_rows(tmp
     rows = pa.concat_tables(read_row_groups(shard, "values.parquet", [0], ["key", "image", "label"])).to_pylist()
     assert [(row["key"], row["label"], row["error"]) for row in rows] == [
         ("caf\\xe9.jpg", NO_LABEL, "label 18446744073709551615 out of range 0..999"), ("ok.jpg", 3, "")]
+
+
+def test_members_of_one_key_are_not_held_whole_and_cut_as_without_sidecars(tmp_path):
+    """`frame.000001.jpg`, ... share the sample key `frame`: without sidecars the shard is cut and
+    read as before; with a .cls past the members a sample holds, the images are passed on unlabelled
+    and the .cls is an error row (it was passed on as an image)."""
+    frames, late = tmp_path / "frames.tar", tmp_path / "late.tar"
+    for shard, sidecars in ((frames, []), (late, [("frame.cls", b"3")])):
+        with tarfile.open(shard, "w") as archive:
+            for name, data in [(f"frame.{n:06d}.jpg", jpeg_bytes(size=(8, 8), seed=n)) for n in range(100)] + sidecars:
+                add_member(archive, name, data)
+    scan = scan_shard(str(frames), "")
+    assert [run.before for run in member_runs(scan, 30)] == [0, 30, 60, 90]
+    assert [run.rows for run in member_runs(scan, 30)] == [30, 30, 30, None]
+
+    rows = list(read_tar_blocks(str(late), ""))[0].select(["key", "label", "error"]).to_pylist()
+    assert len(rows) == 101 and {row["label"] for row in rows[:100]} == {NO_LABEL}
+    assert rows[100] == {"key": "frame.cls", "label": NO_LABEL, "error": "a .cls sidecar after the first 64 members "
+                         "of sample frame, which are not held for it"}
+    assert len(member_runs(scan_shard(str(late), ""), 30)) == 1  # a sample holding a sidecar is never split
