@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from pipeline.local_cluster import LocalCluster  # noqa: E402
 from pipeline.runtime import local_cores  # noqa: E402
+from testkit.local_cluster import LocalCluster  # noqa: E402
 
 
 def run_evaluation(model: Path, data: Path, preset: str, output: Path, address: str, env: dict) -> dict:
@@ -60,7 +60,7 @@ def main() -> None:
         clusters["one node"].head(num_cpus=cores, inference_cores=cores)
         clusters["two nodes"].head(num_cpus=cores // 2, inference_cores=cores // 2)
         clusters["two nodes"].worker(num_cpus=cores - cores // 2, inference_cores=cores - cores // 2)
-        for name, cluster in clusters.items():
+        for cluster in clusters.values():
             cluster.wait_for_nodes(len(cluster.nodes))
         for i in range(args.repeat):
             for name, cluster in clusters.items():

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import load_preset
-from pipeline.inference import make_session
+from pipeline.onnx_model import make_session
 from pipeline.models import ARCHITECTURES, build_model
 from pipeline.preprocess import decode_image, preprocess_image
 from pipeline.quantize import quantize_model

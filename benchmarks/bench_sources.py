@@ -53,11 +53,11 @@ def main() -> None:
 
     from pipeline.config import load_preset
     from pipeline.evaluate import evaluate
-    from pipeline.prepare import write_parquet_shards
+    from pipeline.writers.parquet import write_parquet_shards
     from pipeline.preprocess import Preprocessor
     from pipeline.runtime import init_ray, map_after_read
     from pipeline.sources import read_source
-    from pipeline.sources.lmdb_writer import write_lmdb
+    from pipeline.writers.lmdb import write_lmdb
 
     preset = load_preset(args.preset)
     labels = str(Path(args.images) / "labels.txt")

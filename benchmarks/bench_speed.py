@@ -3,7 +3,7 @@
 1. ceiling:  one onnxruntime session per core (one thread, pinned), all at once, random input, no
              decoding;
 2. naive:    one process reading, decoding, preprocessing and running one session in turn (the
-             session gets every core as intra-op threads; `pipeline/reference.py`);
+             session gets every core as intra-op threads; `testkit/reference.py`);
 3. pipeline: the whole `pipeline evaluate` command as a user runs it, timed from outside (start-up
              included), and its own `run_images_per_s` (from the start of the Ray Data execution).
 
@@ -40,8 +40,8 @@ RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_preset  # noqa: E402
-from pipeline.inference import ModelInfo, make_session  # noqa: E402
-from pipeline.reference import reference_predictions  # noqa: E402
+from pipeline.onnx_model import ModelInfo, make_session  # noqa: E402
+from testkit.reference import reference_predictions  # noqa: E402
 
 VAL_1300 = SHARED / "data" / "imagenet-val-1300"
 SAMPLE_1000 = SHARED / "data" / "imagenet-sample-1000"
@@ -158,7 +158,8 @@ def machine() -> dict:
                            text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "commit": commit.strip() + ("+changes" if dirty else ""),
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)),
+            "commit": commit.strip() + ("+changes" if dirty else ""),
             "load_average_at_end": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d")}
 
 

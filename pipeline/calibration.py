@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 
-from pipeline.inference import ModelInfo
+from pipeline.onnx_model import ModelInfo
 
 HISTOGRAM_BINS = 2048
 LEVELS = 256  # 8 bits

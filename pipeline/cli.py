@@ -12,11 +12,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 from rich.table import Table
-from ray.exceptions import RayError
 
 from pipeline.config import ConfigError, load_preset
-from pipeline.console import (PRESET_HELP, REAL_LABELS_HELP, USER_ERRORS, InputFormat, console, fail, fail_in_ray,
-                              format_help, format_name, interrupted, model_and_preset, say)
+from pipeline.console import (PRESET_HELP, REAL_LABELS_HELP, InputFormat, console, fail, format_help, format_name,
+                              model_and_preset, reported_failures, say)
 from pipeline.output import exclusive_output
 
 app = typer.Typer(
@@ -109,7 +108,8 @@ def evaluate(
     """Measure top-1/top-5 accuracy and throughput of a classifier on labelled ImageNet images."""
     from pipeline.evaluate import evaluate as run_evaluation
 
-    try:
+    left = f"the evaluation stopped before its end: {output} holds no result of it"
+    with reported_failures(interrupted_message=left):
         with exclusive_output(output, "evaluate"):
             model, preset = model_and_preset(model, preset_or_config(preset, config))
             with progress_bar() as progress:
@@ -119,12 +119,6 @@ def evaluate(
                     on_progress=ProgressReporter(progress, "evaluating"),
                     real_labels=str(real_labels) if real_labels else None,
                 )
-    except USER_ERRORS as exc:
-        fail(str(exc))
-    except RayError as exc:
-        fail_in_ray(exc)
-    except KeyboardInterrupt:
-        interrupted(f"the evaluation stopped before its end: {output} holds no result of it")
     print_summary(metrics, output)
     if not metrics["evaluated"]:
         fail(nothing_scored(metrics, output))
@@ -135,7 +129,7 @@ def nothing_scored(metrics: dict, output: Path) -> str:
     from pyarrow import parquet
 
     from pipeline.preprocess import label_error
-    from pipeline.sources import NO_LABEL
+    from pipeline.sources.base import NO_LABEL
 
     if not metrics["errors"]:
         return f"no image could be scored: {metrics['data']} holds no records"
@@ -188,9 +182,9 @@ def prepare(
 ) -> None:
     """Write Parquet shards (key, image bytes as stored, label), or an LMDB database, from an image folder."""
     labels_file = str(labels) if labels else None
-    try:
+    with reported_failures():
         if format == "parquet":
-            from pipeline.prepare import write_parquet_shards
+            from pipeline.writers.parquet import write_parquet_shards
 
             counts = write_parquet_shards(str(images), str(out), labels_file, shard_size, overwrite)
             report = f"wrote {counts['records']} records in {counts['shards']} shards to {out}" + (
@@ -198,11 +192,9 @@ def prepare(
         elif overwrite:
             fail("--overwrite replaces Parquet shards: an LMDB database is written into a new folder")
         else:
-            from pipeline.sources.lmdb_writer import prepare_lmdb
+            from pipeline.writers.lmdb import prepare_lmdb
 
             report = prepare_lmdb(str(images), str(out), labels_file, format, encoded, resize)
-    except USER_ERRORS as exc:
-        fail(str(exc))
     say(report)
 
 
@@ -229,24 +221,22 @@ def label(
     from pipeline.label import AlreadyFinished, label as run_labelling
 
     try:
-        with exclusive_output(output, "label"):
-            model, preset = model_and_preset(model, preset)
-            with progress_bar() as progress:
-                manifest = run_labelling(
-                    str(model), data, str(output), top_k=top_k, preset=preset, fmt=format_name(format),
-                    resume=resume, overwrite=overwrite, unit_size=shard_size, batch_size=batch_size,
-                    address=address, on_progress=ProgressReporter(progress, "labelling", start_on_first_call=True),
-                )
+        with reported_failures(ray_advice=f"; {output} keeps the units finished so far: --resume finishes the run "
+                                          "with the same options, --overwrite starts again",
+                               interrupted_message=f"{output} keeps the units finished so far: --resume finishes "
+                                                   "the run with the same options"):
+            with exclusive_output(output, "label"):
+                model, preset = model_and_preset(model, preset)
+                with progress_bar() as progress:
+                    manifest = run_labelling(
+                        str(model), data, str(output), top_k=top_k, preset=preset, fmt=format_name(format),
+                        resume=resume, overwrite=overwrite, unit_size=shard_size, batch_size=batch_size,
+                        address=address,
+                        on_progress=ProgressReporter(progress, "labelling", start_on_first_call=True),
+                    )
     except AlreadyFinished as finished:
         say(str(finished))
         return
-    except USER_ERRORS as exc:
-        fail(str(exc))
-    except RayError as exc:
-        fail_in_ray(exc, f"; {output} keeps the units finished so far: --resume finishes the run with the "
-                         "same options, --overwrite starts again")
-    except KeyboardInterrupt:
-        interrupted(f"{output} keeps the units finished so far: --resume finishes the run with the same options")
     say(f"{manifest['images']} images: {manifest['labelled']} labelled, {manifest['errors']} errors "
         f"({manifest['this_run_images']} in this run, {manifest['images_per_s']:.1f} images/s); "
         f"{len(manifest['shards'])} shards in {output}")

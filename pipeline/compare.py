@@ -9,31 +9,36 @@ model's top-1/top-5 are what `evaluate` gives for it alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
-import json
 import os
 import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow.parquet as pq
 import ray.data
 
-from pipeline.config import Preset
-from pipeline.evaluate import check_preset_fits, drop_previous_results, prediction_schema, prediction_table
-from pipeline.inference import Classifier, CorePin, ModelError, ModelInfo, checked_model_info
+from pipeline.config import Preset, load_preset
+from pipeline.cores import CorePin
+from pipeline.evaluate import PREDICTIONS_FILE, PREDICTIONS_PARTIAL, drop_previous_results
+from pipeline.inference import Classifier
 from pipeline.metrics import AccuracyCounter
-from pipeline.output import make_output_dir
+from pipeline.onnx_model import ModelError, ModelInfo, checked_model_info
+from pipeline.output import atomic_file, make_output_dir, write_json
+from pipeline.prediction_table import prediction_schema, prediction_table
 from pipeline.preprocess import Preprocessor
 from pipeline.quality import Predictions, against_baseline, model_quality
 from pipeline.real_labels import RealLabels
 from pipeline.report import THUMBNAIL_SIZE, model_name, write_report
+from pipeline.run_checks import check_preset_fits
 from pipeline.runtime import inference_actor_options, inference_slots, init_ray, map_after_read
 from pipeline.sources import check_source, read_source
+from pipeline.streaming import ProgressCallback, stream_batches
 
 
 def check_comparable(infos: list[ModelInfo]) -> None:
@@ -132,12 +137,10 @@ COMPARISON_FILES = ("comparison.json", "report.html")
 def compare(models: list[str], data: str, presets: list[str | Preset], output: str, *,
             fmt: Optional[str] = None, labels: Optional[str] = None, limit: Optional[int] = None,
             batch_size: int = 32, address: Optional[str] = None, real_labels: Optional[str] = None,
-            on_progress: Optional[Callable[[int, Optional[int]], None]] = None) -> dict:
+            on_progress: Optional[ProgressCallback] = None) -> dict:
     """MODELS (the first the baseline, each with its preset in PRESETS) on DATA in one pass: OUTPUT gets
     <name>/predictions.parquet (with the class distributions) and <name>/metrics.json per model,
     comparison.json and report.html; returns the comparison."""
-    from pipeline.config import load_preset
-
     started = time.perf_counter()
     if len(models) < 2:
         raise ModelError("compare needs at least two --model, the first the baseline")
@@ -171,28 +174,25 @@ def compare(models: list[str], data: str, presets: list[str | Preset], output: s
 
     counters = [AccuracyCounter() for _ in models]
     seconds = [0.0 for _ in models]
-    partials = [folder / "predictions.parquet.partial" for folder in folders]
-    writers = [pq.ParquetWriter(partial, prediction_schema(True)) for partial in partials]
     execution_started = time.perf_counter()
-    try:
-        for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
+    with contextlib.ExitStack() as stack:
+        partials = [stack.enter_context(atomic_file(folder / PREDICTIONS_FILE, folder / PREDICTIONS_PARTIAL))
+                    for folder in folders]
+        writers = [stack.enter_context(pq.ParquetWriter(partial, prediction_schema(True))) for partial in partials]
+
+        def take(batch: dict) -> None:
             for j, (counter, writer) in enumerate(zip(counters, writers)):
                 rows = model_rows(batch, j)
                 counter.update(rows)
                 writer.write_table(prediction_table(rows))
                 seconds[j] += float(batch[f"seconds{j}"].sum())
-            if on_progress:
-                on_progress(counters[0].records, source.num_records)
-    finally:
-        for writer in writers:
-            writer.close()
-    finished = time.perf_counter()
-    wall = finished - started
-    source.check_all_read(counters[0].records, data)
-    for partial, folder in zip(partials, folders):
-        os.replace(partial, folder / "predictions.parquet")
 
-    read = [Predictions.read(folder / "predictions.parquet") for folder in folders]
+        stream_batches(predictions, take, on_progress=on_progress, total=lambda: source.num_records)
+        finished = time.perf_counter()
+        wall = finished - started
+        source.check_all_read(counters[0].records, data)
+
+    read = [Predictions.read(folder / PREDICTIONS_FILE) for folder in folders]
     reports = []
     for model, name, preset, counter, time_s, folder, predicted in zip(models, names, preset_objs, counters, seconds,
                                                                         folders, read):
@@ -206,7 +206,7 @@ def compare(models: list[str], data: str, presets: list[str | Preset], output: s
             "inference_images_per_core_s": counter.evaluated / time_s if time_s else 0.0,
             **model_quality(predicted, real),
         }
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(folder / "metrics.json", metrics)
         reports.append({"name": name, "metrics": metrics})
     comparisons = [{"name": names[j], **against_baseline(read[0], read[j])} for j in range(1, len(models))]
     flipped = {f["key"] for c in comparisons for f in c["flipped_right_to_wrong"] + c["flipped_wrong_to_right"]}
@@ -218,7 +218,7 @@ def compare(models: list[str], data: str, presets: list[str | Preset], output: s
         "models": [{"name": r["name"], **{k: v for k, v in r["metrics"].items() if k != "per_class"}} for r in reports],
         "comparisons": comparisons,
     }
-    (Path(output) / COMPARISON_FILES[0]).write_text(json.dumps(comparison, indent=2) + "\n")
+    write_json(Path(output) / COMPARISON_FILES[0], comparison)
     write_report(Path(output) / COMPARISON_FILES[1], f"{' vs '.join(names)} on {Path(str(comparison['data'])).name}",
                  reports, comparisons, thumbnails)
     return comparison

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from ray.exceptions import RayError
 
-from pipeline.console import (PRESET_HELP, REAL_LABELS_HELP, USER_ERRORS, InputFormat, fail, fail_in_ray, format_help,
-                              format_name, interrupted, preset_of_model, say)
+from pipeline.console import (PRESET_HELP, REAL_LABELS_HELP, InputFormat, format_help, format_name, preset_of_model,
+                              reported_failures, say)
 from pipeline.output import exclusive_output
 
 
@@ -54,7 +53,8 @@ def compare_command(
     from pipeline.cli import ProgressReporter, progress_bar
     from pipeline.compare import compare
 
-    try:
+    left = f"the comparison stopped before its end: {output} holds no result of it"
+    with reported_failures(interrupted_message=left):
         with exclusive_output(output, "compare"):
             presets = [preset or preset_of_model(m) for m in model]
             with progress_bar() as progress:
@@ -62,12 +62,6 @@ def compare_command(
                                      labels=str(labels) if labels else None, limit=limit, batch_size=batch_size,
                                      address=address, real_labels=str(real_labels) if real_labels else None,
                                      on_progress=ProgressReporter(progress, "comparing"))
-    except USER_ERRORS as exc:
-        fail(str(exc))
-    except RayError as exc:
-        fail_in_ray(exc)
-    except KeyboardInterrupt:
-        interrupted(f"the comparison stopped before its end: {output} holds no result of it")
     print_comparison(comparison)
     for note in dict.fromkeys(m["real_note"] for m in comparison["models"] if m.get("real_note")):
         say(note)

@@ -9,10 +9,12 @@ from typing import Literal
 
 import yaml
 
+from pipeline.errors import UserError
+
 INTERPOLATIONS = ("area", "bilinear", "bicubic", "nearest")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A preset or config file that cannot be used; the message says why."""
 
 

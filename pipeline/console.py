@@ -4,25 +4,22 @@ pipeline.cli and by the command modules it registers)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
+from ray.exceptions import RayError
 from rich.console import Console
 from rich.markup import escape
 
 from pipeline.config import ConfigError, Preset, preset_names
-from pipeline.inference import ModelError
-from pipeline.output import OutputDirError
-from pipeline.runtime import ClusterError
-from pipeline.sources import FORMATS, SourceError
+from pipeline.errors import UserError
+from pipeline.sources import FORMATS
 
 console = Console(stderr=True)
-
-# errors that mean "this input cannot be used": reported in one sentence, never as a traceback
-USER_ERRORS = (ConfigError, ModelError, SourceError, OutputDirError, ClusterError, FileNotFoundError)
 
 PRESET_HELP = (f"preprocessing preset: a name in conf/ ({', '.join(preset_names())}) or a preset YAML file; "
                "default: the one the model carries in its metadata")
@@ -87,6 +84,27 @@ def fail_in_ray(exc: Exception, after: str = "") -> None:
     fail(f"the Ray pipeline failed: {ray_failure_reason(exc)}{after}")
 
 
+@contextlib.contextmanager
+def reported_failures(*, prefix: str = "", os_errors: bool = False, ray_advice: str = "",
+                      interrupted_message: Optional[str] = None) -> Iterator[None]:
+    """The body of a command, whose failures the user can act on end in one line and an exit status:
+    a UserError, or a file gone between the checks and its reading (FileNotFoundError, whose message
+    names it), as `error: PREFIX...`; with OS_ERRORS any OSError so (a model file that could not be
+    written); a failure inside Ray as its reason, then RAY_ADVICE; Ctrl-C, when INTERRUPTED_MESSAGE
+    says what the run left, as `interrupted: ...`."""
+    reported = (UserError, OSError) if os_errors else (UserError, FileNotFoundError)
+    try:
+        yield
+    except reported as exc:
+        fail(f"{prefix}{exc}")
+    except RayError as exc:
+        fail_in_ray(exc, ray_advice)
+    except KeyboardInterrupt:
+        if interrupted_message is None:
+            raise
+        interrupted(interrupted_message)
+
+
 def model_and_preset(model: Optional[Path], preset: Optional[str]) -> tuple[Path, str | Preset]:
     """The user's model and preset, or the default model with its own preset where none is given."""
     if model is None:
@@ -101,8 +119,8 @@ def model_and_preset(model: Optional[Path], preset: Optional[str]) -> tuple[Path
 def preset_of_model(model: Path) -> Preset:
     """The preset MODEL carries in its metadata; without one, a ConfigError naming the presets: a model
     preprocessed with a guessed preset gives a wrong accuracy that looks plausible."""
-    from pipeline.inference import ModelInfo
     from pipeline.model_preset import model_preset
+    from pipeline.onnx_model import ModelInfo
 
     ModelInfo.from_path(model)  # a missing or non-ONNX file is reported as such
     own = model_preset(model)

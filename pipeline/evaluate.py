@@ -2,94 +2,34 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
+import contextlib
 import os
 import time
-import uuid
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Iterator, Optional
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
-import ray.data
+import ray
 
-from pipeline.classes import NUM_CLASSES
-from pipeline.config import Preset, load_preset
-from pipeline.inference import Classifier, ModelError, ModelInfo, checked_model_info
+from pipeline.config import Preset
 from pipeline.metrics import AccuracyCounter
-from pipeline.output import make_output_dir
-from pipeline.preprocess import Preprocessor
+from pipeline.output import atomic_file, make_output_dir, write_json
+from pipeline.predict import predict
+from pipeline.prediction_table import prediction_schema, prediction_table
 from pipeline.real_labels import RealLabels
 from pipeline.report import add_quality_and_report
-from pipeline.runtime import (INFERENCE_RESOURCE, inference_actor_options, inference_slots, init_ray,
-                              map_after_read)
-from pipeline.sources import Source, check_source, read_source
+from pipeline.run_checks import check_run
+from pipeline.runtime import INFERENCE_RESOURCE, inference_slots, init_ray
+from pipeline.sources import read_source
+from pipeline.streaming import ProgressCallback, stream_batches
 from pipeline.timing import TimeBreakdown, process_age_seconds
 from pipeline.vnni import warn_u8s8_saturation
 
-
-def check_preset_fits(info: ModelInfo, preset: Preset) -> None:
-    if (info.height, info.width) != (preset.crop, preset.crop):
-        raise ModelError(f"{info.path}: the model takes {info.height}x{info.width} images but preset "
-                         f"{preset.name!r} crops {preset.crop}x{preset.crop}.")
-
-
-def predict(source: Source, info: ModelInfo, preset: Preset, *, require_label: bool, top_k: int,
-            batch_size: int, run_id: Optional[str] = None, carry: tuple[str, ...] = (), probabilities: bool = False):
-    """The Ray Dataset of prediction rows (`key, label, top_ids, top_probs, error, node, core`, the
-    source columns named in CARRY, and with PROBABILITIES the class distribution `probs`)."""
-    actors = inference_slots()
-    preprocessed = map_after_read(source.dataset, Preprocessor(preset, require_label=require_label, carry=carry),
-                                  source.recut_rows, batch_size=None, batch_format="numpy")
-    return preprocessed.map_batches(
-        Classifier,
-        fn_constructor_kwargs={"info": dataclasses.replace(info, path=os.path.abspath(info.path)), "preset": preset,
-                               "top_k": top_k,
-                               "run_id": run_id or uuid.uuid4().hex, "carry": carry,
-                               "probabilities": probabilities},
-        batch_size=info.batch_size or batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        **inference_actor_options(),
-    )
-
-
-PREDICTION_SCHEMA = pa.schema([
-    ("key", pa.string()), ("label", pa.int64()),
-    ("top5_ids", pa.list_(pa.int32(), 5)), ("top5_probs", pa.list_(pa.float32(), 5)),
-    ("error", pa.string()),
-])
-# the whole distribution, when asked for: 4 KB per image
-PROBABILITIES_FIELD = pa.field("probs", pa.list_(pa.float32(), NUM_CLASSES))
-
-
-def fixed_size_lists(rows: np.ndarray, type_: pa.DataType) -> pa.Array:
-    """An [N, k] array as N Arrow lists of k values."""
-    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type_), rows.shape[1])
-
-
-def prediction_schema(probabilities: bool) -> pa.Schema:
-    return PREDICTION_SCHEMA.append(PROBABILITIES_FIELD) if probabilities else PREDICTION_SCHEMA
-
-
-def prediction_table(batch: dict[str, np.ndarray]) -> pa.Table:
-    probabilities = "probs" in batch
-    schema = prediction_schema(probabilities)
-    if not len(batch["key"]):
-        return schema.empty_table()
-    return pa.Table.from_arrays([
-        pa.array(batch["key"].tolist(), pa.string()),
-        pa.array(batch["label"], pa.int64()),
-        fixed_size_lists(batch["top_ids"], pa.int32()),
-        fixed_size_lists(batch["top_probs"], pa.float32()),
-        pa.array([str(e) for e in batch["error"]], pa.string()),
-        *([fixed_size_lists(batch["probs"], pa.float32())] if probabilities else []),
-    ], schema=schema)
-
-
 RESULT_FILES = ("metrics.json", "predictions.parquet", "report.html")
+PREDICTIONS_FILE = "predictions.parquet"
+# predictions.parquet's name while the run goes on, and what a run that fails or is interrupted
+# leaves: named so, it is never taken for a result
+PREDICTIONS_PARTIAL = "predictions.parquet.partial"
 
 
 def drop_previous_results(output: Path) -> None:
@@ -99,10 +39,23 @@ def drop_previous_results(output: Path) -> None:
         (output / name).unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def predictions_writer(output: Optional[str], probabilities: bool) -> Iterator[Optional[pq.ParquetWriter]]:
+    """The ParquetWriter of OUTPUT/predictions.parquet, written as its .partial file and renamed once
+    the block ends without error; None without OUTPUT."""
+    if not output:
+        yield None
+        return
+    folder = Path(output)
+    with atomic_file(folder / PREDICTIONS_FILE, folder / PREDICTIONS_PARTIAL) as partial:
+        with pq.ParquetWriter(partial, prediction_schema(probabilities)) as writer:
+            yield writer
+
+
 def evaluate(model: str, data: str, preset: str | Preset = "torch", output: Optional[str] = None, *,
              fmt: Optional[str] = None, labels: Optional[str] = None, limit: Optional[int] = None,
              batch_size: int = 32, address: Optional[str] = None, probabilities: bool = False,
-             on_progress: Optional[Callable[[int, Optional[int]], None]] = None,
+             on_progress: Optional[ProgressCallback] = None,
              real_labels: Optional[str] = None) -> dict:
     """Evaluate MODEL on DATA; write OUTPUT/metrics.json, OUTPUT/predictions.parquet (with
     PROBABILITIES, each image's whole class distribution too, column `probs`) and OUTPUT/report.html
@@ -110,53 +63,41 @@ def evaluate(model: str, data: str, preset: str | Preset = "torch", output: Opti
     stream. REAL_LABELS: a ReaL labels file instead of the packaged one."""
     started = time.perf_counter()
     real = RealLabels.load(real_labels)
-    preset_obj = load_preset(preset)
-    info = checked_model_info(model)
-    warn_u8s8_saturation(info.path)
-    check_preset_fits(info, preset_obj)
-    fmt = check_source(data, fmt, labels)  # before Ray starts: a bad input is reported at once
+    checked = check_run(model, preset, data, fmt, labels, check_model=lambda info: warn_u8s8_saturation(info.path))
     if output:
         drop_previous_results(make_output_dir(output))
     ray_started = time.perf_counter()
     init_ray(address)
     ray_start_s = time.perf_counter() - ray_started
     nodes_at_start = {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
-    source = read_source(data, fmt=fmt, labels=labels, limit=limit)
-    predictions = predict(source, info, preset_obj, require_label=True, top_k=5, batch_size=batch_size,
+    source = read_source(data, fmt=checked.fmt, labels=labels, limit=limit)
+    predictions = predict(source, checked.info, checked.preset, require_label=True, top_k=5, batch_size=batch_size,
                           probabilities=probabilities)
 
     counter = AccuracyCounter()
-    writer = None
-    if output:
-        partial = Path(output) / "predictions.parquet.partial"
-        writer = pq.ParquetWriter(partial, prediction_schema(probabilities))
     breakdown = TimeBreakdown()
     breakdown.start(ray.get_runtime_context().get_node_id())
     execution_started = time.perf_counter()
     first_prediction_s = None
-    try:
-        for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
+    with predictions_writer(output, probabilities) as writer:
+        def take(batch: dict) -> None:
+            nonlocal first_prediction_s
             if first_prediction_s is None:
                 first_prediction_s = process_age_seconds()
             counter.update(batch)
             breakdown.update(batch)
             if writer:
                 writer.write_table(prediction_table(batch))
-            if on_progress:
-                on_progress(counter.records, source.num_records)
-    finally:
-        if writer:
-            writer.close()
-    finished = time.perf_counter()
-    breakdown.finish()
-    wall = finished - started
-    source.check_all_read(counter.records, data)  # before any result is written as if it were whole
-    if writer:
-        os.replace(partial, Path(output) / "predictions.parquet")
+
+        stream_batches(predictions, take, on_progress=on_progress, total=lambda: source.num_records)
+        finished = time.perf_counter()
+        breakdown.finish()
+        wall = finished - started
+        source.check_all_read(counter.records, data)  # before any result is written as if it were whole
 
     metrics = {
         "model": os.path.abspath(model), "data": os.path.abspath(data) if os.path.exists(data) else data,
-        "preset": preset_obj.name, **counter.summary(),
+        "preset": checked.preset.name, **counter.summary(),
         "wall_s": round(wall, 3),
         "images_per_s": counter.records / wall if wall else 0.0,
         # from the start of the Ray Data execution: without starting or joining Ray, with starting
@@ -168,15 +109,13 @@ def evaluate(model: str, data: str, preset: str | Preset = "torch", output: Opti
     }
     if output:
         metrics = add_quality_and_report(output, metrics, real)  # the CIs, ECE, ReaL top-1; report.html
-        (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(Path(output) / "metrics.json", metrics)
     return metrics
 
 
 def cluster_summary(counter: AccuracyCounter, wall_s: float, nodes_at_start: set[str]) -> dict:
     """The cluster the run used: its nodes, the cores that ran inference and each node's share of
     the throughput (a node that left mid-run is listed, with what it did before leaving)."""
-    import ray
-
     nodes = [n for n in ray.nodes()
              if n.get("Alive") or n["NodeID"] in counter.node_images or n["NodeID"] in nodes_at_start]
     per_node = []

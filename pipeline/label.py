@@ -29,26 +29,29 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.classes import NUM_CLASSES, imagenet_classes
-from pipeline.config import Preset, load_preset
-from pipeline.evaluate import check_preset_fits, fixed_size_lists, predict
-from pipeline.inference import checked_model_info
-from pipeline.output import OutputDirError, check_not_a_file, make_output_dir
+from pipeline.config import Preset
+from pipeline.errors import UsageError
+from pipeline.output import OutputDirError, check_not_a_file, make_output_dir, publish, temp_path, write_json
+from pipeline.predict import predict
+from pipeline.prediction_table import fixed_size_lists
+from pipeline.run_checks import check_run
 from pipeline.runtime import init_ray
-from pipeline.sources import SourceError, check_source
-from pipeline.sources.units import PARTITIONERS, UNIT_COLUMNS, read_work_units
+from pipeline.sources import UNIT_FORMATS, read_work_units
+from pipeline.sources.base import SourceError
+from pipeline.sources.units import UNIT_COLUMNS
+from pipeline.streaming import ProgressCallback, stream_batches
 
 LABELS_DIR = "labels"
 ERRORS_DIR = "errors"
 RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.json"
-TEMP_SUFFIX = ".parquet.tmp"
 UNIT_SIZE = 1000
 ROW_GROUP_ROWS = 1024
 ERRORS_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string())])
@@ -101,14 +104,9 @@ def shard_path(output: Path, table: str, unit: str) -> Path:
     return output / table / f"{unit}.parquet"
 
 
-def temp_path(output: Path, table: str, unit: str) -> Path:
-    # a leading dot: readers of the folder as a dataset (pyarrow, Ray, pandas) skip it
-    return output / table / f".{unit}{TEMP_SUFFIX}"
-
-
 class BufferedParquet:
     """A Parquet file written in row groups of about ROW_GROUP_ROWS rows (the stream's batches are
-    small; one row group each would make slow files), durable on disk once closed."""
+    small; one row group each would make slow files)."""
 
     def __init__(self, path: Path, schema: pa.Schema):
         self.path = path
@@ -130,8 +128,6 @@ class BufferedParquet:
     def close(self) -> None:
         self.flush()
         self.writer.close()
-        with open(self.path, "rb") as f:  # a rename must not make a file visible that a crash can lose
-            os.fsync(f.fileno())
 
 
 class UnitWriter:
@@ -141,8 +137,8 @@ class UnitWriter:
         self.output, self.unit, self.builder = output, unit, builder
         self.received = 0
         self.expected = -1  # unknown until a row of the unit's last block arrives
-        self.labelled = BufferedParquet(temp_path(output, LABELS_DIR, unit), builder.schema)
-        self.errors = BufferedParquet(temp_path(output, ERRORS_DIR, unit), ERRORS_SCHEMA)
+        self.labelled = BufferedParquet(temp_path(shard_path(output, LABELS_DIR, unit)), builder.schema)
+        self.errors = BufferedParquet(temp_path(shard_path(output, ERRORS_DIR, unit)), ERRORS_SCHEMA)
 
     def write(self, batch: dict[str, np.ndarray]) -> None:
         ok = batch["error"] == ""
@@ -163,20 +159,8 @@ class UnitWriter:
         self.labelled.close()
         self.errors.close()
         for table in (ERRORS_DIR, LABELS_DIR):  # the labels shard last: its presence means done
-            os.replace(temp_path(self.output, table, self.unit), shard_path(self.output, table, self.unit))
-            fsync_dir(self.output / table)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write PATH whole or not at all: a reader never sees half a file, even after a crash (the
-    bytes are on disk before the rename makes them PATH)."""
-    partial = path.with_name(f"{path.name}.tmp")
-    with open(partial, "w") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
-    fsync_dir(path.parent)
+            shard = shard_path(self.output, table, self.unit)
+            publish(temp_path(shard), shard)
 
 
 # what to do about a damaged file of a run's state, by its name
@@ -201,15 +185,6 @@ def read_run_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise damaged_state(path, "run state", DAMAGED_STATE_ADVICE[path.name], "not a JSON object")
     return data
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename in PATH durable."""
-    handle = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)
 
 
 def file_sha256(path: str) -> str:
@@ -280,7 +255,7 @@ def claim_output(output: Path, run: dict, overwrite: bool) -> None:
             (output / name).unlink(missing_ok=True)
     for name in (LABELS_DIR, ERRORS_DIR):
         make_output_dir(output / name)
-        for temp in (output / name).glob(f".*{TEMP_SUFFIX}"):
+        for temp in (output / name).glob(temp_path(shard_path(output, name, "*")).name):
             temp.unlink()  # left by a killed run: that unit is read again
     done = finished_units(output)
     for orphan in (output / ERRORS_DIR).glob("*.parquet"):
@@ -339,25 +314,23 @@ class RecordCount:
 def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str | Preset = "torch",
           fmt: Optional[str] = None, resume: bool = False, overwrite: bool = False,
           unit_size: int = UNIT_SIZE, batch_size: int = 32, address: Optional[str] = None,
-          on_progress: Optional[Callable[[int, Optional[int]], None]] = None) -> dict:
+          on_progress: Optional[ProgressCallback] = None) -> dict:
     """Label every image of DATA into OUTPUT and return the manifest. Raises AlreadyFinished when
     OUTPUT holds a finished run of the same settings (unless OVERWRITE), OutputDirError when it holds
     something else, and SourceError (recording no run in OUTPUT) when DATA holds no record.
     ON_PROGRESS(records_done, records_total) follows the stream, counting units done before."""
     if not 1 <= top_k <= NUM_CLASSES:
-        raise OutputDirError(f"--top-k must be between 1 and {NUM_CLASSES}, got {top_k}")
+        raise UsageError(f"--top-k must be between 1 and {NUM_CLASSES}, got {top_k}")
     if unit_size < 1:
-        raise OutputDirError(f"--shard-size must be at least 1, got {unit_size}")
+        raise UsageError(f"--shard-size must be at least 1, got {unit_size}")
     started = time.perf_counter()
-    preset_obj = load_preset(preset)
-    info = checked_model_info(model)
-    check_preset_fits(info, preset_obj)
-    fmt = check_source(data, fmt)  # before Ray starts: a bad input is reported at once
+    checked = check_run(model, preset, data, fmt)
     out = Path(output)
     if Path(data).is_dir() and out.resolve().is_relative_to(Path(data).resolve()):
         raise OutputDirError(f"{out} is inside the input {data}: its own files would be read as records; "
                              "give an --output outside it")
-    run = run_description(model, data, fmt, preset_obj, top_k, unit_size)
+    fmt = checked.fmt
+    run = run_description(model, data, fmt, checked.preset, top_k, unit_size)
     make_output_dir(out)  # writable, before Ray starts
     done = check_output(out, run, resume, overwrite)
     init_ray(address)
@@ -365,14 +338,12 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str | P
     claim_output(out, run, overwrite)
     done_before = sum(sum(c.values()) for c in shard_counts(out).values())
     total = RecordCount(data, fmt, None if source.num_records is None else done_before + source.num_records)
-    predictions = predict(source, info, preset_obj, require_label=False, top_k=top_k,
+    predictions = predict(source, checked.info, checked.preset, require_label=False, top_k=top_k,
                           batch_size=batch_size, run_id=uuid.uuid4().hex, carry=UNIT_COLUMNS)
     builder = TableBuilder(top_k)
     writers: dict[str, UnitWriter] = {}
-    records = 0
-    if on_progress:
-        on_progress(done_before, total.value)
-    for batch in predictions.iter_batches(batch_size=None, batch_format="numpy"):
+
+    def take(batch: dict[str, np.ndarray]) -> None:
         for unit in np.unique(batch["unit"]):
             in_unit = batch["unit"] == unit
             writer = writers.get(unit)
@@ -382,9 +353,11 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str | P
                                                                   "unit_rows")})
             if writer.complete:
                 writers.pop(unit).commit()
-        records += len(batch["key"])
-        if on_progress:
-            on_progress(done_before + records, total.value)
+
+    if on_progress:
+        on_progress(done_before, total.value)
+    records = stream_batches(predictions, take, on_progress=on_progress, total=lambda: total.value,
+                             done_before=done_before)
     # the stream has ended: every row of every unit has arrived, unless the source lost some, and
     # then the units still open are not committed (a resume reads them again)
     source.check_all_read(records, data)
@@ -403,7 +376,7 @@ def label(model: str, data: str, output: str, *, top_k: int = 5, preset: str | P
         "images": labelled + errors, "labelled": labelled, "errors": errors,
         "resumed_from": done_before, "this_run_images": records,
         "wall_s": round(wall, 3), "images_per_s": records / wall if wall else 0.0,
-        "partitioned": fmt in PARTITIONERS,
+        "partitioned": fmt in UNIT_FORMATS,
         "shards": shards,
     }
     write_json(out / MANIFEST_FILE, manifest)

@@ -1,5 +1,5 @@
 """`pipeline model build` and `pipeline quantize`: the command-line side of pipeline.models and
-pipeline.quantize (registered in pipeline/cli.py)."""
+pipeline.quantize (registered in pipeline/cli.py): options in, the run's report out."""
 
 from __future__ import annotations
 
@@ -7,13 +7,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from ray.exceptions import RayError
 
-from pipeline.console import (PRESET_HELP, USER_ERRORS, InputFormat, fail, fail_in_ray, format_help, format_name,
-                              model_and_preset)
+from pipeline.console import PRESET_HELP, InputFormat, format_help, format_name, model_and_preset, reported_failures
 from pipeline.models import ARCHITECTURES, GENERATED, build_model
-from pipeline.output import OutputDirError, check_output_file
-from pipeline.weights import WeightsError
 
 
 def build_command(
@@ -24,18 +20,9 @@ def build_command(
     out: Path = typer.Option(..., help="where to write the fp32 ONNX model"),
 ) -> None:
     """Write an fp32 ONNX classifier (opset 17, input `input` [N,3,224,224], output softmax probabilities)."""
-    try:
+    with reported_failures(os_errors=True):
         path = build_model(arch, weights, out)
-    except (WeightsError, OutputDirError, OSError) as exc:
-        fail(str(exc))
     typer.echo(f"wrote {path} ({arch}, preprocessing preset {ARCHITECTURES[arch].preset})")
-
-
-def int8_paths(out: Path, methods: list[str]) -> dict[str, Path]:
-    """OUT for one method; OUT-METHOD.onnx for each of several."""
-    if len(methods) == 1:
-        return {methods[0]: out}
-    return {m: out.with_name(f"{out.stem}-{m}{out.suffix or '.onnx'}") for m in methods}
 
 
 def print_report(report: dict) -> None:
@@ -70,51 +57,18 @@ def quantize_command(
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default: a local single-node Ray"),
 ) -> None:
     """Quantise an fp32 model to int8 (QDQ) with calibration images read by the pipeline."""
-    import json
+    from pipeline.quantize import quantize, quantize_outputs
 
-    from pipeline.config import load_preset
-    from pipeline.evaluate import check_preset_fits
-    from pipeline.inference import checked_model_info
-    from pipeline.quantize import (QuantizeError, accuracy_report, check_float_model, check_options, quantize_model,
-                                   read_calibration_set)
-    from pipeline.runtime import init_ray
-    from pipeline.sources import check_source
-
-    try:
-        check_options(method, activations)
-        outputs = int8_paths(out, method)
-        for path in outputs.values():
-            check_output_file(path)
-        report_path = report or out.parent / "quantize-report.json"
-        if eval:
-            check_output_file(report_path, "--report", "JSON")
+    with reported_failures(os_errors=True):  # OSError: the model could not be written
+        outputs = quantize_outputs(out, method, activations, report, evaluated=bool(eval))
         model, preset = model_and_preset(model, preset)
-        preset_obj = load_preset(preset)
-        info = checked_model_info(model)  # the model and the preset are checked before Ray starts and images are read
-        check_float_model(model)
-        check_preset_fits(info, preset_obj)
-        calibration_format = check_source(calibration, format_name(format))  # and the inputs, before Ray starts
-        eval_format = check_source(eval, None, str(labels) if labels else None) if eval else None
-        init_ray(address)
-        calib = read_calibration_set(calibration, preset_obj, images, fmt=calibration_format)
-        typer.echo(f"calibrating on {calib.images} images of {calibration}"
-                   + (f" ({calib.errors} unreadable, left out)" if calib.errors else ""))
-        for name, path in outputs.items():
-            quantize_model(model, calib.batches, path, name, activations, preset_obj)
-            typer.echo(f"wrote {path} (int8, {name} calibration)")
-        if eval:
-            typer.echo(f"evaluating fp32 and {len(outputs)} int8 model{'s' * (len(outputs) > 1)} on {eval}")
-            result = accuracy_report(str(model), outputs, eval, preset, report_path.parent / "quantize-eval",
-                                     labels=str(labels) if labels else None, limit=eval_limit,
-                                     calibration_keys=set(calib.keys), fmt=eval_format)
-            result["calibration"] = {"data": calibration, "images": calib.images, "unreadable": calib.errors}
-            report_path.write_text(json.dumps(result, indent=2) + "\n")
-            print_report(result)
-            if result["calibration_overlap"]:
-                typer.secho(f"warning: {result['calibration_overlap']} evaluation images were also calibration images",
-                            fg=typer.colors.YELLOW, err=True)
-            typer.echo(f"report: {report_path}")
-    except (QuantizeError, *USER_ERRORS, OSError) as exc:  # OSError: the model could not be written
-        fail(str(exc))
-    except RayError as exc:
-        fail_in_ray(exc)
+        result = quantize(model, preset, calibration, outputs, images=images, activations=activations,
+                          fmt=format_name(format), eval_data=eval, labels=str(labels) if labels else None,
+                          eval_limit=eval_limit, address=address, say=typer.echo)
+    if result is None:
+        return
+    print_report(result)
+    if result["calibration_overlap"]:
+        typer.secho(f"warning: {result['calibration_overlap']} evaluation images were also calibration images",
+                    fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"report: {outputs.report}")

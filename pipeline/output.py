@@ -1,11 +1,13 @@
-"""Outputs: what `evaluate` and `label` share about the folder a run writes into, and what the
-commands that write one file (`quantize`, `model build`, `model import-caffe2`) check of it."""
+"""Outputs: what `evaluate` and `label` share about the folder a run writes into, what the commands
+that write one file (`quantize`, `model build`, `model import-caffe2`) check of it, and the one way
+every result file is written: whole or not at all."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import socket
 import tempfile
@@ -13,8 +15,10 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+from pipeline.errors import UserError
 
-class OutputDirError(ValueError):
+
+class OutputDirError(UserError):
     """The output folder cannot take this run (not a folder, not writable, holding another run); the
     message says what to do."""
 
@@ -97,3 +101,49 @@ def exclusive_output(path: str | Path, command: str) -> Iterator[None]:
         yield
     finally:
         os.close(handle)  # releases the flock
+
+
+def temp_path(path: Path) -> Path:
+    """The file PATH is written as until it is whole: in PATH's folder (a rename is atomic only
+    within one file system), hidden (readers of the folder as a dataset, pyarrow, Ray and pandas,
+    skip a name with a leading dot)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in PATH durable."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def publish(temp: Path, path: Path) -> None:
+    """Make the finished file TEMP the file PATH, durably: its bytes are on disk before the rename
+    makes them PATH, so a reader never sees half a file, even after a crash."""
+    with open(temp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, temp: Optional[Path] = None) -> Iterator[Path]:
+    """The file the block writes (TEMP, or PATH's hidden temp file), made PATH once the block ends
+    without error. A block that fails leaves the temp file as it is: it is never taken for PATH."""
+    path = Path(path)
+    temp = temp or temp_path(path)
+    yield temp
+    publish(temp, path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write TEXT (UTF-8) to PATH whole or not at all."""
+    with atomic_file(path) as temp:
+        temp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write DATA to PATH as indented JSON, whole or not at all."""
+    write_text(path, json.dumps(data, indent=2) + "\n")

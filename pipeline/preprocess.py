@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline.classes import NUM_CLASSES
 from pipeline.config import Preset
-from pipeline.sources import BBOX_COLUMNS, NO_LABEL, RAW_COLUMNS
+from pipeline.sources.base import BBOX_COLUMNS, NO_LABEL, RAW_COLUMNS
 from pipeline.timing import DECODE, READ
 
 # Every worker does one core's share of the work; OpenCV's own thread pool would compete with the

@@ -4,6 +4,10 @@ onnxruntime rewrites the graph; the activation ranges come from one of four cali
 methods: `l2` (ours, pipeline.calibration: the seed's L2-optimal histogram clipping) or
 onnxruntime's own `minmax`, `entropy` and `percentile`. Weights are symmetric int8 per output
 channel; activations uint8 (or int8); Softmax, and the logits it reads, stay float.
+
+`quantize` is the `pipeline quantize` run (the command in pipeline/model_commands.py only parses its
+options and prints its report): check, calibrate, write each int8 model, and with --eval compare them
+with fp32 by pipeline.evaluate.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import onnx
@@ -24,12 +29,14 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 
 from pipeline.calibration import BatchReader, collect_histograms, l2_optimal_range
 from pipeline.config import Preset
+from pipeline.errors import UserError
 from pipeline.evaluate import evaluate
-from pipeline.inference import ModelInfo
 from pipeline.model_preset import attach_preset
-from pipeline.output import make_output_dir
+from pipeline.onnx_model import ModelInfo
+from pipeline.output import atomic_file, check_output_file, make_output_dir, write_json
 from pipeline.preprocess import Normalizer, Preprocessor
-from pipeline.runtime import map_after_read
+from pipeline.run_checks import check_run
+from pipeline.runtime import init_ray, map_after_read
 from pipeline.sources import check_source, read_source
 from pipeline.stats import kl_divergence
 
@@ -49,7 +56,7 @@ FLOAT_OPS = ("Softmax",)  # left in float: probabilities need the precision, and
 FLOAT_OUTPUT_OPS = ("Gemm", "MatMul")
 
 
-class QuantizeError(ValueError):
+class QuantizeError(UserError):
     """Quantisation cannot proceed; the message says why."""
 
 
@@ -144,25 +151,26 @@ def quantize_model(
         extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
                        "OpTypesToExcludeOutputQuantization": list(FLOAT_OUTPUT_OPS)},
     )
-    with tempfile.TemporaryDirectory(prefix="pipeline-quantize-") as tmp, _onnxruntime_quietly():
+    with (tempfile.TemporaryDirectory(prefix="pipeline-quantize-") as tmp, _onnxruntime_quietly(),
+          atomic_file(out) as written):
         named_path = str(Path(tmp) / "model.onnx")
         onnx.save(model, named_path)
         if method == "l2":
             # onnxruntime's calibration cache: given an existing range table it skips its own calibration.
             cache = Path(tmp) / "ranges.json"
             save_tensors_data(l2_ranges(named_path, batches), cache)
-            quantize_static(named_path, str(out), None, calibrate_method=CalibrationMethod.MinMax,
+            quantize_static(named_path, str(written), None, calibrate_method=CalibrationMethod.MinMax,
                             calibration_cache_path=cache, **options)
         else:
             # One batch per collection step: onnxruntime's histogram calibrators hold every
             # intermediate tensor of a step in memory.
             options["extra_options"]["CalibStridedMinMax"] = 1
-            quantize_static(named_path, str(out), BatchReader(ModelInfo.from_path(model_path).input_name, batches),
+            quantize_static(named_path, str(written), BatchReader(ModelInfo.from_path(model_path).input_name, batches),
                             calibrate_method=ORT_METHODS[method], **options)
-    if preset is not None:
-        quantized = onnx.load(str(out))
-        attach_preset(quantized, preset)
-        onnx.save(quantized, str(out))
+        if preset is not None:
+            quantized = onnx.load(str(written))
+            attach_preset(quantized, preset)
+            onnx.save(quantized, str(written))
     return out
 
 
@@ -246,3 +254,55 @@ def accuracy_report(
             "kl_from_fp32": float(np.mean(kl_divergence(reference, quantised))) if shared else 0.0,
         }
     return report
+
+
+@dataclass(frozen=True)
+class QuantizeOutputs:
+    models: dict[str, Path]  # the int8 model of each calibration method
+    report: Path  # the accuracy report, written when the models are evaluated
+
+
+def quantize_outputs(out: Path, methods: list[str], activations: str, report: Optional[Path],
+                     evaluated: bool) -> QuantizeOutputs:
+    """The files a quantisation writes: OUT for one method, OUT-METHOD.onnx for each of several, and
+    REPORT (default: OUT's folder/quantize-report.json); checked, with METHODS and ACTIVATIONS, before
+    any work starts (a model is written only after minutes of calibration)."""
+    check_options(methods, activations)
+    if len(methods) == 1:
+        models = {methods[0]: out}
+    else:
+        models = {m: out.with_name(f"{out.stem}-{m}{out.suffix or '.onnx'}") for m in methods}
+    for path in models.values():
+        check_output_file(path)
+    report_path = report or out.parent / "quantize-report.json"
+    if evaluated:
+        check_output_file(report_path, "--report", "JSON")
+    return QuantizeOutputs(models, report_path)
+
+
+def quantize(model: str | Path, preset: str | Preset, calibration: str, outputs: QuantizeOutputs, *,
+             images: Optional[int], activations: str, fmt: Optional[str] = None, eval_data: Optional[str] = None,
+             labels: Optional[str] = None, eval_limit: Optional[int] = None, address: Optional[str] = None,
+             say: Callable[[str], None] = print) -> Optional[dict]:
+    """Quantise the fp32 MODEL (preprocessed by PRESET) into each of OUTPUTS.models, calibrated on the
+    first IMAGES records of CALIBRATION (read as FMT); with EVAL_DATA (and LABELS), evaluate fp32 and
+    every int8 model on its first EVAL_LIMIT records, write OUTPUTS.report and return it. SAY tells the
+    user each step. The model, the preset and both inputs are checked before Ray starts."""
+    checked = check_run(str(model), preset, calibration, fmt, check_model=lambda info: check_float_model(info.path))
+    eval_format = check_source(eval_data, None, labels) if eval_data else None
+    init_ray(address)
+    calib = read_calibration_set(calibration, checked.preset, images, fmt=checked.fmt)
+    say(f"calibrating on {calib.images} images of {calibration}"
+        + (f" ({calib.errors} unreadable, left out)" if calib.errors else ""))
+    for name, path in outputs.models.items():
+        quantize_model(model, calib.batches, path, name, activations, checked.preset)
+        say(f"wrote {path} (int8, {name} calibration)")
+    if not eval_data:
+        return None
+    count = len(outputs.models)
+    say(f"evaluating fp32 and {count} int8 model{'s' * (count > 1)} on {eval_data}")
+    result = accuracy_report(str(model), outputs.models, eval_data, preset, outputs.report.parent / "quantize-eval",
+                             labels=labels, limit=eval_limit, calibration_keys=set(calib.keys), fmt=eval_format)
+    result["calibration"] = {"data": calibration, "images": calib.images, "unreadable": calib.errors}
+    write_json(outputs.report, result)
+    return result

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.classes import imagenet_classes
+from pipeline.output import write_text
 
 THUMBNAIL_SIZE = 112
 
@@ -182,7 +183,7 @@ def render_report(title: str, models: list[dict], comparisons: list[dict],
 def write_report(path: str | Path, title: str, models: list[dict], comparisons: list[dict] = (),
                  thumbnails: Optional[dict[str, bytes]] = None) -> Path:
     path = Path(path)
-    path.write_text(render_report(title, models, list(comparisons), thumbnails), encoding="utf-8")
+    write_text(path, render_report(title, models, list(comparisons), thumbnails))
     return path
 
 

@@ -16,6 +16,8 @@ import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
+from pipeline.errors import UserError
+
 if TYPE_CHECKING:
     from ray.data import Dataset
 
@@ -26,7 +28,7 @@ INFERENCE_RESOURCE = "inference_core"
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-class ClusterError(ValueError):
+class ClusterError(UserError):
     """The Ray cluster given by --address cannot be joined; the message says why."""
 
 

@@ -20,13 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import UserError
+
 
 def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 values held as uint16 -> float32 (bfloat16 is the top half of a float32)."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weights file that cannot be read safely or correctly; the message says why."""
 
 

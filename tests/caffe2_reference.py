@@ -30,8 +30,8 @@ def requantize(acc: np.ndarray, multiplier: float, zero_point: int, relu: bool =
 def _windows(x: np.ndarray, kernel: tuple[int, int], stride: int, pads: tuple[int, int, int, int],
              fill: int, dilation: int = 1) -> np.ndarray:
     """[N, Ho, Wo, C, kH, kW] windows of an NHWC tensor padded with `fill`."""
-    t, l, b, r = pads
-    padded = np.pad(x, ((0, 0), (t, b), (l, r), (0, 0)), constant_values=fill)
+    top, left, bottom, right = pads
+    padded = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=fill)
     span = ((kernel[0] - 1) * dilation + 1, (kernel[1] - 1) * dilation + 1)
     win = sliding_window_view(padded, span, axis=(1, 2))[:, ::stride, ::stride]
     return win[..., ::dilation, ::dilation]
@@ -47,7 +47,8 @@ def conv_nhwc(x: np.ndarray, x_scale: float, x_zp: int, w: np.ndarray, w_scale: 
     wc = w.astype(np.int64) - w_zp
     mg = m // group
     acc = np.concatenate(
-        [np.einsum("nhwcij,mijc->nhwm", win[:, :, :, g * cg:(g + 1) * cg], wc[g * mg:(g + 1) * mg]) for g in range(group)],
+        [np.einsum("nhwcij,mijc->nhwm", win[:, :, :, g * cg:(g + 1) * cg], wc[g * mg:(g + 1) * mg])
+         for g in range(group)],
         axis=-1,
     )
     if bias is not None:
@@ -218,7 +219,8 @@ def run_net(constants: dict, predict_net, image_nchw: np.ndarray,
     `forced` maps operator indices to the values the model under test produced: after
     computing an operator's output the reference continues from that value, so that each
     operator is checked on its own inputs."""
-    blobs: dict[str, tuple[np.ndarray, float | None, int | None]] = {predict_net.external_input[0]: (image_nchw, None, None)}
+    blobs: dict[str, tuple[np.ndarray, float | None, int | None]] = {
+        predict_net.external_input[0]: (image_nchw, None, None)}
     outputs = []
     for index, op in enumerate(predict_net.op):
         args = {a.name: (a.i if a.HasField("i") else a.f if a.HasField("f") else a.s.decode()) for a in op.arg}
@@ -259,7 +261,8 @@ def run_net(constants: dict, predict_net, image_nchw: np.ndarray,
             y = (np.maximum(x, x_zp), x_scale, x_zp)
         elif op.type == "Int8AveragePool":
             kernel = int(args["kernel"])
-            window_sum = _windows(x.astype(np.int64), (kernel, kernel), int(args.get("stride", 1)), (0,) * 4, 0).sum(axis=(-2, -1))
+            window_sum = _windows(x.astype(np.int64), (kernel, kernel), int(args.get("stride", 1)), (0,) * 4,
+                                  0).sum(axis=(-2, -1))
             if fbgemm:
                 mean = (window_sum - kernel * kernel * x_zp).astype(np.float32) / np.float32(kernel * kernel)
                 q = np.clip(np.rint(mean * np.float32(x_scale) / np.float32(y_scale)).astype(np.int64) + y_zp, 0, 255)

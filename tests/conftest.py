@@ -1,47 +1,82 @@
-"""Shared fixtures: the read-only data in ../shared, a local Ray, and small generated inputs."""
+"""Fixtures and hooks: a local Ray shared by the session, and the markers that keep the fast subset
+(`-m "not ray and not subprocess"`) free of process starts.
+
+A test that starts Ray in this process must be marked `ray` (tests using `ray_local` are marked
+for it); one that starts any other program must be marked `subprocess`. Every process a test starts
+is seen through Python's audit hook for `subprocess.Popen`, and a test that starts one its markers do
+not declare fails. Ray is started once per session, so a test that only joins a running Ray is caught
+when it runs without the others: in the fast subset, or alone.
+"""
 
 from __future__ import annotations
 
-import io
+import importlib.util
 import os
-import subprocess
+import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-VAL_1300 = SHARED / "data" / "imagenet-val-1300"
-SAMPLE_1000 = SHARED / "data" / "imagenet-sample-1000"
-MOBILENET_INT8 = SHARED / "models" / "mobilenetv2-12-int8.onnx"
-RESNET50_INT8 = SHARED / "models" / "resnet50-int8-generated.onnx"
+# Ray's own processes (gcs_server, raylet, its Python monitors) run programs of the ray package;
+# a `ray start` runs the `ray` command
+RAY_PACKAGE = str(Path(importlib.util.find_spec("ray").origin).parent)
+
+# argv of every process started since the current test's setup began
+started_processes: list[list[str]] = []
 
 
-def need(path: Path) -> Path:
-    """PATH from ../shared, or skip the test saying what is missing."""
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the shared ImageNet data and models live in ../shared")
-    return path
+def record_process(event: str, args: tuple) -> None:
+    """Audit hook: note the argv of each `subprocess.Popen` (called for every audit event: kept cheap)."""
+    if event == "subprocess.Popen":
+        argv = args[1]
+        started_processes.append([os.fsdecode(argv)] if isinstance(argv, (str, bytes, os.PathLike))
+                                 else [os.fsdecode(arg) for arg in argv])
 
 
-def run_cli(*args, cwd=REPO, extra_env=None) -> subprocess.CompletedProcess:
-    """`python -m pipeline ARGS` as a user runs it, in its own process (its own Ray): output captured."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+def is_ray_process(argv: list[str]) -> bool:
+    return Path(argv[0]).name == "ray" or any(arg.startswith(RAY_PACKAGE) for arg in argv[:3])
 
 
-def start_cli(*args) -> subprocess.Popen:
-    """`python -m pipeline ARGS` started in a session of its own (a signal to its process group reaches
-    the driver and the Ray it starts, as a Ctrl-C in a terminal does), stdout and stderr as one text."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, args)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def undeclared_processes(item: pytest.Item, processes: list[list[str]]) -> list[str]:
+    """What ITEM started that its markers do not declare, one sentence each."""
+    problems = []
+    ray_starts = [argv for argv in processes if is_ray_process(argv)]
+    others = [argv for argv in processes if not is_ray_process(argv)]
+    if ray_starts and item.get_closest_marker("ray") is None:
+        problems.append(f"it starts Ray ({Path(ray_starts[0][0]).name}) but is not marked `ray`")
+    if others and item.get_closest_marker("subprocess") is None:
+        command = " ".join(shlex.join(others[0]).split())  # on one line: a `python -c` script has several
+        problems.append(f"it runs `{command[:100]}` but is not marked `subprocess`")
+    return problems
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    sys.addaudithook(record_process)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `ray` the tests that use the session's Ray, before `-m` selects (hence tryfirst)."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    started_processes.clear()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """After a test passes: fail it if it started a process its markers do not declare (its fixtures'
+    processes included: they start during its setup)."""
+    result = yield
+    problems = undeclared_processes(item, started_processes)
+    if problems:
+        pytest.fail("; ".join(problems) + " (see tests/conftest.py)", pytrace=False)
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -54,39 +89,3 @@ def ray_local():
     init_ray(None)
     yield
     ray.shutdown()
-
-
-def jpeg_bytes(size=(64, 48), mode="RGB", seed=0, fmt="JPEG") -> bytes:
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4, "CMYK": 4, "L": 1}[mode] if mode != "P" else 1
-    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
-    image = Image.fromarray(pixels[:, :, 0] if channels == 1 else pixels, "L" if channels == 1 else mode)
-    if mode == "P":
-        image = image.convert("P")
-    buffer = io.BytesIO()
-    image.save(buffer, fmt)
-    return buffer.getvalue()
-
-
-def subset_folder(src: Path, dst: Path, count: int) -> Path:
-    """The first COUNT images of SRC (by key) with their labels, linked into DST."""
-    lines = sorted((src / "labels.txt").read_text().split("\n"))
-    lines = [line for line in lines if line.strip()][:count]
-    dst.mkdir(parents=True, exist_ok=True)
-    for line in lines:
-        name = line.split()[0]
-        (dst / name).symlink_to(src / name)
-    (dst / "labels.txt").write_text("\n".join(lines) + "\n")
-    return dst
-
-
-def save_classifier(path: Path, nodes: list, name: str, initializers: tuple = (), input_type: int = TensorProto.FLOAT,
-                    opset: int = 13, size: int = 224, output_shape: tuple = ("N", 1000)) -> Path:
-    """A graph of NODES from `input` (N x 3 x SIZE x SIZE of INPUT_TYPE) to the last node's output
-    (declared OUTPUT_SHAPE float: N x 1000 by default), saved at PATH: the shape of classifier the
-    pipeline runs."""
-    graph = helper.make_graph(
-        nodes, name, [helper.make_tensor_value_info("input", input_type, ["N", 3, size, size])],
-        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, list(output_shape))], list(initializers))
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8), path)
-    return path

@@ -17,11 +17,12 @@ import pytest
 from typer.testing import CliRunner
 
 import caffe2_reference as ref
+from helpers import VAL_1300, need
 from pipeline.caffe2.importer import Caffe2ImportError, dnnlowp_relu_qparams, import_caffe2
 from pipeline.caffe2.netbuilder import int8_fill, int32_fill, make_net, make_op
 from pipeline.caffe2.proto import load_net, save_net
-from pipeline.caffe2.synthetic import INPUT_BLOB, OUTPUT_BLOB, resnet50_int8_nets
 from pipeline.cli import app
+from testkit.caffe2_synthetic import INPUT_BLOB, OUTPUT_BLOB, resnet50_int8_nets
 
 FORMATS = ["pb", "pbtxt"]
 X_SCALE, X_ZP = 0.02, 120
@@ -315,7 +316,6 @@ def test_resnet50_shaped_int8_net_imports_and_runs(resnet50_onnx: Path) -> None:
 
 def test_imported_resnet50_runs_through_evaluate_with_caffe2_preset(ray_local, resnet50_onnx: Path,
                                                                     tmp_path: Path) -> None:
-    from conftest import VAL_1300, need
     from pipeline.evaluate import evaluate
 
     metrics = evaluate(str(resnet50_onnx), str(need(VAL_1300)), "caffe2", str(tmp_path), limit=16)

@@ -19,16 +19,16 @@ import pytest
 from typer.testing import CliRunner
 
 import caffe2_reference as ref
-from conftest import SHARED, VAL_1300, need, subset_folder
+from helpers import SHARED, VAL_1300, need, subset_folder
 from pipeline.caffe2.importer import Caffe2ImportError, convert_nets, import_caffe2, int8_trace_name, read_constants
 from pipeline.caffe2.netbuilder import int8_fill, int32_fill, make_net, make_op
 from pipeline.caffe2.proto import load_net, save_net
-from pipeline.caffe2.synthetic import zoo_init_net
 from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.model_preset import model_preset
 from pipeline.preprocess import decode_image, preprocess_image
 from pipeline.vnni import u8s8_saturation_warning
+from testkit.caffe2_synthetic import zoo_init_net
 
 ZOO = SHARED / "models" / "caffe2"
 NETS = {
@@ -78,7 +78,8 @@ def test_zoo_net_matches_its_engine_bit_for_bit(zoo_net: dict, images: np.ndarra
     produced = dict(zip(names, session.run(None, {zoo_net["input"]: images})))
     constants = read_constants(zoo_net["init"])
     predict_net = zoo_net["predict"]
-    int8_ops = [(i, op.output[0]) for i, op in enumerate(predict_net.op) if op.type.startswith("Int8") and op.type != "Int8Dequantize"]
+    int8_ops = [(i, op.output[0]) for i, op in enumerate(predict_net.op)
+                if op.type.startswith("Int8") and op.type != "Int8Dequantize"]
     forced = {i: nhwc(produced[int8_trace_name(i, blob)]) for i, blob in int8_ops}
 
     per_op, _ = ref.run_net(constants, predict_net, images, forced=forced)
@@ -129,8 +130,10 @@ def test_vnni_warning_names_full_range_s8_weights_on_avx2_without_vnni(zoo_net: 
 
 
 def _tiny_nets(extra_inputs: list[str]) -> tuple:
-    init = [int8_fill("w", np.full((4, 1, 1, 3), 140, np.uint8), 0.01, 128), int32_fill("b", np.zeros(4, np.int32), 1e-4)]
-    ops = [make_op("NCHW2NHWC", ["data"], ["x"]), make_op("Int8Quantize", ["x"], ["xq"], Y_scale=0.02, Y_zero_point=128),
+    init = [int8_fill("w", np.full((4, 1, 1, 3), 140, np.uint8), 0.01, 128),
+            int32_fill("b", np.zeros(4, np.int32), 1e-4)]
+    ops = [make_op("NCHW2NHWC", ["data"], ["x"]),
+           make_op("Int8Quantize", ["x"], ["xq"], Y_scale=0.02, Y_zero_point=128),
            make_op("Int8Conv", ["xq", "w", "b"], ["y"], order="NHWC", kernel=1, Y_scale=0.05, Y_zero_point=128)]
     return init, make_net("predict", ops, ["data", "w", "b", *extra_inputs], ["y"])
 
@@ -161,7 +164,8 @@ def test_qlinear_arithmetic_stays_within_one_step_per_operator(zoo_net: dict, im
     assert "ConvInteger" not in {node.op_type for node in model.graph.node}
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     produced = dict(zip([out.name for out in session.get_outputs()], session.run(None, {zoo_net["input"]: images[:2]})))
-    forced = {int(name.split("/")[1]): nhwc(values) for name, values in produced.items() if name.startswith("int8_trace/")}
+    forced = {int(name.split("/")[1]): nhwc(values) for name, values in produced.items()
+              if name.startswith("int8_trace/")}
     per_op, _ = ref.run_net(read_constants(zoo_net["init"]), zoo_net["predict"], images[:2], forced=forced)
     steps = np.concatenate([np.abs(forced[i].astype(np.int32) - expected).ravel() for i, _, expected in per_op])
     assert steps.max() <= 1

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from conftest import MOBILENET_INT8, REPO, VAL_1300, need, run_cli, save_classifier, subset_folder
+from helpers import MOBILENET_INT8, REPO, VAL_1300, need, run_cli, save_classifier, subset_folder
 from pipeline.cli import app
 
 
@@ -83,6 +83,7 @@ def model_failing_at_run_time(path: Path) -> Path:
          numpy_helper.from_array(np.array([1, 1000], np.int64), "repeats")))
 
 
+@pytest.mark.subprocess
 def test_a_run_that_fails_inside_ray_ends_with_the_remote_error_on_one_line(tmp_path: Path):
     """The innermost remote error, not Ray's traceback, nor (as `evaluate` said before) Ray Data's advice
     on retries; `label`, which let the whole traceback through, now also says how to go on."""
@@ -99,7 +100,7 @@ def test_a_run_that_fails_inside_ray_ends_with_the_remote_error_on_one_line(tmp_
                           "--overwrite starts again")
 
 
-def test_the_reason_of_a_failed_ray_data_task_is_its_exception_with_every_line_of_its_message(ray_local):
+def test_a_failed_ray_data_task_is_reported_as_its_exception_with_its_whole_message(ray_local):
     """Without Ray Data's wrapping and its advice on retries, for a failed map and a failed read."""
     import ray.data
     from ray.data.block import BlockMetadata
@@ -163,7 +164,8 @@ def test_a_model_onnxruntime_cannot_load_is_named_before_ray_starts(tmp_path: Pa
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 2)
     for args in (["evaluate", "--output", tmp_path / "a"], ["label", "--output", tmp_path / "b"],
                  ["quantize", "--calibration", folder, "--out", tmp_path / "int8.onnx"]):
-        result = invoke(*args, "--model", model, "--preset", "torch", *(["--data", folder] if args[0] != "quantize" else []))
+        result = invoke(*args, "--model", model, "--preset", "torch",
+                        *(["--data", folder] if args[0] != "quantize" else []))
         assert result.exit_code == 2, result.output
         assert f"error: {model}: onnxruntime cannot load it: " in result.output and "NoSuchOp" in result.output
 
@@ -186,6 +188,7 @@ def test_quantize_refuses_a_folder_as_out_before_any_work(tmp_path: Path):
         " ".join(result.output.split())
 
 
+@pytest.mark.subprocess
 def test_a_cluster_that_cannot_be_joined_is_one_line(tmp_path: Path):
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 2)
     for address, reason in (("not an address", "Invalid address format"),
@@ -285,6 +288,7 @@ def test_an_image_the_model_scores_nan_is_an_error_row_not_a_prediction(ray_loca
     assert errors == [{"key": "dark.png", "reason": NON_FINITE_OUTPUT}]
 
 
+@pytest.mark.subprocess
 def test_a_ctrl_c_as_a_run_finishes_prints_no_traceback(tmp_path: Path):
     """Ctrl-C once the results are written, while Ray shuts down at exit: Python printed "Exception
     ignored in atexit callback" and Ray's traceback (in most runs, at any of these delays)."""

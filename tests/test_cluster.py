@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import MOBILENET_INT8, REPO, VAL_1300, need, subset_folder
+from helpers import MOBILENET_INT8, REPO, VAL_1300, need, subset_folder
 from pipeline.evaluate import evaluate
-from pipeline.inference import parse_cpu_list, physical_cores_first, thread_siblings
-from pipeline.local_cluster import LocalCluster
+from pipeline.cores import parse_cpu_list, physical_cores_first, thread_siblings
 from pipeline.runtime import INFERENCE_RESOURCE
+from testkit.local_cluster import LocalCluster
 
 # long enough to interrupt a run in its middle, short enough for 2 busy cores
 IMAGES = 400
@@ -135,7 +135,7 @@ def assert_pinned_to_distinct_cores(pids: set[int], timeout: float = 20) -> None
     assert len(set.union(*cores)) == len(pids), f"two inference actors on one core: {cores}"
 
 
-def test_the_cluster_launcher_config_passes_rays_validation_and_keeps_the_scheduling_contract():
+def test_cluster_launcher_config_is_valid_for_ray_and_keeps_the_scheduling_contract():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     raw = yaml.safe_load((REPO / "deploy" / "ray-cluster.yaml").read_text())
@@ -168,6 +168,7 @@ def test_the_on_premises_variant_in_the_cluster_guide_passes_rays_validation():
     assert any("deploy/ray-start.sh" in command for command in config["worker_start_ray_commands"])
 
 
+@pytest.mark.subprocess
 def test_ray_start_script_declares_one_inference_core_per_physical_core():
     result = subprocess.run([str(REPO / "deploy" / "ray-start.sh"), "--head", "--port=6379"],
                             env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True, check=True)
@@ -186,6 +187,7 @@ def test_actors_take_a_physical_core_each_before_any_second_hyperthread():
     assert physical_cores_first(range(8), siblings)[:4] == [0, 2, 4, 6]
 
 
+@pytest.mark.subprocess
 def test_two_nodes_give_the_single_node_figures_with_actors_pinned_on_both(cluster, images, single_node,
                                                                             tmp_path):
     metrics = finished(start_evaluation(cluster, images, tmp_path), tmp_path, images)
@@ -201,6 +203,7 @@ def test_two_nodes_give_the_single_node_figures_with_actors_pinned_on_both(clust
     assert all(n["images_per_s"] > 0 for n in nodes)
 
 
+@pytest.mark.subprocess
 def test_one_tar_of_the_images_gives_the_single_node_figures_on_two_nodes(cluster, images, single_node, tmp_path):
     """The images as one .tar: cut into runs of members read by tasks across the cluster (2 CPUs want
     8 tasks), every member once, the same figures as the folder on one node."""
@@ -219,8 +222,8 @@ def test_one_tar_of_the_images_gives_the_single_node_figures_on_two_nodes(cluste
 PREDICT_ON_CLUSTER = """
 import sys
 from pipeline.config import load_preset
-from pipeline.evaluate import predict
-from pipeline.inference import ModelInfo
+from pipeline.onnx_model import ModelInfo
+from pipeline.predict import predict
 from pipeline.runtime import init_ray
 from pipeline.sources import read_source
 address, data, labels, model = sys.argv[1:]
@@ -247,12 +250,13 @@ def operator_nodes(stats: str) -> dict[str, int]:
     return nodes
 
 
+@pytest.mark.subprocess
 def test_one_compressed_tar_is_read_by_one_task_and_preprocessed_on_both_nodes(cluster, images, single_node,
                                                                               tmp_path):
     """A .tar.gz cannot be entered part-way: one task on one node reads it all. Its members are re-cut
     into blocks that map tasks preprocess on both nodes, not in that one read task; every image once,
     the single node's top-1."""
-    from pipeline.sources import RECORDS_PER_BLOCK
+    from pipeline.sources.base import RECORDS_PER_BLOCK
 
     archive = tmp_path / "images.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
@@ -269,6 +273,7 @@ def test_one_compressed_tar_is_read_by_one_task_and_preprocessed_on_both_nodes(c
     assert nodes["ReadTarShard"] == 1 and nodes["MapBatches(Preprocessor)"] == 2
 
 
+@pytest.mark.subprocess
 def test_a_killed_inference_actor_is_restarted_and_its_batches_redone(cluster, images, single_node,
                                                                      a_third_written, tmp_path):
     process = start_evaluation(cluster, images, tmp_path)
@@ -292,6 +297,7 @@ def test_a_killed_inference_actor_is_restarted_and_its_batches_redone(cluster, i
     assert_same_figures(metrics, single_node)
 
 
+@pytest.mark.subprocess
 def test_a_worker_node_that_leaves_mid_run_loses_no_image(cluster, images, single_node, a_third_written,
                                                           tmp_path):
     process = start_evaluation(cluster, images, tmp_path)

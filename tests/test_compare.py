@@ -14,7 +14,7 @@ import pytest
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
-from conftest import MOBILENET_INT8, SAMPLE_1000, SHARED, VAL_1300, need, save_classifier, subset_folder
+from helpers import MOBILENET_INT8, SAMPLE_1000, SHARED, VAL_1300, need, save_classifier, subset_folder
 from pipeline.cli import app
 from pipeline.compare import compare
 from pipeline.config import load_preset
@@ -213,6 +213,7 @@ def rendered_text(dom: str) -> str:
     return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", dom)).split())
 
 
+@pytest.mark.subprocess
 def test_the_browser_check_sees_a_script_error(tmp_path):
     page = tmp_path / "broken.html"
     page.write_text("<!DOCTYPE html><html><body><p>42.00%</p><script>notAFunction();</script></body></html>")
@@ -221,6 +222,7 @@ def test_the_browser_check_sees_a_script_error(tmp_path):
     assert any("Uncaught ReferenceError: notAFunction is not defined" in line for line in console), console
 
 
+@pytest.mark.subprocess
 def test_the_report_loads_in_a_browser_without_errors_and_shows_the_headline_numbers(compared, tmp_path):
     comparison = json.loads((compared / "comparison.json").read_text())
     dom, console = open_in_chromium(compared / "report.html", tmp_path / "profile")

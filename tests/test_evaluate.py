@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import MOBILENET_INT8, RESNET50_INT8, SHARED, VAL_1300, jpeg_bytes, need, run_cli, subset_folder
+from helpers import MOBILENET_INT8, RESNET50_INT8, SHARED, VAL_1300, jpeg_bytes, need, run_cli, subset_folder
 from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
-from pipeline.inference import ModelError, ModelInfo, make_session, run_model, top_k
-from pipeline.prepare import write_parquet_shards
-from pipeline.reference import reference_predictions
+from pipeline.onnx_model import ModelError, ModelInfo, make_session, run_model, top_k
+from pipeline.writers.parquet import write_parquet_shards
+from testkit.reference import reference_predictions
 
 
 def read_predictions(output) -> dict[str, tuple]:
@@ -62,15 +62,18 @@ def test_folder_and_parquet_shards_give_identical_predictions(ray_local, tmp_pat
 def test_a_parquet_shard_is_read_by_several_tasks_at_its_row_groups(ray_local, tmp_path):
     """One shard of 150 images is split at its row groups (64 rows each, as prepare writes them), so
     more than one core reads and preprocesses it; every row is read exactly once."""
-    from pipeline.sources.parquet import ParquetRowGroupDatasource, read_parquet_shards
+    from pipeline.sources import read_source
+    from pipeline.sources.base import Cut
+    from pipeline.sources.datasource import PieceDatasource
+    from pipeline.sources.parquet import plan_parquet
 
     write_parquet_shards(str(subset_folder(need(VAL_1300), tmp_path / "images", 150)), str(tmp_path / "shards"))
     (shard,) = (tmp_path / "shards").glob("*.parquet")
     metadata = pq.read_metadata(shard)
     assert metadata.num_row_groups == 3
-    tasks = ParquetRowGroupDatasource([str(shard)], [metadata], ["key", "image", "label"]).get_read_tasks(1)
+    tasks = PieceDatasource(plan_parquet(str(shard), None, Cut())).get_read_tasks(1)
     assert [task.metadata.num_rows for task in tasks] == [64, 64, 22]
-    rows = read_parquet_shards(str(tmp_path / "shards")).dataset.take_all()
+    rows = read_source(str(tmp_path / "shards")).dataset.take_all()
     expected = pq.read_table(shard, columns=["key", "label"]).to_pylist()
     assert sorted((row["key"], row["label"]) for row in rows) == sorted((r["key"], r["label"]) for r in expected)
     assert len(rows) == 150 and all(row["error"] == "" and row["image"] for row in rows)
@@ -80,8 +83,9 @@ def test_a_shard_of_one_row_group_is_preprocessed_in_blocks_re_cut_from_its_one_
     """pyarrow writes up to a million rows as one row group, which one task must read whole. Its rows
     are re-cut into a task's share each and preprocessed by that many tasks, not by the read task
     alone; the predictions are the row-grouped shards'."""
-    from pipeline.evaluate import predict
-    from pipeline.sources import read_source, read_task_split
+    from pipeline.predict import predict
+    from pipeline.sources import read_source
+    from pipeline.sources.base import read_task_split
 
     write_parquet_shards(str(subset_folder(need(VAL_1300), tmp_path / "images", 150)), str(tmp_path / "shards"))
     one = tmp_path / "one" / "all.parquet"
@@ -96,7 +100,8 @@ def test_a_shard_of_one_row_group_is_preprocessed_in_blocks_re_cut_from_its_one_
                    top_k=5, batch_size=32).materialize()
     operators = {line.split(":")[0].split(" ", 2)[2]: line.split(":")[1]
                  for line in rows.stats().splitlines() if line.startswith("Operator")}
-    assert list(operators) == ["ReadParquetRowGroup", f"StreamingRepartition[num_rows_per_block={per_task},strict=False]",
+    assert list(operators) == ["ReadParquetRowGroup",
+                               f"StreamingRepartition[num_rows_per_block={per_task},strict=False]",
                                "MapBatches(Preprocessor)", "MapBatches(Classifier)"]
     assert operators["ReadParquetRowGroup"].startswith(" 1 tasks executed")
     assert operators["MapBatches(Preprocessor)"].startswith(f" {tasks} tasks executed")
@@ -107,14 +112,14 @@ def test_a_shard_of_one_row_group_is_preprocessed_in_blocks_re_cut_from_its_one_
 
 
 def test_shards_with_and_without_a_label_column_keep_every_label(ray_local, tmp_path):
-    from pipeline.sources import NO_LABEL
-    from pipeline.sources.parquet import read_parquet_shards
+    from pipeline.sources import read_source
+    from pipeline.sources.base import NO_LABEL
 
     write_parquet_shards(str(subset_folder(need(VAL_1300), tmp_path / "images", 6)), str(tmp_path / "shards"),
                          shard_size=3)
     first, second = sorted((tmp_path / "shards").glob("*.parquet"))
     pq.write_table(pq.read_table(first).drop_columns(["label"]), first)  # the first shard has none
-    rows = read_parquet_shards(str(tmp_path / "shards")).dataset.take_all()
+    rows = read_source(str(tmp_path / "shards")).dataset.take_all()
     labels = {row["key"]: row["label"] for row in rows}
     expected = {row["key"]: row["label"] for row in pq.read_table(second).to_pylist()}
     assert len(rows) == 6 and sum(label == NO_LABEL for label in labels.values()) == 3
@@ -126,9 +131,9 @@ def test_shards_with_and_without_a_label_column_keep_every_label(ray_local, tmp_
 def test_preprocessing_runs_inside_the_read_tasks(ray_local, tmp_path, fmt, read):
     """Read and preprocessing fuse into one task per block (no second task, no trip through the
     object store for the encoded bytes); inference stays in its actors."""
-    from pipeline.evaluate import predict
+    from pipeline.predict import predict
     from pipeline.sources import read_source
-    from pipeline.sources.lmdb_writer import write_lmdb
+    from pipeline.writers.lmdb import write_lmdb
 
     data = subset_folder(need(VAL_1300), tmp_path / "images", 150)
     if fmt == "lmdb":
@@ -161,7 +166,8 @@ def test_bad_inputs_become_error_rows_and_everything_is_counted(ray_local, tmp_p
     (folder / "notes.txt").write_text("not an image")
     (folder / "truncated.jpg").write_bytes(jpeg_bytes(size=(300, 300))[:500])
     (folder / "range.jpg").write_bytes(jpeg_bytes(seed=3))
-    labels = (folder / "labels.txt").read_text() + "empty.jpg 1\nnotes.txt 2\ntruncated.jpg 3\nrange.jpg 1000\nmissing.jpg 4\n"
+    labels = ((folder / "labels.txt").read_text()
+              + "empty.jpg 1\nnotes.txt 2\ntruncated.jpg 3\nrange.jpg 1000\nmissing.jpg 4\n")
     (folder / "labels.txt").write_text(labels)
     (folder / "unlabelled.jpg").write_bytes(jpeg_bytes(seed=4))
     metrics = evaluate(str(need(MOBILENET_INT8)), str(folder), "torch", str(tmp_path / "out"), probabilities=True)
@@ -237,6 +243,7 @@ def test_unusable_models_fail_with_one_sentence(tmp_path):
         ModelInfo.from_path(flat)
 
 
+@pytest.mark.subprocess
 def test_cli_reports_a_bad_model_without_a_traceback(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_text("not a model")
@@ -245,6 +252,7 @@ def test_cli_reports_a_bad_model_without_a_traceback(tmp_path):
     assert "not an ONNX model" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_cli_evaluate_writes_metrics_and_table(tmp_path):
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 40)
     result = run_cli("evaluate", "--model", str(need(MOBILENET_INT8)), "--data", str(folder),
@@ -263,6 +271,7 @@ def test_cli_evaluate_writes_metrics_and_table(tmp_path):
     assert "Token authentication is enabled" not in result.stderr and "Warning" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_cli_evaluate_of_a_tar_gz_with_the_50k_ground_truth_file(tmp_path):
     """A .tar.gz is read whole by one task, which needs all 50,000 labels of the ground-truth file:
     they reach it through the object store, without Ray's warning about a large read function."""
@@ -279,6 +288,7 @@ def test_cli_evaluate_of_a_tar_gz_with_the_50k_ground_truth_file(tmp_path):
     assert "serialized size" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_a_damaged_parquet_shard_is_named_before_the_run(tmp_path):
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 4)
     write_parquet_shards(str(folder), str(tmp_path / "shards"), shard_size=2)
@@ -289,6 +299,7 @@ def test_a_damaged_parquet_shard_is_named_before_the_run(tmp_path):
     assert "part-00001.parquet: not a readable Parquet file" in result.stderr
 
 
+@pytest.mark.subprocess
 def test_cli_evaluate_without_a_model_uses_efficientnet_lite0(tmp_path):
     folder = subset_folder(need(VAL_1300), tmp_path / "images", 16)
     result = run_cli("evaluate", "--data", str(folder), "--output", str(tmp_path / "out"),
@@ -301,14 +312,17 @@ def test_cli_evaluate_without_a_model_uses_efficientnet_lite0(tmp_path):
 
 
 def test_a_labels_file_that_is_absent_is_named(tmp_path):
-    from pipeline.sources import SourceError
+    from pipeline.sources.base import Cut, SourceError
     from pipeline.sources.folder import list_folder_records
-    from pipeline.sources.tar import TarShardDatasource
+    from pipeline.sources.tar import plan_tar
 
     (tmp_path / "a.jpg").write_bytes(jpeg_bytes())
     with tarfile.open(tmp_path / "shard.tar", "w") as shard:
         shard.add(tmp_path / "a.jpg", "a.jpg")
-    for read, path in ((list_folder_records, tmp_path), (TarShardDatasource, tmp_path / "shard.tar")):
+    def plan_tar_shards(path: str, labels: str):
+        return plan_tar(path, labels, Cut())
+
+    for read, path in ((list_folder_records, tmp_path), (plan_tar_shards, tmp_path / "shard.tar")):
         with pytest.raises(SourceError, match="absent.txt: labels file not found"):
             read(str(path), str(tmp_path / "absent.txt"))
     (tmp_path / "shard.tar").unlink()

@@ -16,16 +16,16 @@ import pytest
 from onnx import helper
 from PIL import Image
 
-from conftest import (MOBILENET_INT8, SAMPLE_1000, VAL_1300, jpeg_bytes, need, run_cli, save_classifier, start_cli,
-                      subset_folder)
+from helpers import (MOBILENET_INT8, SAMPLE_1000, VAL_1300, jpeg_bytes, need, run_cli, save_classifier, start_cli,
+                     subset_folder)
 from pipeline.config import load_preset
-from pipeline.inference import ModelError, ModelInfo, make_session, run_model
+from pipeline.onnx_model import ModelError, ModelInfo, make_session, run_model
 from pipeline.preprocess import Preprocessor
-from pipeline.sources import NO_LABEL, SourceError
-from pipeline.sources.folder import read_file, read_folder_records
-from pipeline.sources.parquet import parquet_unit_readers, read_parquet_shards, read_row_groups
-from pipeline.sources.tar import (TarShardDatasource, member_runs, read_tar_blocks, scan_shard, shard_rows,
-                                  tar_records, tar_unit_readers)
+from pipeline.sources.base import NO_LABEL, Cut, SourceError
+from pipeline.sources.datasource import PieceDatasource
+from pipeline.sources.folder import plan_folder, read_file, read_folder_records
+from pipeline.sources.parquet import plan_parquet, read_row_groups
+from pipeline.sources.tar import member_runs, plan_tar, read_tar_blocks, scan_shard, shard_rows, tar_records
 
 
 def png_bytes(width: int, height: int) -> bytes:
@@ -47,7 +47,7 @@ def test_an_image_too_wide_to_scale_is_an_error_row_beside_the_good_ones():
 
 
 def test_prepare_lmdb_resizing_skips_a_too_wide_image_and_writes_the_rest(tmp_path):
-    from pipeline.sources.lmdb_writer import write_lmdb
+    from pipeline.writers.lmdb import write_lmdb
 
     images = tmp_path / "images"
     images.mkdir()
@@ -92,7 +92,7 @@ def test_a_model_whose_output_is_not_n_by_classes_is_refused_at_load(tmp_path):
         ModelInfo.from_path(model)
 
 
-def test_a_model_returning_other_scores_than_it_declares_fails_the_batch_with_one_sentence(tmp_path):
+def test_a_model_returning_undeclared_scores_fails_the_batch_with_one_sentence(tmp_path):
     """onnxruntime only warns when the output shape differs from the declared one; the scores of
     3 classes were then ranked as if they were the 1,000 (or failed in Arrow with top-k 20)."""
     info = ModelInfo.from_path(classifier_of_three_scores(tmp_path / "three.onnx"))
@@ -128,8 +128,8 @@ def test_an_output_folder_is_held_by_one_run_at_a_time_and_the_refusal_names_it(
 def test_label_resume_refuses_a_preset_file_of_the_same_name_with_other_values(tmp_path):
     """run.json recorded only the preset's name: a torch.yaml of other mean/std resumed happily, and
     the output mixed units labelled two ways under a manifest naming one preset."""
-    from pipeline.label import RUN_FILE, check_output, run_description, write_json
-    from pipeline.output import OutputDirError
+    from pipeline.label import RUN_FILE, check_output, run_description
+    from pipeline.output import OutputDirError, write_json
 
     model, data, output = tmp_path / "model.onnx", tmp_path / "images", tmp_path / "out"
     model.write_bytes(b"the model's bytes")
@@ -181,15 +181,14 @@ def test_damaged_run_state_is_one_sentence_naming_the_file_and_what_to_do(tmp_pa
 def test_a_file_added_while_label_reads_a_folder_shifts_no_unit(tmp_path):
     """Each read task listed the folder itself: a file added between their listings shifted the
     units, and 15 images were labelled twice and 16 never, in a run that exited 0."""
-    from pipeline.sources.folder import folder_unit_readers
-
     for i in range(12):
         (tmp_path / f"{i:02d}.jpg").write_bytes(b"x")
-    readers, records = folder_unit_readers(tmp_path, set(), unit_size=2, tasks=3)
-    keys = [key for _, blocks in readers[0]() for block in blocks for key in block.column("key").to_pylist()]
+    plan = plan_folder(str(tmp_path), None, Cut(2))
+    readers, records = PieceDatasource(plan).task_pieces(), plan.records
+    keys = [key for piece in readers[0] for block in piece.read() for key in block.column("key").to_pylist()]
     (tmp_path / "00-added.jpg").write_bytes(b"x")  # after the first task has read, before the others
     for reader in readers[1:]:
-        keys += [key for _, blocks in reader() for block in blocks for key in block.column("key").to_pylist()]
+        keys += [key for piece in reader for block in piece.read() for key in block.column("key").to_pylist()]
     assert sorted(keys) == [f"{i:02d}.jpg" for i in range(12)]  # every listed file once, the new one next run
     assert records == 12
 
@@ -205,13 +204,13 @@ def unwritable_folder(tmp_path: Path) -> Path:
     return folder
 
 
-def test_an_output_folder_that_exists_but_cannot_be_written_is_refused_before_any_work(tmp_path):
+def test_an_existing_output_folder_that_cannot_be_written_is_refused_before_work(tmp_path):
     """It gave a 43-line PermissionError traceback once Ray had started (at the first file written)."""
     from pipeline.evaluate import evaluate
     from pipeline.label import label
     from pipeline.output import OutputDirError
-    from pipeline.prepare import write_parquet_shards
-    from pipeline.sources.lmdb_writer import write_lmdb
+    from pipeline.writers.parquet import write_parquet_shards
+    from pipeline.writers.lmdb import write_lmdb
 
     model = str(need(MOBILENET_INT8))
     images = tmp_path / "images"
@@ -283,6 +282,7 @@ def test_keys_repeated_across_shards_are_scored_and_counted_in_the_metrics():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.subprocess
 def test_ctrl_c_says_what_was_interrupted_and_leaves_no_older_result_looking_current(tmp_path):
     """evaluate exited 130 without a word, an earlier run's metrics.json and predictions.parquet left
     beside the new .partial; label did not say that --resume continues the run."""
@@ -308,6 +308,33 @@ def test_ctrl_c_says_what_was_interrupted_and_leaves_no_older_result_looking_cur
         assert run.returncode == 130 and said in text and "Traceback" not in text, text
     assert not (output / "metrics.json").exists() and not (output / "predictions.parquet").exists()
 
+
+def test_a_ctrl_c_that_a_finalizer_drops_still_stops_the_stream(ray_local, capfd):
+    """Python drops a KeyboardInterrupt raised inside a `__del__` ("Exception ignored in"): a Ctrl-C
+    that landed in one of Ray's finalizers while the predictions streamed let the run go on to its end
+    and exit 0."""
+    import signal
+
+    import ray.data
+
+    from pipeline.streaming import stream_batches
+
+    class SendsCtrlCWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # Python runs the SIGINT handler here, in the finalizer
+
+    batches = []
+
+    def take(batch):
+        batches.append(len(batch["key"]))
+        if len(batches) == 1:
+            SendsCtrlCWhenCollected()  # collected at once
+
+    dataset = ray.data.from_items([{"key": str(i)} for i in range(40)], override_num_blocks=4)
+    with pytest.raises(KeyboardInterrupt):
+        stream_batches(dataset, take)
+    assert len(batches) == 1
+    assert "Exception ignored" not in capfd.readouterr().err
 
 def test_an_lmdb_whose_first_records_are_damaged_is_read_by_its_first_good_one(tmp_path):
     """Only the first 16 records were looked at: a database of 16 damaged records and 20 good ones
@@ -386,14 +413,17 @@ def test_webdataset_sidecars_label_their_image_in_runs_never_split(tmp_path):
         assert all(samples[run.before - 1] != samples[run.before] for run in runs[1:]), size
     assert len(member_runs(scan, 4)) > 1
 
-    readers, planned = tar_unit_readers(str(shard), set(), 10)
-    units = [(unit, [row for block in blocks for row in block.column("key").to_pylist()])
-             for reader in readers for unit, blocks in reader()]
-    assert planned == sum(len(keys) for _, keys in units) == 16
-    assert [unit.rsplit("-m", 1)[1] for unit, _ in units] == [f"{run.before:09d}" for run in member_runs(scan, 10)]
+    plan = plan_tar(str(shard), None, Cut(10))
+    units = [(piece, [row for block in piece.read() for row in block.column("key").to_pylist()])
+             for piece in plan.pieces]
+    assert plan.records == sum(len(keys) for _, keys in units) == 16
+    assert all(piece.rows in (None, len(keys)) for piece, keys in units)
+    assert [piece.id.rsplit("-m", 1)[1] for piece, _ in units] == [f"{run.before:09d}"
+                                                                     for run in member_runs(scan, 10)]
     assert [key for _, keys in units for key in keys] == [key for key, _, _ in whole]
 
 
+@pytest.mark.subprocess
 def test_a_webdataset_shard_is_evaluated_by_its_cls_labels_with_exact_counts(tmp_path):
     """evaluate on one WebDataset shard, cut into runs: the top-1 is scored against the .cls labels,
     and every image and bad sidecar is counted once."""
@@ -402,8 +432,8 @@ def test_a_webdataset_shard_is_evaluated_by_its_cls_labels_with_exact_counts(tmp
     names = sorted(truth)[:40]
     classes = [int(truth[name]) for name in names]
     shard = webdataset_shard(tmp_path / "wds.tar", [(sample / name).read_bytes() for name in names], classes)
-    datasource = TarShardDatasource(str(shard))
-    assert len(datasource.plan.pieces) > 1 and datasource.plan.records == 44
+    plan = plan_tar(str(shard), None, Cut())  # as `evaluate` plans it
+    assert len(plan.pieces) > 1 and plan.records == 44
 
     result = run_cli("evaluate", "--model", model, "--preset", "torch", "--data", shard, "--output", tmp_path / "out")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -436,9 +466,9 @@ def test_a_parquet_column_of_the_wrong_type_is_named_and_bad_values_are_rows(tmp
             ("image", {"image": pa.array([{"bytes": 1}, {"bytes": 2}])},
              "the bytes field of the image column must hold the encoded image (binary); it is int64")):
         shard = write_shard(tmp_path / f"{name}.parquet", columns)
-        for read in (lambda: read_parquet_shards(shard), lambda: parquet_unit_readers(shard, set(), 1000)):
+        for cut in (Cut(), Cut(1000)):  # as evaluate and label plan it
             with pytest.raises(SourceError) as refused:
-                read()
+                plan_parquet(shard, None, cut)
             assert str(refused.value) == f"{shard}: {sentence}"
 
     shard = write_shard(tmp_path / "values.parquet", {

@@ -16,14 +16,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import MOBILENET_INT8, RESNET50_INT8, SAMPLE_1000, jpeg_bytes, need, start_cli, subset_folder
+from helpers import MOBILENET_INT8, RESNET50_INT8, SAMPLE_1000, jpeg_bytes, need, start_cli, subset_folder
 from pipeline.classes import imagenet_classes
 from pipeline.evaluate import evaluate
 from pipeline.label import AlreadyFinished, label
 from pipeline.output import OutputDirError
-from pipeline.prepare import write_parquet_shards
-from pipeline.sources import SourceError, read_task_split, read_task_target
-from pipeline.sources.units import read_work_units
+from pipeline.sources import FORMATS, UNIT_FORMATS, read_work_units
+from pipeline.sources.base import Cut, SourceError, read_task_split, read_task_target, shard_unit_id, walk_files
+from pipeline.sources.datasource import PieceDatasource
+from pipeline.sources.folder import plan_folder
+from pipeline.sources.tar import plan_tar
+from pipeline.writers.parquet import write_parquet_shards
 
 TENCH = "n01440764_tench.JPEG"
 
@@ -155,17 +158,16 @@ def test_one_big_tar_is_labelled_in_units_of_its_members_and_resumed_by_unit(ray
     assert len(manifest["shards"]) == 3 + len(added)  # a unit per added shard, not scanned
 
 
-def test_a_shard_labelled_in_parts_that_cannot_be_cut_again_is_refused_not_labelled_twice(tmp_path):
+def test_a_part_labelled_shard_that_cannot_be_cut_again_is_refused_not_relabelled(tmp_path):
     """A resume finds a shard whose first part is done but whose headers no longer read (replaced, or
     unreadable): reading it whole would label that part again, so the run stops and says why."""
-    from pipeline.sources.units import PARTITIONERS, shard_unit_id
-
     big = write_tar(tmp_path / "big.tar", [(f"{i}.jpg", jpeg_bytes(seed=i)) for i in range(40)])
-    readers, records = PARTITIONERS["tar"](str(big), set(), 16)
+    plan = plan_tar(str(big), None, Cut(16))
+    readers, records = plan.pieces, plan.records
     assert (len(readers), records) == (3, 40)
     big.write_bytes(b"no longer a tar archive" * 100)
     with pytest.raises(SourceError, match="big.tar: an earlier run into this output labelled it in parts"):
-        PARTITIONERS["tar"](str(big), {shard_unit_id(str(big)) + "-m000000000"}, 16)
+        plan_tar(str(big), None, Cut(16, frozenset({shard_unit_id(str(big)) + "-m000000000"})))
 
 
 def test_a_name_that_is_not_utf8_is_labelled_under_an_escaped_key(ray_local, tmp_path):
@@ -241,10 +243,11 @@ def test_bad_files_in_a_folder_and_in_tars_are_error_rows_and_the_counts_add_up(
     assert tar_manifest["images"] == len(files) + 4 and tar_manifest["errors"] == len(EXPECTED_REASONS) + 4
 
 
-def run_cli(*args: str) -> subprocess.Popen:
+def start_label(*args: str) -> subprocess.Popen:
     return start_cli("label", "--preset", "torch", *args)
 
 
+@pytest.mark.subprocess
 def test_a_finished_dir_is_left_alone_and_a_foreign_one_refused(ray_local, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
@@ -257,7 +260,7 @@ def test_a_finished_dir_is_left_alone_and_a_foreign_one_refused(ray_local, tmp_p
     shards = {p: p.stat().st_mtime_ns for p in output.rglob("*.parquet")}
     with pytest.raises(AlreadyFinished):
         label(model, str(folder), str(output), resume=True)
-    done = run_cli("--model", model, "--data", str(folder), "--output", str(output))
+    done = start_label("--model", model, "--data", str(folder), "--output", str(output))
     message = " ".join(done.communicate(timeout=120)[0].split())  # rich wraps lines at 80 columns
     assert done.returncode == 0 and "already holds a finished labelling run (3 images" in message
     assert {p: p.stat().st_mtime_ns for p in output.rglob("*.parquet")} == shards
@@ -267,7 +270,7 @@ def test_a_finished_dir_is_left_alone_and_a_foreign_one_refused(ray_local, tmp_p
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("keep me")
-    refused = run_cli("--model", model, "--data", str(folder), "--output", str(foreign))
+    refused = start_label("--model", model, "--data", str(folder), "--output", str(foreign))
     message = " ".join(refused.communicate(timeout=120)[0].split())
     assert refused.returncode == 2 and "is not empty and holds no finished run" in message
     with pytest.raises(OutputDirError, match="no labelling run to resume"):
@@ -276,6 +279,7 @@ def test_a_finished_dir_is_left_alone_and_a_foreign_one_refused(ray_local, tmp_p
 
 
 
+@pytest.mark.subprocess
 def test_a_finished_or_interrupted_run_refuses_other_settings_and_resumes_the_same(ray_local, tmp_path):
     images = subset_folder(need(SAMPLE_1000), tmp_path / "images", 6)
     tars = write_tar_shards(tmp_path / "tars", sorted(images.glob("*.JPEG")), per_shard=4)
@@ -285,8 +289,8 @@ def test_a_finished_or_interrupted_run_refuses_other_settings_and_resumes_the_sa
     label(str(model), str(tars), str(output))
     written = {p: p.stat().st_mtime_ns for p in output.rglob("*") if p.is_file()}
 
-    refused = run_cli("--model", other_model, "--data", str(tars), "--output", str(output),
-                      "--top-k", "3", "--preset", "caffe2")
+    refused = start_label("--model", other_model, "--data", str(tars), "--output", str(output),
+                          "--top-k", "3", "--preset", "caffe2")
     message = " ".join(refused.communicate(timeout=120)[0].split())
     assert refused.returncode == 2 and "holds a finished labelling run with other settings" in message
     for changed in (f"model was '{model}', now '{other_model}'", "top_k was 5, now 3",
@@ -320,12 +324,13 @@ def test_a_finished_or_interrupted_run_refuses_other_settings_and_resumes_the_sa
     assert resumed["this_run_images"] == 0 and resumed["images"] == 6 and len(resumed["shards"]) == 2
 
 
+@pytest.mark.subprocess
 def test_an_empty_folder_fails_as_in_evaluate_and_records_no_run(ray_local, tmp_path):
     model, folder, output = str(need(MOBILENET_INT8)), tmp_path / "images", tmp_path / "out"
     folder.mkdir()
     with pytest.raises(SourceError, match="no files to read"):
         evaluate(model, str(folder), "torch")
-    failed = run_cli("--model", model, "--data", str(folder), "--output", str(output))
+    failed = start_label("--model", model, "--data", str(folder), "--output", str(output))
     message = " ".join(failed.communicate(timeout=120)[0].split())
     assert failed.returncode == 2 and f"{folder}: no files to read" in message
     assert not output.exists() or not any(output.iterdir())
@@ -340,6 +345,7 @@ def test_an_empty_folder_fails_as_in_evaluate_and_records_no_run(ray_local, tmp_
     assert manifest["images"] == manifest["labelled"] == manifest["this_run_images"] == 3
 
 
+@pytest.mark.subprocess
 def test_sigkill_part_way_then_resume_gives_exactly_the_uninterrupted_output(ray_local, tmp_path):
     model = str(need(MOBILENET_INT8))
     tars = tmp_path / "tars"
@@ -348,7 +354,7 @@ def test_sigkill_part_way_then_resume_gives_exactly_the_uninterrupted_output(ray
                   [(f"{shard:03d}/{i:02d}.jpg", jpeg_bytes(size=(96, 72), seed=100 * shard + i)) for i in range(16)]
                   + ([("broken.jpg", b"\xff\xd8 broken")] if shard == 5 else []))
     killed = tmp_path / "killed"
-    run = run_cli("--model", model, "--data", str(tars), "--output", str(killed))
+    run = start_label("--model", model, "--data", str(tars), "--output", str(killed))
     deadline = time.monotonic() + 300
     while len(list((killed / "labels").glob("*.parquet"))) < 2:
         assert run.poll() is None, "the run ended before it could be killed: " + run.stdout.read()
@@ -376,10 +382,9 @@ def test_sigkill_part_way_then_resume_gives_exactly_the_uninterrupted_output(ray
 def test_a_format_without_a_partitioner_lmdb_is_labelled_whole_as_one_unit(ray_local, tmp_path):
     """Any format registered in FORMATS works: LMDB (raw-pixel Caffe2 records here) is read through
     read_source as the one unit "all"."""
-    from pipeline.sources.lmdb_writer import write_lmdb
-    from pipeline.sources.units import PARTITIONERS
+    from pipeline.writers.lmdb import write_lmdb
 
-    assert "lmdb" not in PARTITIONERS
+    assert "lmdb" not in UNIT_FORMATS
     folder = tmp_path / "images"
     folder.mkdir()
     for i in range(4):
@@ -400,29 +405,27 @@ def test_the_progress_total_is_known_for_every_format_that_counts_cheaply(sample
     only the units still to do on a resume, and so does an image folder (listed on the driver); tar
     shards enough for a unit each (not scanned to be cut) are counted in the background."""
     from pipeline.label import RecordCount
-    from pipeline.sources.units import PARTITIONERS, shard_unit_id
 
     files = sorted(sample_40.glob("*.JPEG"))
     write_parquet_shards(str(sample_40), str(tmp_path / "shards"), shard_size=15)
     write_tar_shards(tmp_path / "tars", files, per_shard=15)
     write_tar(tmp_path / "big.tar", [(f.name, f.read_bytes()) for f in files])
     for fmt, path in [("parquet", tmp_path / "shards"), ("tar", tmp_path / "tars"), ("tar", tmp_path / "big.tar")]:
-        readers, records = PARTITIONERS[fmt](str(path), set(), 16)
+        plan = FORMATS[fmt](str(path), None, Cut(16))
+        readers, records = plan.pieces, plan.records
         assert records == 40 and len(readers) == 3, path
     first_shard = shard_unit_id(str(tmp_path / "tars" / "shard-0000.tar"))
-    assert PARTITIONERS["tar"](str(tmp_path / "tars"), {first_shard}, 16)[1] == 25
+    assert plan_tar(str(tmp_path / "tars"), None, Cut(16, frozenset({first_shard}))).records == 25
     for n in range(3, read_task_target()):  # enough shards for a task each: not scanned, so not counted
         write_tar(tmp_path / "tars" / f"shard-{n:04d}.tar", [("x.jpg", b"x")])
-    assert PARTITIONERS["tar"](str(tmp_path / "tars"), set(), 16)[1] is None
+    assert plan_tar(str(tmp_path / "tars"), None, Cut(16)).records is None
     count = RecordCount(str(tmp_path / "tars"), "tar", None)  # then counted in the background
     count.thread.join(timeout=60)
     assert count.value == 40 + read_task_target() - 3
-    assert PARTITIONERS["folder"](str(sample_40), set(), 16)[1] == 40  # listed once on the driver
+    assert plan_folder(str(sample_40), None, Cut(16)).records == 40  # listed once on the driver
 
 
 def test_folder_units_cover_every_file_once_across_read_tasks(tmp_path):
-    from pipeline.sources.folder import folder_unit_readers, walk_files
-
     names = [f"{d}/{i}.jpg" for d in ("a", "a/z", "b", "c/d/e") for i in range(4)] + ["top.jpg", ".hidden.jpg"]
     for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -433,8 +436,8 @@ def test_folder_units_cover_every_file_once_across_read_tasks(tmp_path):
 
     def read_all(done: set[str]) -> dict[str, list[str]]:
         units: dict[str, list[str]] = {}
-        for reader in folder_unit_readers(tmp_path, done, unit_size=5, tasks=3)[0]:
-            for unit, blocks in reader():
+        for reader in PieceDatasource(plan_folder(str(tmp_path), None, Cut(5, frozenset(done)))).task_pieces():
+            for unit, blocks in ((piece.id, piece.read()) for piece in reader):
                 assert unit not in units
                 units[unit] = [key for block in blocks for key in block.column("key").to_pylist()]
         return units

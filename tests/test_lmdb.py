@@ -13,23 +13,30 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import MOBILENET_INT8, VAL_1300, need, subset_folder
+from helpers import MOBILENET_INT8, VAL_1300, jpeg_bytes, need, subset_folder
 from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.evaluate import evaluate
-from pipeline.inference import ModelInfo, make_session, run_model, top_k
-from pipeline.prepare import write_parquet_shards
+from pipeline.onnx_model import ModelInfo, make_session, run_model, top_k
 from pipeline.preprocess import (Normalizer, Preprocessor, decode_image, preprocess_image, resize_and_crop,
                                  resize_pixels)
-from pipeline.sources import LMDB_DATA_FILE, SourceError, detect_format, read_source
-from pipeline.sources.lmdb import LmdbDatasource
+from pipeline.sources import detect_format, read_source
+from pipeline.sources.base import LMDB_DATA_FILE, Cut, SourceError
+from pipeline.sources.datasource import PieceDatasource
+from pipeline.sources.lmdb import plan_lmdb
 from pipeline.sources.lmdb_records import (DATUM, TENSOR_PROTOS, RecordError, datum_class, decode_datum,
                                            decode_tensor_protos, detect_record_kind, encode_datum,
                                            encode_tensor_protos)
-from pipeline.sources.lmdb_writer import write_lmdb
+from pipeline.writers.lmdb import write_lmdb
+from pipeline.writers.parquet import write_parquet_shards
 
 IMAGES = 200
 LMDB_PREFIX = re.compile(r"^\d{8}_")
+
+
+def lmdb_datasource(db: Path) -> PieceDatasource:
+    """The Datasource that `evaluate` reads the LMDB database DB with."""
+    return PieceDatasource(plan_lmdb(str(db), None, Cut()))
 
 
 def put_records(path: Path, records: list[tuple[bytes, bytes]]) -> Path:
@@ -101,8 +108,6 @@ def test_other_protobufs_and_bad_records_are_refused_with_a_reason():
 
 
 def test_prepare_keys_follow_input_order_and_unreadable_images_are_listed(tmp_path):
-    from conftest import jpeg_bytes
-
     folder = tmp_path / "images"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(jpeg_bytes(seed=1))
@@ -134,7 +139,7 @@ KEY_STYLES = {
 def test_read_tasks_cover_every_key_exactly_once(tmp_path, style):
     keys = [KEY_STYLES[style](i) for i in range(500)]
     db = put_records(tmp_path / "db", [(k, encode_datum(i % 1000, encoded=b"x")) for i, k in enumerate(keys)])
-    tasks = LmdbDatasource(db).get_read_tasks(parallelism=16)
+    tasks = lmdb_datasource(db).get_read_tasks(parallelism=16)
     assert len(tasks) > 1
     per_task = [[key for block in task() for key in block.column("key").to_pylist()] for task in tasks]
     read = [key for keys_of_task in per_task for key in keys_of_task]
@@ -173,7 +178,7 @@ def test_folder_parquet_datum_and_caffe2_lmdb_give_identical_predictions(ray_loc
         assert checksum(db) == before[name], "reading must not modify data.mdb"
         assert not (db / "lock.mdb").exists(), "reading must not create a lock file"
         # several read tasks, and they all ran: each yields its own blocks
-        assert len(LmdbDatasource(db).get_read_tasks(parallelism=8)) > 1
+        assert len(lmdb_datasource(db).get_read_tasks(parallelism=8)) > 1
         assert read_source(str(db)).dataset.materialize().num_blocks() > 1
 
 
@@ -250,6 +255,7 @@ def test_caffe2_bounding_boxes_are_cropped_to_before_scaling(ray_local, val200, 
 
 # --- bad input -----------------------------------------------------------------------------------
 
+@pytest.mark.ray
 def test_bad_databases_are_clear_errors(tmp_path, val200):
     good = tmp_path / "good"
     write_lmdb(str(val200), str(good), fmt="lmdb-datum")
@@ -260,8 +266,8 @@ def test_bad_databases_are_clear_errors(tmp_path, val200):
         f.truncate((truncated / LMDB_DATA_FILE).stat().st_size // 2)
     with pytest.raises(SourceError, match="truncated"):
         read_source(str(truncated))
-    result = CliRunner().invoke(app, ["evaluate", "--model", str(need(MOBILENET_INT8)), "--preset", "torch", "--data", str(truncated),
-                                      "--output", str(tmp_path / "out")])
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(need(MOBILENET_INT8)), "--preset", "torch",
+                                      "--data", str(truncated), "--output", str(tmp_path / "out")])
     assert result.exit_code == 2 and "truncated" in result.output
 
     with pytest.raises(SourceError, match="no data.mdb"):
@@ -290,7 +296,7 @@ def leaf_pages(data_file: Path, page_size: int = 4096) -> list[int]:
 def test_a_damaged_page_is_a_clear_error(tmp_path, val200):
     db = tmp_path / "damaged"
     write_lmdb(str(val200), str(db), fmt="lmdb-datum")
-    tasks = LmdbDatasource(db).get_read_tasks(parallelism=8)
+    tasks = lmdb_datasource(db).get_read_tasks(parallelism=8)
     with open(db / LMDB_DATA_FILE, "r+b") as f:  # every leaf page now claims to be an overflow page
         for page in leaf_pages(db / LMDB_DATA_FILE):
             f.seek(page * 4096 + 10)
@@ -331,11 +337,11 @@ def test_records_lost_to_a_damaged_key_order_fail_the_run_instead_of_being_skipp
     """Damage that rewrites a key in place breaks the B-tree's order: the key-range readers then stop
     a range early and skip records with no error of their own. The entry count catches it: evaluate
     writes no metrics and label no finished run."""
-    from conftest import jpeg_bytes
     from pipeline.label import label
 
     keys = [b"%08d_img%02d.jpg" % (i, i) for i in range(12)]
-    db = put_records(tmp_path / "db", [(key, encode_datum(i, encoded=jpeg_bytes(seed=i))) for i, key in enumerate(keys)])
+    db = put_records(tmp_path / "db",
+                     [(key, encode_datum(i, encoded=jpeg_bytes(seed=i))) for i, key in enumerate(keys)])
     data = bytearray((db / LMDB_DATA_FILE).read_bytes())
     at = data.index(keys[4])
     data[at:at + 8] = b"00000011"  # now out of order between 00000003 and 00000005

@@ -12,13 +12,13 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
-from conftest import VAL_1300, need
+from helpers import VAL_1300, need
 from pipeline.cli import app
 from pipeline.config import load_preset
 from pipeline.models import build_model
 from pipeline.models.efficientnet_lite0 import default_weights_path, same_pads
-from pipeline.reference import reference_predictions
 from pipeline.weights import WeightsError
+from testkit.reference import reference_predictions
 
 
 @pytest.fixture(scope="module")

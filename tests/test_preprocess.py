@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, SAMPLE_1000, VAL_1300, jpeg_bytes, need
+from helpers import REPO, SAMPLE_1000, VAL_1300, jpeg_bytes, need
 from pipeline.config import ConfigError, load_preset
 from pipeline.preprocess import (ImageError, Preprocessor, crop_origin, decode_image, decode_with_pillow,
                                  preprocess_image, resize_and_crop, resize_pixels, scaled_size)
-from pipeline.sources import NO_LABEL
+from pipeline.sources.base import NO_LABEL
 
 
 def test_caffe2_preset_is_the_model_card():

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from caffe2_reference import caffe2_l2_norms
-from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, VAL_1300, need, subset_folder
+from helpers import MOBILENET_INT8, REPO, SAMPLE_1000, VAL_1300, need, subset_folder
 from pipeline.calibration import (DistinctValues, Histogram, collect_histograms, exact_l2_optimal_range,
                                   expected_l2_errors, l2_optimal_range)
 from pipeline.cli import app
@@ -84,7 +84,7 @@ def actual_squared_error(x: np.ndarray, lo: float, hi: float) -> float:
     return float(((x - steps * step) ** 2).sum())
 
 
-def test_an_input_of_256_pixel_levels_keeps_its_whole_range_which_quantises_it_exactly():
+def test_an_input_of_256_pixel_levels_keeps_its_whole_range_and_quantises_exactly():
     """tf127 maps pixels to (p - 127) / 128: its min/max range puts every level on the int8 grid. The
     histogram's estimate (values spread evenly inside bins) would pick a narrower range that shifts
     every pixel; counting the few distinct values exactly finds the range with no error."""
@@ -270,7 +270,7 @@ def test_cli_quantize_rejects_unknown_method(tmp_path: Path):
     assert result.exit_code == 2 and "unknown calibration method" in result.output
 
 
-def test_cli_quantize_refuses_a_preset_that_does_not_fit_the_model_before_reading_images(
+def test_cli_quantize_refuses_a_preset_that_misfits_the_model_before_reading_images(
         efficientnet_fp32: Path, tmp_path: Path):
     small_crop = tmp_path / "crop192.yaml"
     small_crop.write_text((REPO / "conf" / "tf127.yaml").read_text().replace("crop: 224", "crop: 192"))

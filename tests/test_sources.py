@@ -11,20 +11,21 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import MOBILENET_INT8, REPO, SAMPLE_1000, need, subset_folder
+from helpers import MOBILENET_INT8, REPO, SAMPLE_1000, need, subset_folder
 from pipeline.evaluate import evaluate
 from pipeline.label import label
-from pipeline.prepare import write_parquet_shards
-from pipeline.sources import (NO_LABEL, SourceError, check_source, detect_format, read_source, read_task_split,
-                              read_task_target)
+from pipeline.sources import check_source, detect_format, read_source
+from pipeline.sources.base import NO_LABEL, Cut, SourceError, read_task_split, read_task_target
+from pipeline.sources.datasource import PieceDatasource
 from pipeline.sources.labels import read_labels_file
-from pipeline.sources.tar import WHOLE_SHARD, TarShardDatasource, scan_shard, tar_records, tar_shards
-from pipeline.sources.units import PARTITIONERS
+from pipeline.sources.tar import WHOLE_SHARD, input_shards, plan_tar, scan_shard, tar_records, tar_shards
+from pipeline.writers.parquet import write_parquet_shards
 
 NOT_A_SHARD = "not a tar shard (its name does not end in .tar, .tar.gz or .tgz)"
 
@@ -74,13 +75,13 @@ def test_a_tree_of_tar_shards_is_tar_and_a_tree_with_images_too_is_refused(neste
         detect_format(str(flat))
     # with --format tar the image is one error row like the README, and the count agrees
     assert [prefix for _, prefix in tar_shards(str(flat))] == ["README.txt/", "deeper/stray.jpg/", "shard-0.tar/"]
-    assert PARTITIONERS["tar"](str(flat), set(), 1000)[1] == 4
+    assert plan_tar(str(flat), None, Cut(1000)).records == 4
 
 
 def test_a_labels_file_among_the_shards_is_not_a_record(nested_shards):
     labels = nested_shards / "part1" / "val.txt"
     labels.write_text((nested_shards / "labels.txt").read_text())
-    shards = [prefix for _, prefix in TarShardDatasource(str(nested_shards), str(labels)).shards]
+    shards = [prefix for _, prefix in input_shards(str(nested_shards), str(labels))]
     assert shards == ["README.txt/", "part1/shard-aa.tar/", "part2/shard-ab.tar/"]
 
 
@@ -96,7 +97,7 @@ def test_nested_shards_are_evaluated_and_labelled_with_every_file_accounted_for(
 
     manifest = label(model, str(nested_shards), str(tmp_path / "labels"))
     assert manifest["format"] == "tar" and (manifest["images"], manifest["labelled"], manifest["errors"]) == (9, 8, 1)
-    assert PARTITIONERS["tar"](str(nested_shards), set(), 1000)[1] == manifest["images"]
+    assert plan_tar(str(nested_shards), None, Cut(1000)).records == manifest["images"]
     labelled = pq.read_table(tmp_path / "labels" / "labels").column("key").to_pylist()
     assert sorted(labelled) == sorted(expected)
     assert pq.read_table(tmp_path / "labels" / "errors").to_pylist() == [{"key": "README.txt", "reason": NOT_A_SHARD}]
@@ -164,8 +165,8 @@ import json, sys
 import ray
 from pipeline.evaluate import evaluate
 from pipeline.label import label
-from pipeline.prepare import write_parquet_shards
-from pipeline.sources import SourceError
+from pipeline.writers.parquet import write_parquet_shards
+from pipeline.sources.base import SourceError
 
 model, folder, out = sys.argv[1:4]
 calls = {
@@ -186,6 +187,7 @@ print(json.dumps({"errors": errors, "ray_started": ray.is_initialized()}))
 """
 
 
+@pytest.mark.subprocess
 def test_bad_inputs_are_reported_before_ray_starts(sample_8, tmp_path):
     (tmp_path / "bad.txt").write_text("a.jpg one\n")
     (tmp_path / "bad").mkdir()
@@ -230,6 +232,11 @@ def big_tar(path: Path, count: int) -> Path:
     return path
 
 
+def tar_datasource(path: str, labels: Optional[str] = None) -> PieceDatasource:
+    """The Datasource that `evaluate` reads the tar shards PATH names with."""
+    return PieceDatasource(plan_tar(path, labels, Cut()))
+
+
 def rows_of(tasks) -> list[tuple]:
     """(key, label, image, error) of every row the read tasks give, in task order."""
     return [row for task in tasks for block in task() for row in zip(*block.select(["key", "label", "image", "error"])
@@ -248,7 +255,7 @@ def test_one_big_tar_is_read_in_runs_of_its_members_each_exactly_once(tmp_path):
     assert len(whole) == 151 and whole[-1][3] == "tar member is a link, not a file"
     assert whole[0][0] == "deep/" * 25 + "member-0000.jpg" and whole[1][0] == "member-0001.jpg"
 
-    datasource = TarShardDatasource(str(shard), str(labels))
+    datasource = tar_datasource(str(shard), str(labels))
     assert datasource.plan.records == 151  # counted by the scan: the progress bar's total
     assert datasource.plan.recut_rows is None  # its runs are already a task's share each
     tasks = datasource.get_read_tasks(1)
@@ -269,7 +276,7 @@ def test_one_big_tar_is_read_in_runs_of_its_members_each_exactly_once(tmp_path):
         whole = [(key, NO_LABEL, image, error) for key, image, error in tar_records(str(damaged), "")]
         assert len(whole) == rows and reason in whole[-1][3]
         assert not any(error for _, _, _, error in whole[:-1] if "link" not in error)
-        tasks = TarShardDatasource(str(damaged)).get_read_tasks(1)
+        tasks = tar_datasource(str(damaged)).get_read_tasks(1)
         assert len(tasks) > 1 and rows_of(tasks) == whole
 
     global_header = tmp_path / "git-archive.tar"  # as `git archive` writes: a pax global header first
@@ -280,13 +287,13 @@ def test_one_big_tar_is_read_in_runs_of_its_members_each_exactly_once(tmp_path):
             archive.addfile(info, io.BytesIO(image))
     scan = scan_shard(str(global_header), "")
     assert not scan.cuttable and len(scan.offsets) == 151  # read whole, and still counted
-    datasource = TarShardDatasource(str(global_header))
+    datasource = tar_datasource(str(global_header))
     assert len(datasource.plan.pieces) == 1 and datasource.plan.records == 151
     assert datasource.plan.recut_rows == read_task_split(151)[0]  # preprocessed in blocks all the same
 
     compressed = tmp_path / "big.tar.gz"
     compressed.write_bytes(gzip.compress(shard.read_bytes()))
-    datasource = TarShardDatasource(str(compressed))
+    datasource = tar_datasource(str(compressed))
     tasks = datasource.get_read_tasks(1)
     assert len(tasks) == 1 and datasource.plan.recut_rows  # cannot be entered part-way: re-cut after reading
     assert [row[0] for row in rows_of(tasks)] == [key for key, _, _ in tar_records(str(shard), "")]
@@ -305,17 +312,17 @@ def test_enough_shards_are_read_a_task_each_with_only_their_own_labels(sample_8,
     labels = tmp_path / "labels.txt"
     labels.write_text("".join(f"{name}/{image.name} {n}\n" for n, (name, members) in enumerate(shards.items())
                               for image in members))
-    datasource = TarShardDatasource(str(tmp_path / "shards"), str(labels))
+    datasource = tar_datasource(str(tmp_path / "shards"), str(labels))
     assert len(datasource.get_read_tasks(1)) == len(shards)
-    for n, (_, prefix, run, label_of) in enumerate(datasource.plan.pieces):
+    reads = [piece.read for piece in datasource.plan.pieces]
+    for n, (_, prefix, run, label_of) in enumerate((read.file, read.prefix, read.run, read.labels) for read in reads):
         assert run == WHOLE_SHARD
         assert label_of == {f"{prefix}{image.name}": n for image in shards[prefix.rstrip("/")]}
 
 
 # --- Parquet as Hugging Face datasets writes it ----------------------------------------------------
 
-def test_hugging_face_parquet_shards_give_the_folders_predictions_keyed_by_shard_and_row(ray_local, sample_8,
-                                                                                          tmp_path):
+def test_hugging_face_parquet_shards_give_the_folders_predictions_by_shard_and_row(ray_local, sample_8, tmp_path):
     """`image` a struct of bytes and path, no key column, several row groups: every row read once, keyed
     by its shard's name and row number, with the predictions of the same images read as a folder; a row
     without image bytes is an error row."""
@@ -356,15 +363,14 @@ def test_hugging_face_parquet_shards_give_the_folders_predictions_keyed_by_shard
 
 
 def test_shards_without_keys_of_one_name_in_two_folders_keep_their_rows_apart(tmp_path):
-    from pipeline.sources.parquet import ParquetRowGroupDatasource, parquet_files
+    from pipeline.sources.parquet import plan_parquet
 
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         pq.write_table(pa.table({"image": pa.array([{"bytes": b"x", "path": None}] * 3, image_type)}),
                        tmp_path / folder / "validation-00000.parquet", row_group_size=2)
-    files = parquet_files(str(tmp_path / "*" / "*.parquet"))
-    datasource = ParquetRowGroupDatasource(files, [pq.read_metadata(f) for f in files], ["image"])
+    datasource = PieceDatasource(plan_parquet(str(tmp_path / "*" / "*.parquet"), None, Cut()))
     keys = [key for task in datasource.get_read_tasks(1) for block in task() for key in block.column("key").to_pylist()]
     assert keys == [f"{folder}/validation-00000.parquet#{row:06d}" for folder in "ab" for row in range(3)]
 

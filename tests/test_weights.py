@@ -113,7 +113,8 @@ def test_npz_and_safetensors(tmp_path: Path):
     header, body = {"__metadata__": {"format": "pt"}}, b""
     for name, value in tensors.items():
         dtype = {"float32": "F32", "int64": "I64"}[value.dtype.name]
-        header[name] = {"dtype": dtype, "shape": list(value.shape), "data_offsets": [len(body), len(body) + value.nbytes]}
+        header[name] = {"dtype": dtype, "shape": list(value.shape),
+                        "data_offsets": [len(body), len(body) + value.nbytes]}
         body += value.tobytes()
     encoded = json.dumps(header).encode()
     (tmp_path / "w.safetensors").write_bytes(struct.pack("<Q", len(encoded)) + encoded + body)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-STORAGE_NAMES = {np.dtype("float32"): "FloatStorage", np.dtype("int64"): "LongStorage", np.dtype("float16"): "HalfStorage"}
+STORAGE_NAMES = {np.dtype("float32"): "FloatStorage", np.dtype("int64"): "LongStorage",
+                 np.dtype("float16"): "HalfStorage"}
 
 
 class Global:

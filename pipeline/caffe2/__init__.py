@@ -3,5 +3,6 @@
 - `proto`: reads and writes `.pb` and `.pbtxt` NetDefs, whose message classes `pipeline.proto`
   builds at run time from pipeline/proto/caffe2.proto (the subset of Caffe2's schema used here).
 - `importer`: the graph conversion; `command`: the CLI command.
-- `netbuilder` and `synthetic`: write Caffe2 nets from Python (tests, generated ResNet-50).
+- `netbuilder`: writes Caffe2 nets from Python (tests, and the generated ResNet-50 of
+  `testkit.caffe2_synthetic`).
 """

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.console import fail
+from pipeline.console import reported_failures
 
 
 def import_caffe2_command(
@@ -24,15 +24,10 @@ def import_caffe2_command(
 ) -> None:
     """Convert a Caffe2 int8 predictor (e.g. the model zoo's quantised ResNet-50) into an int8 ONNX model."""
     # Imported here so `pipeline --help` does not pay for onnx and onnxruntime.
-    from pipeline.caffe2.importer import Caffe2ImportError, import_caffe2
-    from pipeline.caffe2.proto import Caffe2FileError
-    from pipeline.config import ConfigError
-    from pipeline.output import OutputDirError
+    from pipeline.caffe2.importer import import_caffe2
 
-    try:
+    with reported_failures(prefix="import-caffe2: ", os_errors=True):
         model = import_caffe2(init, predict, out, input_size=input_size, preset=preset, arithmetic=arithmetic)
-    except (Caffe2ImportError, Caffe2FileError, ConfigError, OutputDirError, OSError) as exc:
-        fail(f"import-caffe2: {exc}")
     graph = model.graph
     ops = sorted({node.op_type for node in graph.node})
     typer.echo(

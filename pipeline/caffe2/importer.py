@@ -41,6 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pipeline.caffe2 import fbgemm, qnnpack
 from pipeline.caffe2.proto import load_net
 from pipeline.config import load_preset
+from pipeline.errors import UserError
 from pipeline.model_preset import attach_preset
 from pipeline.output import check_output_file
 
@@ -52,7 +53,7 @@ LEGACY_PAD_NOTSET = 0
 ARITHMETICS = ("exact", "qlinear")
 
 
-class Caffe2ImportError(ValueError):
+class Caffe2ImportError(UserError):
     """The Caffe2 nets cannot be converted faithfully; the message says where and why."""
 
 

@@ -1,6 +1,6 @@
 """Write Caffe2 NetDefs from Python: operators, arguments and the int8 fills.
 
-Used by the tests and by `pipeline.caffe2.synthetic` to produce Caffe2 files with the
+Used by the tests and by `testkit.caffe2_synthetic` to produce Caffe2 files with the
 same operators and arguments as Caffe2's own quantised exports.
 """
 

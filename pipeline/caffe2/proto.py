@@ -11,6 +11,7 @@ from typing import Any
 from google.protobuf import text_format
 from google.protobuf.message import DecodeError
 
+from pipeline.errors import UserError
 from pipeline.proto import load_messages
 
 TEXT_SUFFIXES = {".pbtxt", ".prototxt", ".txt"}
@@ -21,7 +22,7 @@ def message_class(name: str) -> Any:
     return load_messages("caffe2.proto")[f"caffe2.{name}"]
 
 
-class Caffe2FileError(ValueError):
+class Caffe2FileError(UserError):
     """A Caffe2 protobuf file that cannot be read as the expected message."""
 
 

@@ -1,7 +1,7 @@
 """Image folders: every file below a folder is one record; labels from `labels.txt` (or --labels).
 
 The folder is listed once on the driver (a labels file of ImageNet's 50K validation images is small)
-and read by many ReadTasks, each reading its share of the files' bytes.
+and cut into pieces of consecutive files, each read by a ReadTask given the pieces' file names.
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ import os
 import posixpath
 import stat
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
+import pyarrow as pa
 
-from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, is_directory, read_datasource,
-                              read_task_split, source_table)
-from pipeline.sources.labels import LABELS_FILE, read_labels_file
+from pipeline.sources.base import (LABELS_FILE, NO_LABEL, RECORDS_PER_BLOCK, Cut, Piece, Plan, SourceError, chunked,
+                                   source_table, walk_files)
+from pipeline.sources.labels import read_labels_file
 
 
 def list_folder_records(root: str | Path, labels: Optional[str | Path] = None) -> list[tuple[str, int]]:
@@ -102,49 +101,12 @@ def read_file(root: Path, key: str, max_bytes: int = MAX_RECORD_BYTES) -> tuple[
     return data, ""
 
 
-def read_folder_records(root: str | Path, records: list[tuple[str, int]]):
+def read_folder_records(root: str | Path, records: list[tuple[str, int]]) -> pa.Table:
     """A source-row block with the bytes of RECORDS' files; unreadable files become error rows."""
     root = Path(root)
     reads = [read_file(root, key) for key, _ in records]
     return source_table([key for key, _ in records], [label for _, label in records],
                         [data for data, _ in reads], [error for _, error in reads])
-
-
-class ImageFolderDatasource(Datasource):
-    """Reads an image folder's files in `read_task_split` ReadTasks, one block each."""
-
-    def __init__(self, root: str | Path, labels: Optional[str | Path] = None, limit: Optional[int] = None):
-        self.records = folder_records_to_read(root, labels)[:limit]
-        self.root = Path(root).resolve()
-        self.per_task, self.tasks = read_task_split(len(self.records))
-
-    def estimate_inmemory_data_size(self) -> Optional[int]:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
-                       data_context=None) -> list[ReadTask]:
-        from pipeline.sources.units import chunked
-
-        root = self.root
-
-        def make_task(chunk: list[tuple[str, int]]) -> ReadTask:
-            def read() -> Iterator:
-                yield read_folder_records(root, chunk)
-
-            metadata = BlockMetadata(num_rows=len(chunk), size_bytes=None, exec_stats=None,
-                                     input_files=None)
-            return ReadTask(read, metadata)
-
-        return [make_task(chunk) for chunk in chunked(self.records, self.per_task)]
-
-
-def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[int] = None) -> Source:
-    """Source rows, one per file in ROOT."""
-    datasource = ImageFolderDatasource(root, labels, limit)
-    # one block per ReadTask: Ray would otherwise split each small block to reach its default
-    # parallelism, and a split read is not fused with the preprocessing
-    return Source(read_datasource(datasource, datasource.tasks),
-                  len(datasource.records), exact_count=True)
 
 
 # Labelling: the driver walks the folder once and deals its units round-robin to UNIT_READ_TASKS
@@ -154,43 +116,21 @@ def read_image_folder(root: str, labels: Optional[str] = None, limit: Optional[i
 UNIT_READ_TASKS = 4
 
 
-def walk_files(root: str | Path) -> Iterator[str]:
-    """Every file below ROOT as a relative POSIX path, names sorted at each level (the same order on
-    every run); hidden entries, symlinked directories and ROOT's labels.txt are skipped, as by
-    `list_folder_records`."""
-    root = Path(root)
-
-    def walk(directory: str, prefix: str) -> Iterator[str]:
-        with os.scandir(directory) as scan:
-            entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
-        for entry in entries:
-            if is_directory(entry):
-                if not entry.is_symlink():
-                    yield from walk(entry.path, f"{prefix}{entry.name}/")
-            elif prefix or entry.name != LABELS_FILE:
-                yield prefix + entry.name
-
-    return walk(str(root), "")
+def piece_id(number: int, keys: list[str]) -> str:
+    """The id of piece NUMBER of the walk, holding the files KEYS: it carries a hash of their names, so
+    that a unit an earlier run finished is taken as done only while it still holds the same files
+    (`check_finished_units`)."""
+    # NUL cannot occur in a file name; surrogateescape keeps names that are not UTF-8 apart
+    digest = hashlib.sha1("\0".join(keys).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"files-{number:08d}-{digest}"
 
 
-def folder_units(root: Path, unit_size: int) -> Iterator[tuple[str, list[str]]]:
-    """(id, keys) of every work unit of image folder ROOT: unit N is files [N*unit_size, (N+1)*unit_size)
-    of the walk. The id also carries a hash of those files' names, so that a unit an earlier run
-    finished is taken as done only while it still holds the same files (`check_finished_units`)."""
-    from pipeline.sources.units import chunked
-
-    for number, keys in enumerate(chunked(walk_files(root), unit_size)):
-        # NUL cannot occur in a file name; surrogateescape keeps names that are not UTF-8 apart
-        digest = hashlib.sha1("\0".join(keys).encode("utf-8", "surrogateescape")).hexdigest()[:12]
-        yield f"files-{number:08d}-{digest}", keys
-
-
-def check_finished_units(root: Path, units: list[tuple[str, list[str]]], done: set[str]) -> None:
-    """Refuse (SourceError) to resume over ROOT, whose units are now UNITS, when a unit in DONE no
+def check_finished_units(root: Path, pieces: list[Piece], done: frozenset[str]) -> None:
+    """Refuse (SourceError) to resume over ROOT, whose units are now PIECES, when a unit in DONE no
     longer holds the same files. Units are runs of the walk, so one file added, removed or renamed
     before the end of the finished units shifts them: the resume would label some files twice and
     never label others."""
-    missing = done - {unit for unit, _ in units}
+    missing = done - {piece.id for piece in pieces}
     if missing:
         raise SourceError(
             f"{root}: the folder changed since the interrupted run into this output: {len(missing)} of its "
@@ -199,24 +139,30 @@ def check_finished_units(root: Path, units: list[tuple[str, list[str]]], done: s
             "--overwrite to label it all again")
 
 
-def folder_unit_readers(root: str | Path, done: set[str], unit_size: int,
-                        tasks: int = UNIT_READ_TASKS) -> tuple[list, int]:
-    """Readers for `pipeline.sources.units`, one per ReadTask, each reading every TASKS-th unit of
-    `folder_units` not in DONE, and how many files those units hold. The folder is walked here, once:
-    every reader reads the file names it was given, whatever the folder holds by then."""
-    from pipeline.sources.units import chunked
+def folder_piece(root: Path, number: int, records: list[tuple[str, int]]) -> Piece:
+    """Piece NUMBER of the folder's listing: RECORDS (key, label), read in blocks of RECORDS_PER_BLOCK."""
+    def read():
+        return (read_folder_records(root, block) for block in chunked(records, RECORDS_PER_BLOCK))
 
-    root = folder_root(root).resolve()
-    units = list(folder_units(root, unit_size))
-    check_finished_units(root, units, done)
-    todo = [(unit, keys) for unit, keys in units if unit not in done]
+    return Piece(piece_id(number, [key for key, _ in records]), len(records), read)
 
-    def reader_for(share: list[tuple[str, list[str]]]):
-        def read_units():
-            for unit, keys in share:
-                yield unit, (read_folder_records(root, [(key, NO_LABEL) for key in block])
-                             for block in chunked(keys, RECORDS_PER_BLOCK))
 
-        return read_units
+def plan_folder(path: str, labels: Optional[str], cut: Cut) -> Plan:
+    """The pieces of image folder PATH: runs of consecutive files of the listing, `Cut.piece_rows` each.
 
-    return [reader_for(todo[task::tasks]) for task in range(tasks)], sum(len(keys) for _, keys in todo)
+    `evaluate` reads the files the folder holds and those its labels file names (`folder_records_to_read`),
+    up to the limit, a ReadTask per piece. `pipeline label` reads the files of the walk, labels none, and
+    deals the units not done round-robin to UNIT_READ_TASKS ReadTasks."""
+    if not cut.units:
+        records = folder_records_to_read(path, labels)[:cut.limit]
+        root = Path(path).resolve()
+    else:
+        root = folder_root(path).resolve()
+        records = [(key, NO_LABEL) for key in walk_files(root)]
+    pieces = [folder_piece(root, number, chunk)
+              for number, chunk in enumerate(chunked(records, cut.piece_rows(len(records))))]
+    if not cut.units:
+        return Plan("ImageFolder", pieces, len(records), exact_count=True)
+    check_finished_units(root, pieces, cut.done)
+    todo = [piece for piece in pieces if piece.id not in cut.done]
+    return Plan("ImageFolder", todo, sum(piece.rows for piece in todo), read_tasks=UNIT_READ_TASKS)

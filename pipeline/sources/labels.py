@@ -6,10 +6,7 @@ import posixpath
 import re
 from pathlib import Path
 
-from pipeline.sources import SourceError, utf8_key
-
-LABELS_FILE = "labels.txt"
-
+from pipeline.sources.base import SourceError, utf8_key
 
 # a class index: ASCII digits (not `²` or other Unicode digits) that fit the int64 label column
 CLASS_INDEX = re.compile(r"[+-]?[0-9]{1,18}")

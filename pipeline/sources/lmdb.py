@@ -18,6 +18,7 @@ are placed only affects how evenly the work is shared:
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from functools import partial
@@ -26,11 +27,9 @@ from typing import Iterator, NamedTuple, Optional
 
 import lmdb
 import pyarrow as pa
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import (BBOX_COLUMNS, LMDB_DATA_FILE, NO_LABEL, RAW_COLUMNS, RECORDS_PER_BLOCK, SOURCE_SCHEMA,
-                              Source, SourceError, read_datasource, read_task_split)
+from pipeline.sources.base import (BBOX_COLUMNS, LMDB_DATA_FILE, NO_LABEL, RAW_COLUMNS, RECORDS_PER_BLOCK,
+                                   SOURCE_SCHEMA, Cut, Piece, Plan, SourceError)
 from pipeline.sources.lmdb_records import DECODERS, KIND_NAMES, ImageRecord, RecordError, detect_record_kind
 
 # records looked at, from the first, to tell Datum from TensorProtos by the first that decodes:
@@ -175,46 +174,26 @@ def read_key_range(path: str, record_kind: str, lo: Optional[bytes], hi: Optiona
         yield records_table(keys, records, errors)
 
 
-class LmdbDatasource(Datasource):
-    """An LMDB database of Datum or TensorProtos records, read in key ranges (module docstring)."""
-
-    def __init__(self, path: str | Path):
-        self.path = str(Path(path).resolve())
-        self.info = inspect_lmdb(self.path)
-
-    def get_name(self) -> str:
-        return "LMDB"
-
-    def estimate_inmemory_data_size(self) -> Optional[int]:
-        return self.info.size_bytes
-
-    def key_ranges(self, parallelism: int) -> list[tuple[Optional[bytes], Optional[bytes]]]:
-        parts = max(1, min(parallelism, self.info.entries))
-        bounds = [None] + split_key_range(self.info.first_key, self.info.last_key, parts) + [None]
-        return list(zip(bounds[:-1], bounds[1:]))
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
-                       data_context=None) -> list[ReadTask]:
-        ranges = self.key_ranges(parallelism)
-        size = self.info.size_bytes // len(ranges)
-        return [
-            ReadTask(partial(read_key_range, self.path, self.info.record_kind, lo, hi),
-                     BlockMetadata(num_rows=None, size_bytes=size, exec_stats=None, input_files=None),
-                     schema=LMDB_SCHEMA, per_task_row_limit=per_task_row_limit)
-            for lo, hi in ranges
-        ]
+def key_ranges(info: LmdbInfo, parts: int) -> list[tuple[Optional[bytes], Optional[bytes]]]:
+    """About PARTS ranges [lo, hi) of the keys of the database INFO describes (None: an open end)."""
+    bounds = [None] + split_key_range(info.first_key, info.last_key, max(1, min(parts, info.entries))) + [None]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
-def read_lmdb(path: str, labels: Optional[str] = None, limit: Optional[int] = None) -> Source:
-    """Source rows, one per record of the LMDB database in directory PATH."""
+def range_id(lo: Optional[bytes], hi: Optional[bytes]) -> str:
+    return f"keys-{key_text(lo) if lo is not None else ''}..{key_text(hi) if hi is not None else ''}"
+
+
+def plan_lmdb(path: str, labels: Optional[str], cut: Cut) -> Plan:
+    """The pieces of the LMDB database in directory PATH: key ranges of about `Cut.piece_rows` records
+    each (module docstring). Their bounds depend on the cluster's size, so they are not work units:
+    `pipeline label` reads the database as one (`pipeline.sources.units`)."""
     if labels:
         raise SourceError("LMDB records carry their labels; --labels is for image folders")
-    datasource = LmdbDatasource(path)
-    # one ReadTask per key range of about the records `read_task_split` gives a task: Ray would
-    # otherwise split their blocks to reach its default parallelism, and a split read is not fused
-    # with the preprocessing
-    _, tasks = read_task_split(datasource.info.entries)
-    dataset = read_datasource(datasource, tasks)
-    if limit is not None:
-        return Source(dataset.limit(limit), min(limit, datasource.info.entries), exact_count=True)
-    return Source(dataset, datasource.info.entries, exact_count=True)
+    path = str(Path(path).resolve())
+    info = inspect_lmdb(path)
+    pieces = [Piece(range_id(lo, hi), None, partial(read_key_range, path, info.record_kind, lo, hi))
+              for lo, hi in key_ranges(info, math.ceil(info.entries / cut.piece_rows(info.entries)))]
+    records = info.entries if cut.limit is None else min(cut.limit, info.entries)
+    return Plan("LMDB", pieces, records, exact_count=True, limit=cut.limit, schema=LMDB_SCHEMA,
+                size_bytes=info.size_bytes)

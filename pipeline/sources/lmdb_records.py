@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from pipeline.proto import load_messages
-from pipeline.sources import NO_LABEL
+from pipeline.sources.base import NO_LABEL
 
 DATUM = "datum"
 TENSOR_PROTOS = "caffe2"

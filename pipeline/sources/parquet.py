@@ -16,19 +16,19 @@ int64) makes its row an error row, and a key of bytes that are not UTF-8 is esca
 from __future__ import annotations
 
 import glob
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.classes import NUM_CLASSES
-from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, SOURCE_SCHEMA, Source, SourceError, is_glob,
-                              names_below_common_folder, read_datasource, read_task_split,
-                              recut_rows, source_table, utf8_key)
+from pipeline.sources.base import (NO_LABEL, RECORDS_PER_BLOCK, SOURCE_SCHEMA, Cut, Piece, Plan, SourceError,
+                                   is_glob, names_below_common_folder, recut_rows, shard_unit_id, source_table,
+                                   utf8_key)
 
 INT64_MAX = 2**63 - 1  # the largest label the source rows' int64 label column holds
 
@@ -192,81 +192,56 @@ def row_group_runs(shard: pq.FileMetaData, max_rows: int) -> list[tuple[list[int
     return runs + [(row_groups, rows)] if row_groups else runs
 
 
-class ParquetRowGroupDatasource(Datasource):
-    """Parquet shards, a run of consecutive row groups of one shard per ReadTask, sized by
-    `read_task_split` as image folders and LMDB are. Ray's own Parquet reader makes one task per file
-    (per ~128 MB of files), so a few large shards, or one small input, would be read and preprocessed
-    on that many cores however many the cluster has. A row group is the smallest piece a Parquet file
-    can be read by: a shard written as one row group is still one task (`pipeline prepare` writes
-    row groups of 64 rows), whose rows are re-cut for preprocessing."""
-
-    def __init__(self, files: list[str], metadata: list[pq.FileMetaData], columns: list[str]):
-        self.columns = columns
-        per_task, _ = read_task_split(sum(m.num_rows for m in metadata))
-        # (file, its name in generated keys, row groups, rows), a ReadTask each
-        self.runs = [(file, name, row_groups, rows)
-                     for file, name, shard in zip(files, names_below_common_folder(files), metadata)
-                     for row_groups, rows in row_group_runs(shard, per_task)]
-        # a row group is read whole by one task, however large (`Source.recut_rows`)
-        self.recut_rows = recut_rows([rows for *_, rows in self.runs], sum(m.num_rows for m in metadata))
-
-    def estimate_inmemory_data_size(self) -> Optional[int]:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
-                       data_context=None) -> list[ReadTask]:
-        columns = self.columns
-
-        def make_task(file: str, name: str, row_groups: list[int], rows: int) -> ReadTask:
-            return ReadTask(lambda: read_row_groups(file, name, row_groups, columns),
-                            BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None, input_files=[file]))
-
-        return [make_task(*run) for run in self.runs]
+def check_label_column(file: str, shard: pq.FileMetaData) -> None:
+    """Refuse (SourceError) a shard whose label column holds something else than class indices."""
+    schema = shard.schema.to_arrow_schema()
+    label = schema.field("label").type if "label" in schema.names else None
+    if label is not None and not (pa.types.is_integer(label) or pa.types.is_null(label)):
+        raise SourceError(f"{file}: the label column must hold class indices (integers); it is {label}")
 
 
-def read_parquet_shards(path: str, labels: Optional[str] = None, limit: Optional[int] = None) -> Source:
-    """Source rows from Parquet shards."""
+def row_group_pieces(files: list[str], metadata: list[pq.FileMetaData], columns: list[list[str]],
+                     cut: Cut) -> list[Piece]:
+    """A piece per run of consecutive row groups of a shard of at most `Cut.piece_rows` rows (a larger row
+    group is a run of its own), reading COLUMNS of its shard; the units in `Cut.done` left out. A shard
+    of one run is one piece with the shard's own id (`shard_unit_id`), a run of a shard of several runs
+    has the shard's id and its first row group's index (`-rgNNNNN`)."""
+    max_rows = cut.piece_rows(sum(shard.num_rows for shard in metadata))
+    pieces = []
+    for file, name, shard, shard_columns in zip(files, names_below_common_folder(files), metadata, columns):
+        runs = row_group_runs(shard, max_rows)
+        for row_groups, rows in runs:
+            unit = shard_unit_id(file) + (f"-rg{row_groups[0]:05d}" if len(runs) > 1 else "")
+            if unit not in cut.done:
+                pieces.append(Piece(unit, rows, partial(read_row_groups, file, name, row_groups, shard_columns),
+                                    [file]))
+    return pieces
+
+
+def plan_parquet(path: str, labels: Optional[str], cut: Cut) -> Plan:
+    """The pieces of the Parquet shards PATH names: runs of a shard's row groups (`row_group_pieces`),
+    sized by `read_task_split` as image folders and LMDB are, or a work unit each. Ray's own Parquet
+    reader makes one task per file (per ~128 MB of files), so a few large shards, or one small input,
+    would be read and preprocessed on that many cores however many the cluster has, and a resume
+    would redo a whole shard. A row group is the smallest piece a Parquet file can be read by: a shard
+    written as one row group is still one piece (`pipeline prepare` writes row groups of 64 rows),
+    whose rows are re-cut for preprocessing. Every shard's footer is checked up front, so a damaged
+    shard is named before anything runs. `pipeline label` reads no labels: a label column of another
+    type (class names) is neither checked nor read, and a shard of `pipeline prepare` is one unit when
+    its --shard-size is at most the unit size (both 1,000 by default)."""
     if labels:
         raise SourceError("Parquet shards carry their labels in the `label` column; --labels is for image folders")
     files = parquet_files(path)
     metadata = [_shard_metadata(f) for f in files]
+    if cut.units:
+        columns = [[c for c in source_columns(shard) if c != "label"] for shard in metadata]
+        pieces = row_group_pieces(files, metadata, columns, cut)
+        return Plan("ParquetRowGroup", pieces, sum(piece.rows for piece in pieces))
     for file, shard in zip(files, metadata):
-        schema = shard.schema.to_arrow_schema()
-        label = schema.field("label").type if "label" in schema.names else None
-        if label is not None and not (pa.types.is_integer(label) or pa.types.is_null(label)):
-            raise SourceError(f"{file}: the label column must hold class indices (integers); it is {label}")
-    datasource = ParquetRowGroupDatasource(files, metadata, source_columns(*metadata))
+        check_label_column(file, shard)
+    pieces = row_group_pieces(files, metadata, [source_columns(*metadata)] * len(files), cut)
     num_records = sum(m.num_rows for m in metadata)
-    # one block per ReadTask planned: Ray would otherwise split blocks to reach its default
-    # parallelism, and a split read is not fused with the preprocessing
-    ds = read_datasource(datasource, max(1, len(datasource.runs)))
-    if limit is not None:
-        ds, num_records = ds.limit(limit), min(limit, num_records)
-    return Source(ds, num_records, datasource.recut_rows, exact_count=True)
-
-
-def parquet_unit_readers(path: str, done: set[str], unit_size: int) -> tuple[list, int]:
-    """Readers for `pipeline.sources.units`: a unit, and a ReadTask, per run of a shard's row groups of
-    at most UNIT_SIZE rows, so that a few large shards still spread over the cluster and a resume
-    redoes at most a unit; and how many rows those units hold. A shard of one run is one unit with
-    the shard's own id (a shard of `pipeline prepare` is, when its --shard-size is at most UNIT_SIZE,
-    both 1,000 by default). Every shard's footer is checked up front, so a damaged shard is named
-    before anything runs."""
-    from pipeline.sources.units import shard_unit_id
-
-    def reader_for(unit: str, file: str, name: str, row_groups: list[int], columns: list[str]):
-        return lambda: iter([(unit, read_row_groups(file, name, row_groups, columns))])
-
-    readers, rows = [], 0
-    files = parquet_files(path)
-    for file, name in zip(files, names_below_common_folder(files)):
-        shard = _shard_metadata(file)
-        # labelling needs no labels: a label column of another type (class names) is not read
-        shard_id, columns = shard_unit_id(file), [c for c in source_columns(shard) if c != "label"]
-        runs = row_group_runs(shard, unit_size)
-        for row_groups, run_rows in runs:
-            unit = shard_id + (f"-rg{row_groups[0]:05d}" if len(runs) > 1 else "")
-            if unit not in done:
-                readers.append(reader_for(unit, file, name, row_groups, columns))
-                rows += run_rows
-    return readers, rows
+    # a row group is read whole by one task, however large (`Source.recut_rows`)
+    return Plan("ParquetRowGroup", pieces, num_records if cut.limit is None else min(cut.limit, num_records),
+                exact_count=True, recut_rows=recut_rows([piece.rows for piece in pieces], num_records),
+                limit=cut.limit)

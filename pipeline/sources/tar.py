@@ -33,17 +33,17 @@ import re
 import tarfile
 from array import array
 from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, NamedTuple, Optional
+from typing import BinaryIO, NamedTuple, Optional
 
+import pyarrow as pa
 import ray
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.sources import (NO_LABEL, RECORDS_PER_BLOCK, Source, SourceError, is_glob, is_tar_name,
-                              names_below_common_folder, read_datasource, read_task_split,
-                              read_task_target, recut_rows, source_table)
+from pipeline.sources.base import (NO_LABEL, RECORDS_PER_BLOCK, Cut, Piece, Plan, SourceError, chunked, is_glob,
+                                   is_tar_name, names_below_common_folder, read_task_target, recut_rows,
+                                   shard_unit_id, source_table, walk_files)
 from pipeline.sources.labels import CLASS_INDEX, read_labels_file
 
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
@@ -63,8 +63,6 @@ def tar_shards(path: str) -> list[tuple[str, str]]:
     glob, or every file below a folder as the image folder reader walks it (hidden files and the
     top-level labels.txt left out). A file not named as a shard is listed too: it is an error row
     (see `is_misplaced`), never skipped silently."""
-    from pipeline.sources.folder import walk_files
-
     if is_glob(path):
         files = sorted(f for f in glob.glob(path) if os.path.isfile(f))
         names = names_below_common_folder(files) if files else []
@@ -442,10 +440,8 @@ def _damage_where_members_stopped(archive: tarfile.TarFile, raw: BinaryIO, start
 
 
 def read_tar_blocks(file: str, prefix: str, label_of: Optional[dict[str, int]] = None,
-                    run: MemberRun = WHOLE_SHARD) -> Iterator:
+                    run: MemberRun = WHOLE_SHARD) -> Iterator[pa.Table]:
     """Source-row blocks of RECORDS_PER_BLOCK records of RUN of one shard."""
-    from pipeline.sources.units import chunked
-
     label_of = label_of or {}
     for chunk in chunked(tar_rows(file, prefix, run), RECORDS_PER_BLOCK):
         # the labels file is the user's explicit input: it wins over a sample's .cls
@@ -477,82 +473,85 @@ def worth_cutting(shards: list[tuple[str, str]]) -> bool:
     return len(shards) < read_task_target()
 
 
-# (shard file, key prefix, run, labels of the run's keys): what one ReadTask reads
-TarPiece = tuple[str, str, MemberRun, dict[str, int]]
-
-
-class TarPlan(NamedTuple):
-    pieces: list[TarPiece]
-    records: Optional[int]  # what the shards hold, when the scan counted them all (the progress bar's total)
-    recut_rows: Optional[int]  # `Source.recut_rows`: set when a compressed or uncuttable shard is read whole
-
-
-def tar_pieces(shards: list[tuple[str, str]], label_of: dict[str, int]) -> TarPlan:
-    """The ReadTasks' pieces of SHARDS: a shard each when there are enough shards to keep the cluster
-    busy (no header scan), otherwise runs of the shards' members sized by `read_task_split`."""
-    labels = labels_by_shard(shards, label_of)
-    if not worth_cutting(shards):
-        return TarPlan([(file, prefix, WHOLE_SHARD, labels[prefix]) for file, prefix in shards], None, None)
-    scans = [scan_shard(file, prefix, with_keys=bool(label_of)) for file, prefix in shards]
-    per_task, _ = read_task_split(sum(len(scan.offsets) if scan else 1 for scan in scans))
-    pieces, piece_rows = [], []
-    for (file, prefix), scan in zip(shards, scans):
-        runs = member_runs(scan, per_task)
-        for run in runs:
-            run_labels = labels[prefix]
-            if len(runs) > 1 and run_labels:
-                run_keys = scan.keys[run.before:run.before + run.records if run.records else None]
-                run_labels = {key: run_labels[key] for key in run_keys if key in run_labels}
-            pieces.append((file, prefix, run, run_labels))
-            piece_rows.append(shard_rows(file, prefix, scan, run))
-    records = None if None in piece_rows else sum(piece_rows)  # a shard's runs together read as the shard
-    return TarPlan(pieces, records, recut_rows(piece_rows, records))
-
-
 # A shard read whole (compressed) carries all its labels, 50,000 for the validation set as one
 # .tar.gz: beyond this many they go through the object store, not inside the task's function, which
 # Ray warns about from 1 MiB.
 LABELS_IN_TASK = 10_000
 
 
-class TarShardDatasource(Datasource):
-    """A ReadTask per shard, or per run of a shard's members (`tar_pieces`), streaming them."""
+@dataclass(frozen=True)
+class TarRead:
+    """What one piece of a tar input reads: RUN of shard FILE, keyed under PREFIX, labelled from LABELS
+    (the labels of the run's keys, in the object store past LABELS_IN_TASK)."""
 
-    def __init__(self, path: str, labels: Optional[str] = None):
-        labels_file = Path(labels).resolve() if labels else None
-        # the labels file may lie among the shards: it is not a record
-        self.shards = [(file, prefix) for file, prefix in tar_shards(path) if Path(file).resolve() != labels_file]
-        self.plan = tar_pieces(self.shards, read_labels_file(labels) if labels else {})
+    file: str
+    prefix: str
+    run: MemberRun
+    labels: dict[str, int] | ray.ObjectRef
 
-    def estimate_inmemory_data_size(self) -> Optional[int]:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: Optional[int] = None,
-                       data_context=None) -> list[ReadTask]:
-        def make_task(file: str, prefix: str, run: MemberRun, label_of: dict[str, int]) -> ReadTask:
-            labels = ray.put(label_of) if len(label_of) > LABELS_IN_TASK else label_of
-
-            def read() -> Iterator:
-                return read_tar_blocks(file, prefix, ray.get(labels) if isinstance(labels, ray.ObjectRef) else labels,
-                                       run)
-
-            return ReadTask(read, BlockMetadata(num_rows=run.rows, size_bytes=None, exec_stats=None,
-                                                input_files=[file]))
-
-        return [make_task(*piece) for piece in self.plan.pieces]
+    def __call__(self) -> Iterator[pa.Table]:
+        labels = ray.get(self.labels) if isinstance(self.labels, ray.ObjectRef) else self.labels
+        return read_tar_blocks(self.file, self.prefix, labels, self.run)
 
 
-def read_tar_shards(path: str, labels: Optional[str] = None, limit: Optional[int] = None) -> Source:
-    """Source rows, one per member of the shards PATH names; labels from a `KEY CLASS_INDEX` file."""
-    datasource = TarShardDatasource(path, labels)
-    # one block per ReadTask planned: Ray would otherwise split blocks to reach its default
-    # parallelism, and a split read is not fused with the preprocessing
-    plan = datasource.plan
-    dataset = read_datasource(datasource, max(1, len(plan.pieces)))
-    if limit is None:
-        return Source(dataset, plan.records, plan.recut_rows)
-    return Source(dataset.limit(limit), min(limit, plan.records) if plan.records is not None else None,
-                  plan.recut_rows)
+def tar_piece(unit: str, file: str, prefix: str, run: MemberRun, label_of: dict[str, int]) -> Piece:
+    labels = ray.put(label_of) if len(label_of) > LABELS_IN_TASK else label_of
+    # the rows the run reads as: the sidecars read into their sample are none (`MemberRun.rows`)
+    return Piece(unit, run.rows, TarRead(file, prefix, run, labels), [file])
+
+
+SPLIT_UNIT = re.compile(r"(.*)-m\d{9}")  # the id of a piece that is a run of a cut shard: SHARD_ID-mNNNNNNNNN
+
+
+def input_shards(path: str, labels: Optional[str] = None) -> list[tuple[str, str]]:
+    """`tar_shards` of PATH but the labels file LABELS, which may lie among the shards and is not a record."""
+    if not labels:
+        return tar_shards(path)
+    labels_file = Path(labels).resolve()
+    return [(file, prefix) for file, prefix in tar_shards(path) if Path(file).resolve() != labels_file]
+
+
+def plan_tar(path: str, labels: Optional[str], cut: Cut) -> Plan:
+    """The pieces of the shards PATH names, labels from a `KEY CLASS_INDEX` file: a shard each when
+    there are enough shards to keep the cluster busy (no header scan, `worth_cutting`), otherwise runs
+    of the shards' members of at most `Cut.piece_rows` records, so that one big archive still spreads
+    over the cluster (and a resume of `pipeline label` redoes at most a unit). A shard of one piece has
+    the shard's own id (`shard_unit_id`), a run of a cut shard the shard's id and how many records
+    come before it (`-mNNNNNNNNN`). A read task carries the labels of its own run's keys only.
+
+    The plan counts the rows the pieces read as (None when a shard was not scanned, or is compressed).
+    Whether a shard is cut is decided afresh only for a shard none of whose units is in `Cut.done`: a
+    resume (on another cluster, with shards added) cuts a shard exactly as the run that started it did."""
+    shards = input_shards(path, labels)
+    label_of = read_labels_file(labels) if labels else {}
+    labels_of_shard = labels_by_shard(shards, label_of)
+    cut_before = {match.group(1) for unit in cut.done if (match := SPLIT_UNIT.fullmatch(unit))}
+    cut_now = worth_cutting(shards)
+    todo = [(file, prefix, shard_id) for file, prefix in shards if (shard_id := shard_unit_id(file)) not in cut.done]
+    scans = [scan_shard(file, prefix, with_keys=bool(label_of)) if cut_now or shard_id in cut_before else None
+             for file, prefix, shard_id in todo]
+    max_rows = cut.piece_rows(sum(len(scan.offsets) if scan else 1 for scan in scans))
+    pieces, piece_rows = [], []
+    for (file, prefix, shard_id), scan in zip(todo, scans):
+        if shard_id in cut_before and not (scan and scan.cuttable):
+            # read whole, it would label again the members of the parts already done
+            raise SourceError(f"{file}: an earlier run into this output labelled it in parts, and its member "
+                              "headers cannot be read now to find the same parts; restore the shard, or pass "
+                              "--overwrite to label everything again")
+        runs = member_runs(scan, max_rows)
+        for run in runs:
+            unit = shard_id + (f"-m{run.before:09d}" if len(runs) > 1 else "")
+            if unit in cut.done:
+                continue
+            run_labels = labels_of_shard[prefix]
+            if len(runs) > 1 and run_labels:
+                run_keys = scan.keys[run.before:run.before + run.records if run.records else None]
+                run_labels = {key: run_labels[key] for key in run_keys if key in run_labels}
+            pieces.append(tar_piece(unit, file, prefix, run, run_labels))
+            piece_rows.append(shard_rows(file, prefix, scan, run) if scan or cut_now else None)
+    records = None if None in piece_rows else sum(piece_rows)  # a shard's runs together read as the shard
+    return Plan("TarShard", pieces, records if records is None or cut.limit is None else min(cut.limit, records),
+                recut_rows=recut_rows(piece_rows, records), limit=cut.limit)
 
 
 def shard_rows(file: str, prefix: str, scan: Optional[ShardScan], run: MemberRun = WHOLE_SHARD) -> Optional[int]:
@@ -580,41 +579,3 @@ def count_tar_records(path: str) -> Optional[int]:
     """How many rows the shards PATH names read as, scanning their headers one shard at a time."""
     shards = tar_shards(path)
     return records_in(shards, (scan_shard(file, prefix) for file, prefix in shards))
-
-
-SPLIT_UNIT = re.compile(r"(.*)-m\d{9}")  # the id of a unit that is a run of a cut shard: SHARD_ID-mNNNNNNNNN
-
-
-def tar_unit_readers(path: str, done: set[str], unit_size: int) -> tuple[list, Optional[int]]:
-    """Readers for `pipeline.sources.units`: a unit, and a ReadTask, per shard, or, where `worth_cutting`
-    the shards, per run of at most UNIT_SIZE records of a shard, so that one big archive still spreads
-    over the cluster and a resume redoes at most a unit; and how many rows those units read as (None
-    when a shard was not scanned, or is compressed). A shard of one unit has the shard's own id.
-    Whether a shard is cut is decided afresh only for a shard none of whose units is done: a resume
-    (on another cluster, with shards added) cuts a shard exactly as the run that started it did."""
-    from pipeline.sources.units import shard_unit_id
-
-    def reader_for(unit: str, file: str, prefix: str, run: MemberRun):
-        return lambda: iter([(unit, read_tar_blocks(file, prefix, run=run))])
-
-    shards = tar_shards(path)
-    cut_before = {match.group(1) for unit in done if (match := SPLIT_UNIT.fullmatch(unit))}
-    cut_now = worth_cutting(shards)
-    readers, rows = [], []
-    for file, prefix in shards:
-        shard_id = shard_unit_id(file)
-        if shard_id in done:
-            continue
-        scan = scan_shard(file, prefix) if cut_now or shard_id in cut_before else None
-        if shard_id in cut_before and not (scan and scan.cuttable):
-            # read whole, it would label again the members of the parts already done
-            raise SourceError(f"{file}: an earlier run into this output labelled it in parts, and its member "
-                              "headers cannot be read now to find the same parts; restore the shard, or pass "
-                              "--overwrite to label everything again")
-        runs = member_runs(scan, unit_size)
-        for run in runs:
-            unit = shard_id + (f"-m{run.before:09d}" if len(runs) > 1 else "")
-            if unit not in done:
-                readers.append(reader_for(unit, file, prefix, run))
-                rows.append(shard_rows(file, prefix, scan, run) if scan or cut_now else None)
-    return readers, None if None in rows else sum(rows)

@@ -5,13 +5,14 @@ line of the benchmark."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
 from pipeline.config import Preset
-from pipeline.inference import ModelInfo, make_session, run_model, top_k
+from pipeline.onnx_model import ModelInfo, make_session, run_model, top_k
 from pipeline.preprocess import Normalizer, decode_image, resize_and_crop
 from pipeline.sources.folder import list_folder_records
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from pipeline.caffe2.importer import convert_nets, int8_trace_name, read_constants
 from pipeline.caffe2.netbuilder import int8_fill, int32_fill, make_net, make_op
 
 INPUT_BLOB = "gpu_0/data_0"
@@ -69,7 +70,8 @@ class _Builder:
         b, b_s, b_m = self.conv(f"{prefix}_branch2b", a, a_s, a_m, width, width, 3, stride, True)
         c, _, c_m = self.conv(f"{prefix}_branch2c", b, b_s, b_m, width, width * EXPANSION, 1, 1, False)
         if stride != 1 or c_in != width * EXPANSION:
-            shortcut, _, s_m = self.conv(f"{prefix}_branch1", x, x_scale, x_moment, c_in, width * EXPANSION, 1, stride, False)
+            shortcut, _, s_m = self.conv(f"{prefix}_branch1", x, x_scale, x_moment, c_in, width * EXPANSION, 1, stride,
+                                         False)
         else:
             shortcut, s_m = x, x_moment
         sum_moment = c_m + s_m
@@ -240,8 +242,6 @@ def _center_classifier(init_net: Any, predict_net: Any, rng: np.random.Generator
     Random convolutions give every channel a large image-independent mean; left in, it would
     make the same classes win (and saturate) for every image. The bias cancels each class's
     mean logit and the scale spreads what varies from image to image over LOGIT_STEPS steps."""
-    from pipeline.caffe2.importer import convert_nets, int8_trace_name, read_constants
-
     fc_index = max(i for i, op in enumerate(predict_net.op) if op.type == "Int8FC")
     fc = predict_net.op[fc_index]
     source = max(i for i, op in enumerate(predict_net.op[:fc_index]) if fc.input[0] in op.output)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from pipeline.output import make_output_dir
 from pipeline.preprocess import JPEG_MAGIC, decode_image, record_error, scale_shorter_side
-from pipeline.sources import LMDB_DATA_FILE, SourceError
+from pipeline.sources.base import LMDB_DATA_FILE, SourceError
 from pipeline.sources.folder import folder_records_to_read, read_file
 from pipeline.sources.lmdb_records import DATUM, ENCODERS, TENSOR_PROTOS
 

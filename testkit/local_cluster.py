@@ -166,8 +166,8 @@ class LocalCluster:
     def alive_nodes(self) -> int:
         """Alive nodes as the cluster's GCS sees them (asked from a subprocess: this process may
         already be a driver of another Ray)."""
-        probe = ("import ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-                 "print('alive nodes:', sum(n['Alive'] for n in ray.nodes()))" % self.address)
+        probe = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False); "
+                 "print('alive nodes:', sum(n['Alive'] for n in ray.nodes()))")
         result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                                 env=self.env)
         # Ray prints its own warnings (lagging heartbeats on a busy machine...) on the same stdout

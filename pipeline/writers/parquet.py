@@ -10,7 +10,7 @@ from typing import Optional
 import pyarrow.parquet as pq
 
 from pipeline.output import OutputDirError, make_output_dir
-from pipeline.sources import SMALL_READ_ROWS
+from pipeline.sources.base import SMALL_READ_ROWS
 from pipeline.sources.folder import folder_records_to_read, read_folder_records
 
 
