@@ -4,21 +4,28 @@ own error row; a model whose scores have the wrong shape is refused; two runs ne
 from __future__ import annotations
 
 import io
+import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from onnx import helper
 from PIL import Image
 
-from helpers import MOBILENET_INT8, VAL_1300, jpeg_bytes, need, save_classifier, start_cli, subset_folder
+from helpers import (MOBILENET_INT8, SAMPLE_1000, VAL_1300, jpeg_bytes, need, run_cli, save_classifier, start_cli,
+                     subset_folder)
 from pipeline.config import load_preset
 from pipeline.onnx_model import ModelError, ModelInfo, make_session, run_model
 from pipeline.preprocess import Preprocessor
-from pipeline.sources.base import NO_LABEL, Cut
+from pipeline.sources.base import NO_LABEL, Cut, SourceError
 from pipeline.sources.datasource import PieceDatasource
 from pipeline.sources.folder import plan_folder, read_file, read_folder_records
+from pipeline.sources.parquet import plan_parquet, read_row_groups
+from pipeline.sources.tar import member_runs, plan_tar, read_tar_blocks, scan_shard, shard_rows, tar_records
 
 
 def png_bytes(width: int, height: int) -> bytes:
@@ -346,3 +353,147 @@ def test_an_lmdb_whose_first_records_are_damaged_is_read_by_its_first_good_one(t
     env.close()
     info = inspect_lmdb(tmp_path / "db")
     assert (info.record_kind, info.entries) == (DATUM, 36)
+
+
+def add_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def webdataset_shard(path: Path, images: list[bytes], classes: list[int]) -> Path:
+    """A WebDataset shard of IMAGES: sample `sNNNN` is `.jpg`, `.cls` (before the image in every
+    third sample, after it otherwise) and `.json` in every other one; then a `.cls` whose sample has
+    no image, an image whose `.cls` holds a class name, and an image with two `.cls`."""
+    with tarfile.open(path, "w") as archive:
+        for n, (image, cls) in enumerate(zip(images, classes)):
+            members = [(f"s{n:04d}.jpg", image), (f"s{n:04d}.cls", f"{cls}\n".encode())]
+            members += [(f"s{n:04d}.json", json.dumps({"n": n}).encode())] if n % 2 else []
+            for name, data in (members[1:2] + members[:1] + members[2:]) if n % 3 == 0 else members:
+                add_member(archive, name, data)
+        add_member(archive, "orphan.cls", b"7")
+        add_member(archive, "named.jpg", images[0])
+        add_member(archive, "named.cls", b"tench")
+        for name, data in (("dup.jpg", images[0]), ("dup.cls", b"1"), ("dup.cls", b"2")):
+            add_member(archive, name, data)
+    return path
+
+
+NAMED_CLS = "its sample's named.cls does not hold a class index (ASCII digits): b'tench'"
+SECOND_CLS = "a second .cls sidecar of sample dup: its first one, dup.cls, is read"
+
+
+def test_webdataset_sidecars_label_their_image_in_runs_never_split(tmp_path):
+    """key.cls and key.json were error rows each. A .cls labels its sample's image whatever their
+    order, a .json is metadata; a .cls without image is passed on as any member, a .cls without a class
+    index or a second one is one error row; runs of any size start at samples, and plan what they read."""
+    classes = [(37 * n) % 1000 for n in range(12)]
+    shard = webdataset_shard(tmp_path / "wds.tar", [jpeg_bytes(seed=n) for n in range(12)], classes)
+    blocks = list(read_tar_blocks(str(shard), ""))
+    rows = [row for block in blocks for row in zip(*block.select(["key", "label", "error"]).to_pydict().values())]
+    assert rows == [(f"s{n:04d}.jpg", cls, "") for n, cls in enumerate(classes)] + [
+        ("orphan.cls", NO_LABEL, ""), ("named.jpg", NO_LABEL, NAMED_CLS), ("dup.jpg", 1, ""),
+        ("dup.cls", NO_LABEL, SECOND_CLS)]
+    # the labels file is the user's explicit input: it wins over a .cls
+    labelled = next(read_tar_blocks(str(shard), "", {"s0001.jpg": 5}))
+    assert labelled.column("label").to_pylist()[:3] == [classes[0], 5, classes[2]]
+
+    scan = scan_shard(str(shard), "")
+    assert shard_rows(str(shard), "", scan) == len(rows) == 16
+    whole = list(tar_records(str(shard), ""))
+    with tarfile.open(shard) as archive:
+        samples = [member.name.split(".")[0] for member in archive]
+    for size in range(1, 12):
+        runs = member_runs(scan, size)
+        read = [list(tar_records(str(shard), "", run)) for run in runs]
+        assert [row for run in read for row in run] == whole, size
+        assert [len(run) for run in read] == [shard_rows(str(shard), "", scan, run) for run in runs], size
+        assert all(run.rows in (None, len(rows)) for run, rows in zip(runs, read))
+        # a run starts at a sample's first member: `.cls` first in every third sample, `.jpg` otherwise
+        assert all(samples[run.before - 1] != samples[run.before] for run in runs[1:]), size
+    assert len(member_runs(scan, 4)) > 1
+
+    plan = plan_tar(str(shard), None, Cut(10))
+    units = [(piece, [row for block in piece.read() for row in block.column("key").to_pylist()])
+             for piece in plan.pieces]
+    assert plan.records == sum(len(keys) for _, keys in units) == 16
+    assert all(piece.rows in (None, len(keys)) for piece, keys in units)
+    assert [piece.id.rsplit("-m", 1)[1] for piece, _ in units] == [f"{run.before:09d}"
+                                                                     for run in member_runs(scan, 10)]
+    assert [key for _, keys in units for key in keys] == [key for key, _, _ in whole]
+
+
+@pytest.mark.subprocess
+def test_a_webdataset_shard_is_evaluated_by_its_cls_labels_with_exact_counts(tmp_path):
+    """evaluate on one WebDataset shard, cut into runs: the top-1 is scored against the .cls labels,
+    and every image and bad sidecar is counted once."""
+    model, sample = need(MOBILENET_INT8), need(SAMPLE_1000)
+    truth = dict(line.split() for line in (sample / "labels.txt").read_text().splitlines())
+    names = sorted(truth)[:40]
+    classes = [int(truth[name]) for name in names]
+    shard = webdataset_shard(tmp_path / "wds.tar", [(sample / name).read_bytes() for name in names], classes)
+    plan = plan_tar(str(shard), None, Cut())  # as `evaluate` plans it
+    assert len(plan.pieces) > 1 and plan.records == 44
+
+    result = run_cli("evaluate", "--model", model, "--preset", "torch", "--data", shard, "--output", tmp_path / "out")
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (metrics["images"], metrics["evaluated"], metrics["errors"]) == (44, 41, 3)
+    predictions = {row["key"]: row for row in pq.read_table(tmp_path / "out" / "predictions.parquet").to_pylist()}
+    images = [f"s{n:04d}.jpg" for n in range(40)]
+    assert sorted(predictions) == sorted(images + ["orphan.cls", "named.jpg", "dup.jpg", "dup.cls"])
+    assert [predictions[key]["label"] for key in images + ["dup.jpg"]] == classes + [1]
+    assert {key: row["error"] for key, row in predictions.items() if row["error"]} == {
+        "orphan.cls": "no label for this image", "named.jpg": NAMED_CLS, "dup.cls": SECOND_CLS}
+    top1 = sum(predictions[key]["top5_ids"][0] == predictions[key]["label"] for key in images + ["dup.jpg"])
+    assert metrics["top1_correct"] == top1 and metrics["top1"] == top1 / 41 > 0.5
+
+
+def write_shard(path: Path, columns: dict) -> str:
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def test_a_parquet_column_of_the_wrong_type_is_named_and_bad_values_are_rows(tmp_path):
+    """A column of the wrong type refused the run with an Arrow error naming no column; a key that is
+    not UTF-8, or a uint64 label past int64, refused the whole read for one value."""
+    images = pa.array([jpeg_bytes(seed=1), jpeg_bytes(seed=2)])
+    for name, columns, sentence in (
+            ("error", {"image": images, "error": pa.array([0, 1])},
+             "the error column must hold text (why a record could not be read, empty for a good one); it is int64"),
+            ("key", {"key": pa.array([[1], [2]]), "image": images},
+             "the key column must hold the records' names (text, bytes or numbers); it is list<element: int64>"),
+            ("image", {"image": pa.array([{"bytes": 1}, {"bytes": 2}])},
+             "the bytes field of the image column must hold the encoded image (binary); it is int64")):
+        shard = write_shard(tmp_path / f"{name}.parquet", columns)
+        for cut in (Cut(), Cut(1000)):  # as evaluate and label plan it
+            with pytest.raises(SourceError) as refused:
+                plan_parquet(shard, None, cut)
+            assert str(refused.value) == f"{shard}: {sentence}"
+
+    shard = write_shard(tmp_path / "values.parquet", {
+        "key": pa.array([b"caf\xe9.jpg", b"ok.jpg"]), "image": images,
+        "label": pa.array([2**64 - 1, 3], pa.uint64())})
+    rows = pa.concat_tables(read_row_groups(shard, "values.parquet", [0], ["key", "image", "label"])).to_pylist()
+    assert [(row["key"], row["label"], row["error"]) for row in rows] == [
+        ("caf\\xe9.jpg", NO_LABEL, "label 18446744073709551615 out of range 0..999"), ("ok.jpg", 3, "")]
+
+
+def test_members_of_one_key_are_not_held_whole_and_cut_as_without_sidecars(tmp_path):
+    """`frame.000001.jpg`, ... share the sample key `frame`: without sidecars the shard is cut and
+    read as before; with a .cls past the members a sample holds, the images are passed on unlabelled
+    and the .cls is an error row (it was passed on as an image)."""
+    frames, late = tmp_path / "frames.tar", tmp_path / "late.tar"
+    for shard, sidecars in ((frames, []), (late, [("frame.cls", b"3")])):
+        with tarfile.open(shard, "w") as archive:
+            for name, data in [(f"frame.{n:06d}.jpg", jpeg_bytes(size=(8, 8), seed=n)) for n in range(100)] + sidecars:
+                add_member(archive, name, data)
+    scan = scan_shard(str(frames), "")
+    assert [run.before for run in member_runs(scan, 30)] == [0, 30, 60, 90]
+    assert [run.rows for run in member_runs(scan, 30)] == [30, 30, 30, None]
+
+    rows = list(read_tar_blocks(str(late), ""))[0].select(["key", "label", "error"]).to_pylist()
+    assert len(rows) == 101 and {row["label"] for row in rows[:100]} == {NO_LABEL}
+    assert rows[100] == {"key": "frame.cls", "label": NO_LABEL, "error": "a .cls sidecar after the first 64 members "
+                         "of sample frame, which are not held for it"}
+    assert len(member_runs(scan_shard(str(late), ""), 30)) == 1  # a sample holding a sidecar is never split

@@ -7,21 +7,30 @@ are read too: their `image` is a struct whose `bytes` field holds the encoded im
 holding all the shards, for a glob over folders) and row number
 (`validation-00000-of-00014.parquet#000042`): unique and the same on every run, as label's resume
 needs.
+
+A column of a type that cannot hold what it is for is refused before the run, naming the file and the
+column (`_shard_metadata`); a value its type allows but a source row cannot hold (a uint64 label past
+int64) makes its row an error row, and a key of bytes that are not UTF-8 is escaped (`utf8_key`).
 """
 
 from __future__ import annotations
 
 import glob
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.classes import NUM_CLASSES
 from pipeline.sources.base import (NO_LABEL, RECORDS_PER_BLOCK, SOURCE_SCHEMA, Cut, Piece, Plan, SourceError,
-                                   is_glob, names_below_common_folder, recut_rows, shard_unit_id, source_table)
+                                   is_glob, names_below_common_folder, recut_rows, shard_unit_id, source_table,
+                                   utf8_key)
+
+INT64_MAX = 2**63 - 1  # the largest label the source rows' int64 label column holds
 
 
 def parquet_files(path: str) -> list[str]:
@@ -52,7 +61,31 @@ def _shard_metadata(file: str) -> pq.FileMetaData:
             or pa.types.is_struct(image) and image.get_field_index("bytes") >= 0):
         raise SourceError(f"{file}: the image column must hold the encoded image (binary), or a struct with a "
                           f"bytes field as Hugging Face datasets write it; it is {image}")
+    if pa.types.is_struct(image) and not _casts_to(image.field("bytes").type, pa.binary()):
+        raise SourceError(f"{file}: the bytes field of the image column must hold the encoded image (binary); "
+                          f"it is {image.field('bytes').type}")
+    if "key" in schema.names and not _casts_to(schema.field("key").type, pa.string()):
+        raise SourceError(f"{file}: the key column must hold the records' names (text, bytes or numbers); "
+                          f"it is {schema.field('key').type}")
+    if "error" in schema.names and not _is_text(schema.field("error").type):
+        raise SourceError(f"{file}: the error column must hold text (why a record could not be read, empty for a "
+                          f"good one); it is {schema.field('error').type}")
     return metadata
+
+
+def _casts_to(column: pa.DataType, target: pa.DataType) -> bool:
+    """Whether Arrow casts a COLUMN type to TARGET (its values may still fail: bytes that are not UTF-8)."""
+    try:
+        pa.array([], column).cast(target)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+        return False
+    return True
+
+
+def _is_text(column: pa.DataType) -> bool:
+    """Whether COLUMN holds text, or only nulls (a column of no errors)."""
+    return (pa.types.is_string(column) or pa.types.is_large_string(column) or pa.types.is_string_view(column)
+            or pa.types.is_null(column))
 
 
 def source_columns(*shards: pq.FileMetaData) -> list[str]:
@@ -75,18 +108,41 @@ def to_source_rows(table: pa.Table, shard_name: str, first_row: int) -> pa.Table
     if "key" not in table.column_names:
         key = pa.array(row_keys(shard_name, rows), pa.string())
     else:
-        key = table.column("key").cast(pa.string())
+        key = string_keys(table.column("key"))
         if key.null_count:  # keyed as a shard without keys keys it: the output must name every row
             key = pc.coalesce(key, pa.array(row_keys(shard_name, rows), pa.string()))
-    label = table.column("label").cast(pa.int64()).fill_null(NO_LABEL) if "label" in table.column_names \
-        else pa.array([NO_LABEL] * n, pa.int64())
+    label = table.column("label") if "label" in table.column_names else pa.nulls(n, pa.int64())
     image = table.column("image")
     if pa.types.is_struct(image.type):
         image = pc.struct_field(image, "bytes")
     image = image.cast(pa.binary())
-    error = table.column("error").fill_null("") if "error" in table.column_names else pa.array([""] * n)
+    error = table.column("error").cast(pa.string()).fill_null("") if "error" in table.column_names \
+        else pa.array([""] * n)
     error = pc.if_else(pc.is_null(image), pc.if_else(pc.equal(error, ""), "no image bytes", error), error)
+    if pa.types.is_uint64(label.type):
+        label, error = _int64_labels(label, error)
+    label = label.cast(pa.int64()).fill_null(NO_LABEL)
     return pa.Table.from_arrays([key, label, image.fill_null(b""), error], schema=SOURCE_SCHEMA)
+
+
+def string_keys(key: pa.ChunkedArray) -> pa.ChunkedArray:
+    """KEY as text; keys held as bytes that are not UTF-8 escaped as `utf8_key` escapes file names."""
+    try:
+        return key.cast(pa.string())
+    except pa.ArrowInvalid:
+        return pa.chunked_array([pa.array([None if value is None else utf8_key(value.decode("utf-8", "surrogateescape"))
+                                           for value in key.to_pylist()], pa.string())])
+
+
+def _int64_labels(label: pa.ChunkedArray, error: pa.ChunkedArray) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """A uint64 LABEL column whose values the int64 label column cannot hold made null, and ERROR set on
+    their rows, which become error rows."""
+    past = pc.fill_null(pc.greater(label, pa.scalar(INT64_MAX, pa.uint64())), False)
+    if not pc.any(past).as_py():
+        return label, error
+    errors = [(reason or f"label {value} out of range 0..{NUM_CLASSES - 1}") if too_big else reason
+              for value, too_big, reason in zip(label.to_pylist(), past.to_pylist(), error.to_pylist())]
+    return pc.if_else(past, pa.scalar(None, label.type), label), pa.chunked_array([pa.array(errors, pa.string())])
 
 
 def read_row_groups(file: str, name: str, row_groups: list[int], columns: list[str]) -> Iterator[pa.Table]:
@@ -114,7 +170,7 @@ def unreadable_rows(shard: pq.ParquetFile, name: str, group: int, first_row: int
     keys = row_keys(name, range(first_row + read, first_row + shard.metadata.row_group(group).num_rows))
     if "key" in shard.schema_arrow.names:
         try:
-            keys = shard.read_row_group(group, columns=["key"]).column("key").cast(pa.string()).to_pylist()[read:]
+            keys = string_keys(shard.read_row_group(group, columns=["key"]).column("key")).to_pylist()[read:]
         except (pa.ArrowException, OSError):
             pass  # the generated keys above
     reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__

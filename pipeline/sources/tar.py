@@ -14,6 +14,14 @@ path relative to the input folder when the input is a folder or glob of shards
 on as it is and fails decoding with the decoder's reason; a member that is not a regular file, a
 member cut short, an archive corrupt part-way, a shard that is not a tar at all, and a file of the
 folder or glob that is not named as a tar shard (a README) each become an error row.
+
+WebDataset sidecars are read into their sample rather than passed on (`Sample`): the members of one
+sample share a key (the member path up to the first "." of its base name) and sit next to each
+other, `n0001.jpg`, `n0001.cls`, `n0001.json`. A `.cls` (ASCII text holding a class index) labels
+its sample's images, a `.json` is its metadata; a `.cls` that holds no class index makes its images
+error rows, and a second `.cls` or `.json` of a sample is an error row. A sample with no image has no
+sidecars: a lone `meta.json` is passed on as any member. Runs never start inside a sample holding a
+sidecar.
 """
 
 from __future__ import annotations
@@ -24,9 +32,11 @@ import posixpath
 import re
 import tarfile
 from array import array
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, NamedTuple, Optional
+from typing import BinaryIO, NamedTuple, Optional
 
 import pyarrow as pa
 import ray
@@ -34,9 +44,15 @@ import ray
 from pipeline.sources.base import (NO_LABEL, RECORDS_PER_BLOCK, Cut, Piece, Plan, SourceError, chunked, is_glob,
                                    is_tar_name, names_below_common_folder, read_task_target, recut_rows,
                                    shard_unit_id, source_table, walk_files)
-from pipeline.sources.labels import read_labels_file
+from pipeline.sources.labels import CLASS_INDEX, read_labels_file
 
 TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+# WebDataset's sidecars: a member holding its sample's class index, and one holding its metadata
+SIDECARS = ("cls", "json")
+# The members of a sample held until it ends, since its .cls may come after its images. Samples are a
+# few members; a shard whose members share a key for other reasons (`frame.000001.jpg`, ...) is then
+# not held whole in memory: past this many members its images are passed on, and a sidecar is not read.
+SAMPLE_HOLD = 64
 # ILSVRC2012_img_train.tar holds a .tar per class: members are read as records, not opened as shards
 NESTED_TAR = ("a tar archive inside the archive (as in ILSVRC2012_img_train.tar): extract the outer archive "
               "and pass the folder of the .tar shards it holds")
@@ -78,6 +94,122 @@ def member_key(prefix: str, member: tarfile.TarInfo) -> str:
     return prefix + posixpath.normpath(member.name)
 
 
+def member_sample(key: str, regular: bool = True) -> tuple[str, str]:
+    """(sample key, sidecar kind) of the member KEY, split as WebDataset splits a member path: at the
+    first "." of its base name (`d/n0001.seg.png` is of sample `d/n0001`). The kind is "cls" or "json"
+    for a sidecar (a REGULAR file so named, any case), "" for a record of its own."""
+    dot = key.find(".", key.rfind("/") + 1)
+    if dot < 0:
+        return key, ""
+    extension = key[dot + 1:].lower()
+    return key[:dot], extension if regular and extension in SIDECARS else ""
+
+
+class TarMember(NamedTuple):
+    """A member as it is read, before it is made a row of its sample."""
+
+    index: int  # its record number in the shard (members that are not directories, in stream order)
+    key: str
+    sample: Optional[str]  # its sample's key; None for a row of no sample (the damage row)
+    sidecar: str  # `member_sample`'s kind: "" for a record of its own
+    data: bytes
+    error: str
+
+
+class TarRow(NamedTuple):
+    """A source row of a shard, and the record number of the member it is."""
+
+    index: int
+    key: str
+    data: bytes
+    error: str
+    label: int  # the class index its sample's .cls holds, NO_LABEL without one
+
+
+def sidecar_label(member: TarMember) -> tuple[int, str]:
+    """(class index, "") from a .cls MEMBER, or (NO_LABEL, why not) when it does not hold one."""
+    text = member.data.strip().decode("ascii", "replace")
+    if CLASS_INDEX.fullmatch(text):
+        return int(text), ""
+    return NO_LABEL, (f"its sample's {member.key} does not hold a class index (ASCII digits): "
+                      f"{member.data[:40]!r}")
+
+
+class Sample:
+    """The members of one WebDataset sample (the consecutive members of one key), as they are read. They
+    are held until the sample ends, or reaches SAMPLE_HOLD members (its .cls may come after its images);
+    then, when a record is among them, its first .cls and first .json are read into it, and every other
+    member is passed on as a row: a record labelled by the .cls, a second sidecar of a kind as an error
+    row. A sample of sidecars alone has none: its members are passed on as any member is (a lone
+    `meta.json` fails decoding, as in an image folder). The reader and the header scan both make rows
+    this way (`sample_rows`, `SampleScan`)."""
+
+    def __init__(self, name: Optional[str]):
+        self.name = name
+        self.seen = 0
+        self.held: list[TarMember] = []
+        self.read: Optional[dict[str, TarMember]] = None  # the sidecars read, by kind, once decided
+        self.has_record = False
+        self.label, self.label_error = NO_LABEL, ""
+
+    def add(self, member: TarMember) -> list[TarRow]:
+        """The rows MEMBER lets out."""
+        self.seen += 1
+        if self.read is not None:  # past the members held
+            return self._rows([member])
+        self.held.append(member)
+        return self._decide() if self.seen >= SAMPLE_HOLD else []
+
+    def finish(self) -> list[TarRow]:
+        """The rows still held when the sample ends."""
+        return self._decide() if self.read is None else []
+
+    def _decide(self) -> list[TarRow]:
+        self.read = {}
+        self.has_record = any(not member.sidecar for member in self.held)
+        if self.has_record:
+            for member in self.held:
+                if member.sidecar:
+                    self.read.setdefault(member.sidecar, member)
+            if "cls" in self.read:
+                self.label, self.label_error = sidecar_label(self.read["cls"])
+        rows = self._rows([member for member in self.held if self.read.get(member.sidecar) is not member])
+        self.held = []
+        return rows
+
+    def _rows(self, members: list[TarMember]) -> list[TarRow]:
+        rows = []
+        for member in members:
+            if member.sidecar and self.has_record:
+                rows.append(TarRow(member.index, member.key, b"", self._unread_sidecar(member), NO_LABEL))
+            elif member.sidecar:  # a sample of sidecars alone: they are members as any other
+                rows.append(TarRow(member.index, member.key, member.data, member.error, NO_LABEL))
+            else:
+                rows.append(TarRow(member.index, member.key, member.data, member.error or self.label_error,
+                                   self.label))
+        return rows
+
+    def _unread_sidecar(self, member: TarMember) -> str:
+        first = self.read.get(member.sidecar)
+        if first is not None:
+            return f"a second .{member.sidecar} sidecar of sample {self.name}: its first one, {first.key}, is read"
+        return (f"a .{member.sidecar} sidecar after the first {SAMPLE_HOLD} members of sample {self.name}, which "
+                "are not held for it")
+
+
+def sample_rows(members: Iterable[TarMember]) -> Iterator[TarRow]:
+    """The rows of MEMBERS (a shard's, or a run's, in stream order), made sample by sample."""
+    sample = None
+    for member in members:
+        if sample is None or member.sample is None or member.sample != sample.name:
+            if sample is not None:
+                yield from sample.finish()
+            sample = Sample(member.sample)
+        yield from sample.add(member)
+    if sample is not None:
+        yield from sample.finish()
+
+
 @dataclass(frozen=True)
 class MemberRun:
     """Consecutive records (members that are not directories) of one shard: the byte offset of the
@@ -88,6 +220,7 @@ class MemberRun:
     offset: int = 0
     records: Optional[int] = None
     before: int = 0
+    rows: Optional[int] = None  # how many rows its RECORDS read as (sidecars read into their sample are not)
 
 
 WHOLE_SHARD = MemberRun()
@@ -105,6 +238,60 @@ class ShardScan(NamedTuple):
     keys: list[str]  # their keys, when asked for
     cuttable: bool  # False when a pax global header applies to every member after it: a run starting
     #                 later would read its members without it
+    read_sidecars: array  # the record numbers of the sidecars read into their sample, which are no rows
+    inside: array  # the record numbers inside a sample holding sidecars, where no run may start
+
+    def rows(self, first: int, records: Optional[int] = None) -> int:
+        """How many rows RECORDS records from record FIRST (all the rest by default) read as."""
+        end = len(self.offsets) if records is None else first + records
+        return end - first - (bisect_left(self.read_sidecars, end) - bisect_left(self.read_sidecars, first))
+
+    def run_start(self, record: int) -> int:
+        """The first record from RECORD on that a run may start at."""
+        at = bisect_left(self.inside, record)
+        while at < len(self.inside) and self.inside[at] == record:
+            at, record = at + 1, record + 1
+        return record
+
+
+class SampleScan:
+    """Which records of a shard are sidecars read into their sample, and which lie inside a sample that
+    holds sidecars, from its member headers in stream order: the reader's `Sample`s, made on headers for
+    the samples that hold a sidecar (a sample of one image, the common case, costs a key comparison)."""
+
+    def __init__(self) -> None:
+        self.read_sidecars, self.inside = array("q"), array("q")
+        self.name: Optional[str] = None  # the key of the sample being scanned
+        self.start = 0  # its first record
+        self.sample: Optional[Sample] = None  # made at its first sidecar
+        self.sidecars: list[int] = []
+        self.rows: set[int] = set()
+
+    def add(self, index: int, key: str, regular: bool) -> None:
+        name, sidecar = member_sample(key, regular)
+        if name != self.name:
+            self.end(index)
+            self.name, self.start = name, index
+        if sidecar and self.sample is None:
+            self.sample = Sample(name)
+            for record in range(self.start, index):  # the records before it: none of them is a sidecar
+                self._add(TarMember(record, "", name, "", b"", ""))
+        if self.sample is not None:
+            if sidecar:
+                self.sidecars.append(index)
+            self._add(TarMember(index, key, name, sidecar, b"", ""))
+
+    def end(self, index: int) -> None:
+        """End the sample being scanned, whose last record is the one before record INDEX."""
+        if self.sample is None:
+            return
+        self.rows.update(row.index for row in self.sample.finish())
+        self.read_sidecars.extend(i for i in self.sidecars if i not in self.rows)
+        self.inside.extend(range(self.start + 1, index))
+        self.sample, self.sidecars, self.rows = None, [], set()
+
+    def _add(self, member: TarMember) -> None:
+        self.rows.update(row.index for row in self.sample.add(member))
 
 
 def scan_shard(file: str, prefix: str, with_keys: bool = False) -> Optional[ShardScan]:
@@ -113,47 +300,56 @@ def scan_shard(file: str, prefix: str, with_keys: bool = False) -> Optional[Shar
     the damage: its last run reads on and reports the damage, as a whole read does."""
     if not is_splittable(file, prefix):
         return None
-    offsets, keys = array("q"), []
+    offsets, keys, samples = array("q"), [], SampleScan()
     archive = None
     try:
         archive = tarfile.open(file, mode="r:")
         while (member := archive.next()) is not None:
             archive.members.clear()  # TarFile keeps every header it has read
             if not member.isdir():
+                key = member_key(prefix, member)
+                samples.add(len(offsets), key, member.isfile())
                 offsets.append(member.offset)
                 if with_keys:
-                    keys.append(member_key(prefix, member))
+                    keys.append(key)
     except TAR_ERRORS:
         if not offsets:
             return None
     finally:
         if archive is not None:
             archive.close()
-    return ShardScan(offsets, keys, not archive.pax_headers)
+    samples.end(len(offsets))
+    return ShardScan(offsets, keys, not archive.pax_headers, samples.read_sidecars, samples.inside)
 
 
 def member_runs(scan: Optional[ShardScan], size: int) -> list[MemberRun]:
-    """A shard's records (its SCAN) cut into runs of SIZE; the whole shard as one run when it holds at
+    """A shard's records (its SCAN) cut into runs of SIZE, each starting at the first record from its
+    place on that is not inside a sample holding sidecars; the whole shard as one run when it holds at
     most SIZE records or cannot be cut. The first run starts at the shard's start and the last one
     reads to its end, so together they read exactly what a whole read does."""
     if scan is None or not scan.cuttable or len(scan.offsets) <= size:
         return [WHOLE_SHARD]
-    firsts = range(0, len(scan.offsets), size)
-    return [MemberRun(scan.offsets[first] if first else 0, size if first != firsts[-1] else None, first)
-            for first in firsts]
+    firsts = sorted({scan.run_start(first) for first in range(0, len(scan.offsets), size)} - {len(scan.offsets)})
+    if len(firsts) == 1:
+        return [WHOLE_SHARD]
+    ends = firsts[1:] + [None]
+    return [MemberRun(scan.offsets[first] if first else 0, end - first if end else None, first,
+                      scan.rows(first, end - first) if end else None)
+            for first, end in zip(firsts, ends)]
 
 
-def tar_records(file: str, prefix: str, run: MemberRun = WHOLE_SHARD) -> Iterator[tuple[str, bytes, str]]:
-    """(key, bytes, error) for every record of RUN of the shard (all of it by default), in stream order."""
+def tar_rows(file: str, prefix: str, run: MemberRun = WHOLE_SHARD) -> Iterator[TarRow]:
+    """Every row of RUN of the shard (all of it by default), in stream order, a sample's rows when the
+    sample ends (`Sample`)."""
     shard_key = prefix.rstrip("/") or Path(file).name
     if is_misplaced(file, prefix):
-        yield shard_key, b"", "not a tar shard (its name does not end in .tar, .tar.gz or .tgz)"
+        yield TarRow(run.before, shard_key, b"", "not a tar shard (its name does not end in .tar, .tar.gz or .tgz)",
+                     NO_LABEL)
         return
-    members = run.before
     try:
         stream = open(file, "rb")
     except OSError as exc:
-        yield shard_key, b"", f"not a readable tar archive: {exc}"
+        yield TarRow(run.before, shard_key, b"", f"not a readable tar archive: {exc}", NO_LABEL)
         return
     with stream:
         try:
@@ -162,34 +358,50 @@ def tar_records(file: str, prefix: str, run: MemberRun = WHOLE_SHARD) -> Iterato
             # member name beginning like a compressed stream's magic bytes would fool
             archive = tarfile.open(fileobj=stream, mode="r|*" if run.offset == 0 else "r|")
         except TAR_ERRORS as exc:
-            yield shard_key, b"", f"not a readable tar archive: {exc}"
+            yield TarRow(run.before, shard_key, b"", f"not a readable tar archive: {exc}", NO_LABEL)
             return
         with archive:
-            try:
-                for member in archive:
-                    if member.isdir():
-                        continue
-                    members += 1
-                    key = member_key(prefix, member)
-                    if not member.isfile():
-                        yield key, b"", f"tar member is a {_member_kind(member)}, not a file"
-                    elif is_tar_name(member.name):
-                        yield key, b"", NESTED_TAR
-                    else:
-                        try:
-                            data = archive.extractfile(member).read()
-                        except TAR_ERRORS as exc:
-                            yield key, b"", f"tar member cut short (truncated archive): {exc}"
-                            return
-                        yield key, data, ""
-                    if members - run.before == run.records:
-                        return  # before the next header: it is the next run's
-                damage = _damage_where_members_stopped(archive, stream, run.offset)
-            except TAR_ERRORS as exc:
-                damage = str(exc)
-            if damage:
-                yield f"{shard_key}#after-{members}-members", b"", \
-                    f"tar archive corrupt or truncated after {members} members: {damage}"
+            yield from sample_rows(_run_members(archive, stream, prefix, run, shard_key))
+
+
+def tar_records(file: str, prefix: str, run: MemberRun = WHOLE_SHARD) -> Iterator[tuple[str, bytes, str]]:
+    """(key, bytes, error) of every row of RUN of the shard (`tar_rows`)."""
+    return ((row.key, row.data, row.error) for row in tar_rows(file, prefix, run))
+
+
+def _run_members(archive: tarfile.TarFile, stream: BinaryIO, prefix: str, run: MemberRun,
+                 shard_key: str) -> Iterator[TarMember]:
+    """The members of RUN as ARCHIVE, opened on STREAM at the run's offset, reads them, then the damage
+    row of a shard that ends otherwise than at its end-of-archive block."""
+    members = run.before
+    try:
+        for member in archive:
+            if member.isdir():
+                continue
+            members += 1
+            key = member_key(prefix, member)
+            sample, sidecar = member_sample(key, member.isfile())
+            if not member.isfile():
+                yield TarMember(members - 1, key, sample, "", b"",
+                                f"tar member is a {_member_kind(member)}, not a file")
+            elif is_tar_name(member.name):
+                yield TarMember(members - 1, key, sample, "", b"", NESTED_TAR)
+            else:
+                try:
+                    data = archive.extractfile(member).read()
+                except TAR_ERRORS as exc:
+                    yield TarMember(members - 1, key, sample, "", b"",
+                                    f"tar member cut short (truncated archive): {exc}")
+                    return
+                yield TarMember(members - 1, key, sample, sidecar, data, "")
+            if members - run.before == run.records:
+                return  # before the next header: it is the next run's
+        damage = _damage_where_members_stopped(archive, stream, run.offset)
+    except TAR_ERRORS as exc:
+        damage = str(exc)
+    if damage:
+        yield TarMember(members, f"{shard_key}#after-{members}-members", None, "", b"",
+                        f"tar archive corrupt or truncated after {members} members: {damage}")
 
 
 def _damage_where_members_stopped(archive: tarfile.TarFile, raw: BinaryIO, start: int) -> Optional[str]:
@@ -231,9 +443,10 @@ def read_tar_blocks(file: str, prefix: str, label_of: Optional[dict[str, int]] =
                     run: MemberRun = WHOLE_SHARD) -> Iterator[pa.Table]:
     """Source-row blocks of RECORDS_PER_BLOCK records of RUN of one shard."""
     label_of = label_of or {}
-    for chunk in chunked(tar_records(file, prefix, run), RECORDS_PER_BLOCK):
-        keys, images, errors = (list(column) for column in zip(*chunk))
-        yield source_table(keys, [label_of.get(k, NO_LABEL) for k in keys], images, errors)
+    for chunk in chunked(tar_rows(file, prefix, run), RECORDS_PER_BLOCK):
+        # the labels file is the user's explicit input: it wins over a sample's .cls
+        yield source_table([row.key for row in chunk], [label_of.get(row.key, row.label) for row in chunk],
+                           [row.data for row in chunk], [row.error for row in chunk])
 
 
 def labels_by_shard(shards: list[tuple[str, str]], label_of: dict[str, int]) -> dict[str, dict[str, int]]:
@@ -283,7 +496,8 @@ class TarRead:
 
 def tar_piece(unit: str, file: str, prefix: str, run: MemberRun, label_of: dict[str, int]) -> Piece:
     labels = ray.put(label_of) if len(label_of) > LABELS_IN_TASK else label_of
-    return Piece(unit, run.records, TarRead(file, prefix, run, labels), [file])
+    # the rows the run reads as: the sidecars read into their sample are none (`MemberRun.rows`)
+    return Piece(unit, run.rows, TarRead(file, prefix, run, labels), [file])
 
 
 SPLIT_UNIT = re.compile(r"(.*)-m\d{9}")  # the id of a piece that is a run of a cut shard: SHARD_ID-mNNNNNNNNN
@@ -345,7 +559,7 @@ def shard_rows(file: str, prefix: str, scan: Optional[ShardScan], run: MemberRun
     (`scan_shard`): a shard that cannot be read counts as the one error row it reads as. None for a
     compressed shard: counting it would mean decompressing it all once more, for a progress bar."""
     if scan is not None:
-        return run.records if run.records is not None else len(scan.offsets) - run.before
+        return scan.rows(run.before, run.records)
     return None if is_tar_name(file) and not is_splittable(file, prefix) else 1
 
 
