@@ -7,7 +7,8 @@ before the runs, which alternate. Prints both images/s and the ratio.
 
 Images/s are given twice: end to end (the evaluation's wall time, joining the cluster included)
 and run (from the start of Ray Data's execution: actors starting and loading the model included),
-which is the figure the ratio and the per-core rate use.
+which is the figure the ratio and the per-core rate use. Writes them to benchmarks/results/cluster.json
+(and .md) with the machine and the commit.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 from pipeline.runtime import local_cores  # noqa: E402
+from results_file import write_results  # noqa: E402
 from testkit.local_cluster import LocalCluster  # noqa: E402
 
 
@@ -71,23 +73,28 @@ def main() -> None:
             cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"{args.model.name} on {args.data.name} ({runs['one node'][0]['images']} images), "
-          f"{cores} cores in total, median of {args.repeat} run(s)")
-    print(f"{'':<10} {'nodes':>5} {'inference cores':>15} {'end-to-end img/s':>17} {'run img/s':>10} "
-          f"{'img/s per core':>15}")
-    run = {}
+    lines = [f"{args.model.name} on {args.data.name} ({runs['one node'][0]['images']} images), "
+             f"{cores} cores in total, median of {args.repeat} run(s)",
+             "",
+             "| cluster | nodes | inference cores | end-to-end img/s | run img/s | run img/s per core |",
+             "|---|---:|---:|---:|---:|---:|"]
+    run, figures = {}, {}
     for name, metrics in runs.items():
         run[name] = median(m["run_images_per_s"] for m in metrics)
         used = metrics[0]["cluster"]["inference_cores_used"]
-        print(f"{name:<10} {metrics[0]['cluster']['nodes']:>5} {used:>15} "
-              f"{median(m['images_per_s'] for m in metrics):>17.1f} {run[name]:>10.1f} "
-              f"{run[name] / used:>15.1f}")
-        for node in metrics[-1]["cluster"]["per_node"]:
-            print(f"{'':<10}   node {node['address']} {node['node_id'][:8]}: {node['images']} images, "
-                  f"{node['images_per_s']:.1f} img/s end to end, cores {node['cores_used']}")
+        end_to_end = median(m["images_per_s"] for m in metrics)
+        lines.append(f"| {name} | {metrics[0]['cluster']['nodes']} | {used} | {end_to_end:.1f} | {run[name]:.1f} "
+                     f"| {run[name] / used:.1f} |")
+        figures[name] = {"nodes": metrics[0]["cluster"]["nodes"], "inference_cores": used,
+                         "images_per_s": end_to_end, "run_images_per_s": run[name],
+                         "per_node": metrics[-1]["cluster"]["per_node"]}
     ratio = run["two nodes"] / run["one node"]
-    print(f"two nodes / one node (run img/s): {ratio:.2f}x  (target: >= 0.90x, the cluster costs no more than 10%)")
-
+    lines += ["", f"two nodes / one node (run img/s): {ratio:.2f}x  (target: >= 0.90x, the cluster costs no more "
+              "than 10%)"]
+    text = "\n".join(lines)
+    print(text)
+    write_results(__file__, {"model": args.model.name, "data": args.data.name, "repeat": args.repeat,
+                             "clusters": figures, "two_nodes_over_one_node": ratio}, text)
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """One `pipeline compare` of two models against two `pipeline evaluate` runs on the same images, each
 run as a user runs it (its own process, its own local Ray). Prints the wall times and the ratio
-(two evaluations / one comparison; above 1: the comparison is faster) and writes
-benchmarks/results/compare.json.
+(two evaluations / one comparison; above 1: the comparison is faster) and writes them to
+benchmarks/results/compare.json (and .md) with the machine and the commit.
 
     PYTHONPATH=$PWD python benchmarks/bench_compare.py --model A.onnx --model B.onnx [--data DIR] [--limit N]
 
@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from results_file import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -54,20 +56,17 @@ def main() -> None:
     # the comparison's figures for each model are the ones its own evaluation gives
     same = [(m["top1_correct"], m["top5_correct"]) == (a["top1_correct"], a["top5_correct"])
             for m, a in zip(comparison["models"], alone)]
-    result = {"models": args.model, "data": args.data, "images": images, "cores": len(os.sched_getaffinity(0)),
+    result = {"models": args.model, "data": args.data, "images": images,
               "top1_top5": [{"model": m["name"], "compare": [m["top1"], m["top5"]], "evaluate": [a["top1"], a["top5"]]}
                             for m, a in zip(comparison["models"], alone)],
               "same_top1_top5_as_evaluate": all(same),
               "evaluate_s": [round(s, 2) for s in evaluations], "compare_s": round(comparison_s, 2),
               "two_evaluations_over_one_comparison": round(sum(evaluations) / comparison_s, 3)}
-    print(f"{images} images: evaluate {evaluations[0]:.1f} s + {evaluations[1]:.1f} s = {sum(evaluations):.1f} s; "
-          f"compare {comparison_s:.1f} s; ratio {result['two_evaluations_over_one_comparison']:.2f}; "
-          f"top-1/top-5 as evaluate gives them: {'yes' if all(same) else 'NO'}")
-    out = REPO / "benchmarks" / "results" / "compare.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
-
+    text = (f"{images} images: evaluate {evaluations[0]:.1f} s + {evaluations[1]:.1f} s = {sum(evaluations):.1f} s; "
+            f"compare {comparison_s:.1f} s; ratio {result['two_evaluations_over_one_comparison']:.2f}; "
+            f"top-1/top-5 as evaluate gives them: {'yes' if all(same) else 'NO'}")
+    print(text)
+    write_results(__file__, result, text)
 
 if __name__ == "__main__":
     main()

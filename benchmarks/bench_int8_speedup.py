@@ -1,7 +1,8 @@
 """int8 vs fp32 speed per core: each architecture is built (resnet50 with generated weights,
 efficientnet-lite0 from its checkpoint), quantised with the l2 method on a few real images, and
 both models are timed side by side in this run, one onnxruntime thread each, pinned to one core,
-on the same input batch (no decoding: the model cost alone).
+on the same input batch (no decoding: the model cost alone). Writes the rates and ratios to
+benchmarks/results/int8_speedup.json (and .md) with the machine and the commit.
 
     PYTHONPATH=. python benchmarks/bench_int8_speedup.py [--archs resnet50,efficientnet-lite0]
 """
@@ -21,6 +22,7 @@ from pipeline.onnx_model import make_session
 from pipeline.models import ARCHITECTURES, build_model
 from pipeline.preprocess import decode_image, preprocess_image
 from pipeline.quantize import quantize_model
+from results_file import write_results
 
 SAMPLE_1000 = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample-1000"
 
@@ -52,6 +54,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternate fp32/int8 this many times")
     args = parser.parse_args()
     os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core for both models
+    lines = ["| model | fp32 img/s per core | int8 img/s per core | int8 / fp32 |", "|---|---:|---:|---:|"]
+    figures = {}
+    header = f"batch {args.batch}, 1 thread pinned to one core, best of {args.rounds} rounds of {args.seconds:.0f} s"
+    print(header, *lines, sep="\n", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):
             spec = ARCHITECTURES[arch]
@@ -65,9 +71,13 @@ def main() -> None:
                 for name, session in sessions.items():
                     rates[name].append(images_per_second(session, inputs[: args.batch], args.seconds))
             fp32_rate, int8_rate = max(rates["fp32"]), max(rates["int8"])
-            print(f"{arch}: fp32 {fp32_rate:.1f} img/s, int8 {int8_rate:.1f} img/s per core "
-                  f"(batch {args.batch}, 1 thread): int8/fp32 = {int8_rate / fp32_rate:.2f}x", flush=True)
-
+            figures[arch] = {"fp32_images_per_s": fp32_rate, "int8_images_per_s": int8_rate,
+                             "int8_over_fp32": int8_rate / fp32_rate}
+            lines.append(f"| {arch} | {fp32_rate:.1f} | {int8_rate:.1f} | {int8_rate / fp32_rate:.2f}x |")
+            print(lines[-1], flush=True)
+    text = header + "\n\n" + "\n".join(lines)
+    write_results(__file__, {"batch": args.batch, "rounds": args.rounds, "seconds": args.seconds,
+                             "models": figures}, text)
 
 if __name__ == "__main__":
     main()

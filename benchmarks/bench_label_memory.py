@@ -7,7 +7,8 @@ driver's peak resident memory (VmHWM) for both, and their ratio.
 The model is a tiny real ONNX classifier built here with onnx.helper (global average pool and one
 dense layer to 1,000 classes, on 32x32 inputs, with a matching preset): what is measured is the
 driver's bookkeeping of a long stream (unit writers, shards, progress), not waiting on inference.
-Each size runs in a fresh driver process, so the peaks are the drivers' own.
+Each size runs in a fresh driver process, so the peaks are the drivers' own. The figures go to
+benchmarks/results/label_memory.json (and .md) with the machine and the commit.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from results_file import write_results  # noqa: E402
 
 IMAGES_PER_SHARD = 1000
 DISTINCT_IMAGES = 256
@@ -129,6 +132,7 @@ def main() -> None:
     preset = args.workdir / "tiny32.yaml"
     preset.write_text(PRESET_YAML)
     results = {}
+    lines = ["| images | driver peak RSS | wall | images/s |", "|---:|---:|---:|---:|"]
     for size in args.sizes:
         started = time.perf_counter()
         data = make_archive(args.workdir / f"archive-{size}", size)
@@ -140,14 +144,16 @@ def main() -> None:
         results[size] = json.loads(child.stdout.strip().splitlines()[-1])
         r = results[size]
         assert r["images"] == r["labelled"] == size, r
-        print(f"{size:>8} images: driver peak RSS {r['peak_rss_mb']:.0f} MB, {r['wall_s']:.0f} s, "
-              f"{r['images_per_s']:.0f} images/s", flush=True)
+        lines.append(f"| {size} | {r['peak_rss_mb']:.0f} MB | {r['wall_s']:.0f} s | {r['images_per_s']:.0f} |")
+        print(lines[-1], flush=True)
     small, large = min(results), max(results)
+    figures = {"sizes": {str(size): r for size, r in results.items()}}
     if small != large:
-        print(f"peak RSS ratio {large} / {small} images: "
-              f"{results[large]['peak_rss_mb'] / results[small]['peak_rss_mb']:.2f} "
-              f"(archive {large / small:.0f}x larger)")
-
+        figures["peak_rss_ratio"] = results[large]["peak_rss_mb"] / results[small]["peak_rss_mb"]
+        lines += ["", f"peak RSS ratio {large} / {small} images: {figures['peak_rss_ratio']:.2f} "
+                  f"(archive {large / small:.0f}x larger)"]
+        print(lines[-1])
+    write_results(__file__, figures, "\n".join(lines))
 
 if __name__ == "__main__":
     main()

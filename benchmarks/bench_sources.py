@@ -14,20 +14,21 @@ shared):
 - read + preprocess: decode, scale, crop, normalise, mapped as the pipeline maps them (the input side);
 - evaluate: `pipeline evaluate` end to end with the model, images over wall time (start-up included),
   and "run" (metrics.json's run_images_per_s: from the start of the Ray Data execution).
-It prints images/s for each and the ratios to Parquet, and the load average, since the figures
-are only comparable within one run on a machine shared with other work.
+It prints images/s for each and the ratios to Parquet, and writes them to
+benchmarks/results/sources.json (and .md) with the machine, the commit and the load average, since
+the figures are only comparable within one run on a machine shared with other work.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from results_file import write_results
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -101,16 +102,19 @@ def main() -> None:
                     for line, value in figures.items():
                         best[line, name] = max(best[line, name], value)
 
-    print(f"{Path(args.images).name}, model {Path(args.model).name}, best of {args.rounds} rounds (images/s), "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     others = [name for name in sources if name != "Parquet"]
-    print(f"{'stage':<20}" + "".join(f"{name:>12}" for name in sources)
-          + "".join(f"{name + ' / Parquet':>22}" for name in others))
+    table = [f"{Path(args.images).name}, model {Path(args.model).name}, best of {args.rounds} rounds (images/s)", "",
+             "| stage | " + " | ".join(sources) + " | " + " | ".join(f"{name} / Parquet" for name in others) + " |",
+             "|---|" + "---:|" * (len(sources) + len(others))]
     for line in lines:
-        print(f"{line:<20}" + "".join(f"{best[line, name]:>12.1f}" for name in sources)
-              + "".join(f"{best[line, name] / best[line, 'Parquet']:>21.2f}x" for name in others))
-    print("top-1: " + ", ".join(f"{name} {top1[name]:.2%}" for name in sources))
-
+        table.append(f"| {line} | " + " | ".join(f"{best[line, name]:.1f}" for name in sources) + " | "
+                     + " | ".join(f"{best[line, name] / best[line, 'Parquet']:.2f}x" for name in others) + " |")
+    table += ["", "top-1: " + ", ".join(f"{name} {top1[name]:.2%}" for name in sources)]
+    text = "\n".join(table)
+    print(text)
+    write_results(__file__, {"images": Path(args.images).name, "model": Path(args.model).name, "rounds": args.rounds,
+                             "images_per_s": {line: {name: best[line, name] for name in sources} for line in lines},
+                             "top1": top1}, text)
 
 if __name__ == "__main__":
     main()

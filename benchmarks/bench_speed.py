@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -36,10 +35,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 
 from pipeline.config import load_preset  # noqa: E402
+from results_file import RESULTS, write_results  # noqa: E402
 from pipeline.onnx_model import ModelInfo, make_session  # noqa: E402
 from testkit.reference import reference_predictions  # noqa: E402
 
@@ -152,17 +151,6 @@ def run_case(case: Case, tmp: Path, seconds: float) -> dict:
             "pipeline_whole": run["whole"], "pipeline_run": run["run"], "top1": run["top1"], "time": run["time"]}
 
 
-def machine() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)),
-            "commit": commit.strip() + ("+changes" if dirty else ""),
-            "load_average_at_end": round(os.getloadavg()[0], 2), "date": time.strftime("%Y-%m-%d")}
-
-
 def table(rows: list[dict], main: dict) -> str:
     lines = ["| case | images | ceiling img/s | naive loop | pipeline, whole command | pipeline after start-up "
              "| first prediction | CPU ms/image: read, decode+resize, normalise, inference, rest |",
@@ -197,16 +185,10 @@ def main() -> None:
             rows.append(run_case(CASES[name], Path(tmp), args.seconds))
             print(table(rows[-1:], {}).splitlines()[-1], flush=True)
         main_run = pipeline_command(CASES["mobilenetv2"].model, VAL_1300, "torch", Path(tmp) / "main")
-    result = {"machine": machine(), "cases": rows, "readme_main_command": main_run}
     text = table(rows, main_run)
     print()
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    m = result["machine"]
-    args.out.with_suffix(".md").write_text(
-        f"# `benchmarks/bench_speed.py`\n\n{m['date']}, commit {m['commit']}, {m['cpu']}, {m['cores']} cores "
-        f"(load average {m['load_average_at_end']} at the end)\n\n{text}\n")
+    write_results(__file__, {"cases": rows, "readme_main_command": main_run}, text, args.out)
 
 
 if __name__ == "__main__":

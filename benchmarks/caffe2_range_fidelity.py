@@ -11,7 +11,9 @@ minimised over the ranges [lo, hi] on the histogram's edges that contain 0 (a qu
 on a grid of every 16th edge, then at every edge within 24 of the grid's best (the score is smooth at
 that scale). It prints, over the activations the int8 model quantises (the ones onnxruntime reads a
 range for; without --int8, all of them), the width of Caffe2's range against ours and how much worse
-ours scores under Caffe2's score than Caffe2's own optimum. Takes a few minutes on 2 cores.
+ours scores under Caffe2's score than Caffe2's own optimum, and writes it to
+benchmarks/results/caffe2_range_fidelity.json (and .md) with the machine and the commit. Takes a few
+minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from results_file import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -94,14 +97,25 @@ def main() -> None:
         widths.append((c_hi - c_lo) / (hi - lo))
         excess.append(ours / c_score)
     widths, excess = np.array(widths), np.array(excess)
-    print(f"{Path(model).name}, {calibration.images} calibration images, {widths.size} activations"
-          f"{' the int8 model quantises' if args.int8 else ''} with a histogram "
-          f"({len(exact)} more counted value by value: {', '.join(exact) or 'none'})")
-    print(f"Caffe2's range width / ours: median {np.median(widths):.4f}, min {widths.min():.4f}, "
-          f"max {widths.max():.4f}; within 1%: {np.mean(abs(widths - 1) <= 0.01):.0%}, "
-          f"within 4%: {np.mean(abs(widths - 1) <= 0.04):.0%}")
-    print(f"our range under Caffe2's score / Caffe2's optimum: median {np.median(excess):.4f}, max {excess.max():.4f}")
-
+    text = "\n".join([
+        f"{Path(model).name}, {calibration.images} calibration images, {widths.size} activations"
+        f"{' the int8 model quantises' if args.int8 else ''} with a histogram "
+        f"({len(exact)} more counted value by value: {', '.join(exact) or 'none'})",
+        "",
+        f"- Caffe2's range width / ours: median {np.median(widths):.4f}, min {widths.min():.4f}, "
+        f"max {widths.max():.4f}; within 1%: {np.mean(abs(widths - 1) <= 0.01):.0%}, "
+        f"within 4%: {np.mean(abs(widths - 1) <= 0.04):.0%}",
+        f"- our range under Caffe2's score / Caffe2's optimum: median {np.median(excess):.4f}, "
+        f"max {excess.max():.4f}"])
+    print(text)
+    write_results(__file__, {"model": Path(model).name, "calibration_images": calibration.images,
+                             "activations": int(widths.size), "counted_exactly": exact,
+                             "width_ratio": {"median": float(np.median(widths)), "min": float(widths.min()),
+                                             "max": float(widths.max()),
+                                             "within_1pct": float(np.mean(abs(widths - 1) <= 0.01)),
+                                             "within_4pct": float(np.mean(abs(widths - 1) <= 0.04))},
+                             "score_over_caffe2_optimum": {"median": float(np.median(excess)),
+                                                           "max": float(excess.max())}}, text)
 
 if __name__ == "__main__":
     main()
