@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-    TimeRemainingColumn
 from rich.table import Table
 
 from pipeline.config import ConfigError, load_preset
-from pipeline.console import (PRESET_HELP, REAL_LABELS_HELP, InputFormat, console, fail, format_help, format_name,
-                              model_and_preset, reported_failures, say)
+from pipeline.console import (PRESET_HELP, REAL_LABELS_HELP, InputFormat, ProgressReporter, fail, format_help,
+                              format_name, model_and_preset, progress_bar, reported_failures, say)
 from pipeline.output import exclusive_output
 
 app = typer.Typer(
@@ -39,53 +35,6 @@ def preset_or_config(preset: Optional[str], config: Optional[Path]) -> Optional[
         raise ConfigError(f"--preset {preset} and --config {config} are different presets: give one "
                           "(--preset takes a name in conf/ or a preset YAML file)")
     return str(config)
-
-
-@contextlib.contextmanager
-def progress_bar() -> Iterator[Progress]:
-    """A progress bar on stderr that stays after a finished run and is cleared when the run fails,
-    so that the error line does not follow a bar stopped part-way."""
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TextColumn("eta"),
-                        TimeRemainingColumn(), console=console, transient=False)
-    progress.start()
-    try:
-        yield progress
-    except BaseException:
-        # erased from a terminal and never printed to a file or pipe (Progress.stop would also add
-        # a blank line there)
-        progress.live.transient = True
-        progress.live.stop()
-        raise
-    progress.stop()
-
-
-class ProgressReporter:
-    """on_progress callback that drives a rich progress bar. With START_ON_FIRST_CALL the bar appears
-    at the first call and its rate leaves out that call's records (a resumed run first reports the
-    work done before; a run that has nothing to do shows no bar)."""
-
-    def __init__(self, progress: Progress, description: str, start_on_first_call: bool = False):
-        import time
-
-        self.clock = time.perf_counter
-        self.progress = progress
-        self.description = description
-        self.task = None
-        self.done_before = 0
-        if not start_on_first_call:
-            self._start(0)
-
-    def _start(self, done: int) -> None:
-        self.started = self.clock()
-        self.done_before = done
-        self.task = self.progress.add_task(self.description, total=None, completed=done, rate=0.0)
-
-    def __call__(self, done: int, total: Optional[int]) -> None:
-        if self.task is None:
-            self._start(done)
-        rate = (done - self.done_before) / max(self.clock() - self.started, 1e-9)
-        self.progress.update(self.task, completed=done, total=total, rate=rate)
 
 
 @app.command()

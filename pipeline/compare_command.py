@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from pipeline.console import (PRESET_HELP, REAL_LABELS_HELP, InputFormat, format_help, format_name, preset_of_model,
-                              reported_failures, say)
+from pipeline.console import (PRESET_HELP, REAL_LABELS_HELP, InputFormat, ProgressReporter, format_help, format_name,
+                              preset_of_model, progress_bar, reported_failures, say)
 from pipeline.output import exclusive_output
 
 
@@ -50,7 +50,6 @@ def compare_command(
 ) -> None:
     """Compare models on the same images in one pass: accuracy with confidence intervals, calibration,
     ReaL, and each model against the first (agreement, flips, McNemar, KL), with report.html."""
-    from pipeline.cli import ProgressReporter, progress_bar
     from pipeline.compare import compare
 
     left = f"the comparison stopped before its end: {output} holds no result of it"

@@ -1,11 +1,12 @@
-"""What every `pipeline` command shares to talk to the user: the stderr console, the one-line
-failure for bad input, and the options that evaluate, label and quantize take alike (imported by
-pipeline.cli and by the command modules it registers)."""
+"""What every `pipeline` command shares to talk to the user: the stderr console, the progress bar,
+the one-line failure for bad input, and the options that evaluate, label and quantize take alike
+(imported by pipeline.cli and by the command modules it registers)."""
 
 from __future__ import annotations
 
 import contextlib
 import re
+import time
 from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
@@ -15,6 +16,8 @@ import typer
 from ray.exceptions import RayError
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from pipeline.config import ConfigError, Preset, preset_names
 from pipeline.errors import UserError
@@ -129,3 +132,48 @@ def preset_of_model(model: Path) -> Preset:
         raise ConfigError(f"{model} does not say how to preprocess its input (no preset in its metadata): give "
                           f"--preset, one of {', '.join(preset_names())} or a preset YAML file")
     return own
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Progress]:
+    """A progress bar on stderr that stays after a finished run and is cleared when the run fails,
+    so that the error line does not follow a bar stopped part-way."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[rate]:.1f} img/s"), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), console=console, transient=False)
+    progress.start()
+    try:
+        yield progress
+    except BaseException:
+        # erased from a terminal and never printed to a file or pipe (Progress.stop would also add
+        # a blank line there)
+        progress.live.transient = True
+        progress.live.stop()
+        raise
+    progress.stop()
+
+
+class ProgressReporter:
+    """on_progress callback that drives a rich progress bar. With START_ON_FIRST_CALL the bar appears
+    at the first call and its rate leaves out that call's records (a resumed run first reports the
+    work done before; a run that has nothing to do shows no bar)."""
+
+    def __init__(self, progress: Progress, description: str, start_on_first_call: bool = False):
+        self.clock = time.perf_counter
+        self.progress = progress
+        self.description = description
+        self.task = None
+        self.done_before = 0
+        if not start_on_first_call:
+            self._start(0)
+
+    def _start(self, done: int) -> None:
+        self.started = self.clock()
+        self.done_before = done
+        self.task = self.progress.add_task(self.description, total=None, completed=done, rate=0.0)
+
+    def __call__(self, done: int, total: Optional[int]) -> None:
+        if self.task is None:
+            self._start(done)
+        rate = (done - self.done_before) / max(self.clock() - self.started, 1e-9)
+        self.progress.update(self.task, completed=done, total=total, rate=rate)
