@@ -16,11 +16,12 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def machine() -> dict:
-    """The CPU, the machine's cores, the commit (with "+changes" when tracked files differ
-    from it), today's date and the load average: figures on a shared machine move with its load."""
+    """The CPU, the machine's cores, the commit (with "+changes" when tracked files other than the
+    results differ from it), today's date and the load average: figures on a shared machine move with its load."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True).stdout
+    # the results of another benchmark of the same run are not a change to the code measured
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                            ":!benchmarks/results"], cwd=REPO, capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
     return {"cpu": model, "cores": os.cpu_count(),
